@@ -2,7 +2,10 @@
 //!
 //! Model code calls the safe, shape-checked operations exported here and never reaches into a
 //! kernel's internals. `unsafe` lives only inside this crate, each block with a `// SAFETY:` line.
+//! CPU features are detected once ([`cpu::isa`]) and every kernel dispatches on that one value.
 
+pub mod cpu;
+pub mod dense;
 pub mod ggml;
 
 /// Errors raised by kernels and format conversions: always a caller's shape or data problem.

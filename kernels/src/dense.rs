@@ -1,0 +1,519 @@
+//! Dense products with f32 activations and f32 / bf16 / f16 weights.
+//!
+//! Weights stay in their checkpoint dtype (a memory-mapped bf16 file is never widened in memory);
+//! they are widened to f32 in registers (GEMV) or per cache-sized panel (GEMM).
+//!
+//! Layout convention everywhere: a weight is `[rows, cols]` row-major (PyTorch's `[out, in]`),
+//! activations are `[n, cols]` row-major, and products are `y[n, rows] = x[n, cols] · Wᵀ`.
+
+use std::cell::RefCell;
+
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+use crate::cpu::{self, Isa};
+use crate::{KernelError, Result};
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for half::bf16 {}
+    impl Sealed for half::f16 {}
+}
+
+/// A weight element type the dense kernels read directly.
+pub trait Element: Copy + Send + Sync + bytemuck::Pod + sealed::Sealed + 'static {
+    const NAME: &'static str;
+    fn to_f32(self) -> f32;
+    /// `Σ w[i]·x[i]` on the given path; `w.len() == x.len()` is the caller's invariant.
+    fn dot(isa: Isa, w: &[Self], x: &[f32]) -> f32;
+    /// Widens `src` into `dst` (same length).
+    fn widen(src: &[Self], dst: &mut [f32]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = s.to_f32();
+        }
+    }
+    /// `Some` when the slice already is f32 (no widening copy needed).
+    fn as_f32(src: &[Self]) -> Option<&[f32]>;
+}
+
+fn dot_scalar<T: Element>(w: &[T], x: &[f32]) -> f32 {
+    // Four partial sums, like the SIMD paths, so the reference is not needlessly less accurate.
+    let mut acc = [0f32; 4];
+    let chunks = w.len() / 4;
+    for c in 0..chunks {
+        for (u, a) in acc.iter_mut().enumerate() {
+            *a += w[4 * c + u].to_f32() * x[4 * c + u];
+        }
+    }
+    let mut s = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+    for i in 4 * chunks..w.len() {
+        s += w[i].to_f32() * x[i];
+    }
+    s
+}
+
+macro_rules! element_impl {
+    ($t:ty, $name:literal, $avx2_dot:ident, $to_f32:expr, $as_f32:expr) => {
+        impl Element for $t {
+            const NAME: &'static str = $name;
+            #[inline(always)]
+            fn to_f32(self) -> f32 {
+                ($to_f32)(self)
+            }
+            #[inline]
+            fn dot(isa: Isa, w: &[Self], x: &[f32]) -> f32 {
+                debug_assert_eq!(w.len(), x.len());
+                match isa {
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: `Isa::Avx2` is only ever produced by `cpu` after detecting AVX2, FMA
+                    // and F16C on this CPU.
+                    Isa::Avx2 => unsafe { avx2::$avx2_dot(w, x) },
+                    _ => dot_scalar(w, x),
+                }
+            }
+            #[inline]
+            fn as_f32(src: &[Self]) -> Option<&[f32]> {
+                ($as_f32)(src)
+            }
+        }
+    };
+}
+
+fn f32_identity(s: &[f32]) -> Option<&[f32]> {
+    Some(s)
+}
+fn not_f32<T>(_: &[T]) -> Option<&[f32]> {
+    None
+}
+
+element_impl!(f32, "f32", dot_f32, |v: f32| v, f32_identity);
+element_impl!(bf16, "bf16", dot_bf16, |v: bf16| v.to_f32(), not_f32);
+element_impl!(f16, "f16", dot_f16, |v: f16| v.to_f32(), not_f32);
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use half::{bf16, f16};
+    use std::arch::x86_64::*;
+
+    // Loads of 8 consecutive elements widened to f32. Callers guarantee 8 readable elements at `p`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn load_f32(p: *const f32) -> __m256 {
+        // SAFETY: 8 readable f32 at `p` (caller); unaligned load.
+        unsafe { _mm256_loadu_ps(p) }
+    }
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn load_bf16(p: *const bf16) -> __m256 {
+        // SAFETY: 8 readable bf16 = 16 bytes at `p` (caller); bf16 is the top half of an f32.
+        let h = unsafe { _mm_loadu_si128(p as *const __m128i) };
+        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+    }
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn load_f16(p: *const f16) -> __m256 {
+        // SAFETY: 8 readable f16 = 16 bytes at `p` (caller).
+        let h = unsafe { _mm_loadu_si128(p as *const __m128i) };
+        _mm256_cvtph_ps(h)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps::<0b01>(s, s));
+        _mm_cvtss_f32(s)
+    }
+
+    macro_rules! dot {
+        ($name:ident, $t:ty, $load:ident) => {
+            /// Dot product of equally long slices.
+            #[target_feature(enable = "avx2,fma,f16c")]
+            pub(super) fn $name(w: &[$t], x: &[f32]) -> f32 {
+                let n = w.len().min(x.len());
+                let (wp, xp) = (w.as_ptr(), x.as_ptr());
+                // 4 accumulators × 8 lanes: enough independent FMA chains to cover FMA latency
+                // (4 cycles × 2 ports) on the weight stream; 8 of 16 ymm registers in use.
+                let mut a0 = _mm256_setzero_ps();
+                let mut a1 = _mm256_setzero_ps();
+                let mut a2 = _mm256_setzero_ps();
+                let mut a3 = _mm256_setzero_ps();
+                let mut i = 0;
+                while i + 32 <= n {
+                    // SAFETY: i + 32 <= n, so elements i..i+32 are in bounds of both slices.
+                    unsafe {
+                        a0 = _mm256_fmadd_ps($load(wp.add(i)), load_f32(xp.add(i)), a0);
+                        a1 = _mm256_fmadd_ps($load(wp.add(i + 8)), load_f32(xp.add(i + 8)), a1);
+                        a2 = _mm256_fmadd_ps($load(wp.add(i + 16)), load_f32(xp.add(i + 16)), a2);
+                        a3 = _mm256_fmadd_ps($load(wp.add(i + 24)), load_f32(xp.add(i + 24)), a3);
+                    }
+                    i += 32;
+                }
+                while i + 8 <= n {
+                    // SAFETY: i + 8 <= n.
+                    unsafe {
+                        a0 = _mm256_fmadd_ps($load(wp.add(i)), load_f32(xp.add(i)), a0);
+                    }
+                    i += 8;
+                }
+                let mut s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+                while i < n {
+                    s += crate::dense::Element::to_f32(w[i]) * x[i];
+                    i += 1;
+                }
+                s
+            }
+        };
+    }
+    dot!(dot_f32, f32, load_f32);
+    dot!(dot_bf16, bf16, load_bf16);
+    dot!(dot_f16, f16, load_f16);
+}
+
+/// A borrowed row-major `[rows, cols]` weight matrix.
+#[derive(Clone, Copy, Debug)]
+pub struct DenseMatrix<'a, T> {
+    data: &'a [T],
+    rows: usize,
+    cols: usize,
+}
+
+impl<'a, T: Element> DenseMatrix<'a, T> {
+    pub fn new(data: &'a [T], rows: usize, cols: usize) -> Result<Self> {
+        let want = rows
+            .checked_mul(cols)
+            .ok_or_else(|| KernelError::Shape(format!("[{rows}, {cols}] overflows")))?;
+        if data.len() != want {
+            return Err(KernelError::Shape(format!(
+                "matrix [{rows}, {cols}] needs {want} elements, got {}",
+                data.len()
+            )));
+        }
+        Ok(Self { data, rows, cols })
+    }
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+    pub fn row(&self, r: usize) -> &'a [T] {
+        &self.data[r * self.cols..(r + 1) * self.cols]
+    }
+}
+
+/// Up to this many activation rows the product is a (multi-)GEMV: each weight row is streamed from
+/// memory once and dotted with every activation row while it sits in L1.
+const GEMV_MAX_N: usize = 8;
+/// Weight rows per GEMM panel: 64 rows × ≤ 4096 cols × 4 B ≤ 1 MiB of widened f32 per thread.
+const PANEL_ROWS: usize = 64;
+
+fn rows_per_task(rows: usize) -> usize {
+    // Several tasks per thread so a thread that loses its core is covered by work stealing instead
+    // of stalling the others at the end of the product.
+    (rows / (cpu::threads() * 8)).clamp(8, 512)
+}
+
+/// `y[n, rows] = x[n, cols] · Wᵀ` (overwrites `y`).
+pub fn matmul<T: Element>(w: &DenseMatrix<'_, T>, x: &[f32], n: usize, y: &mut [f32]) -> Result<()> {
+    matmul_on(cpu::isa(), w, x, n, y)
+}
+
+/// [`matmul`] on an explicit path (tests and benches compare the paths).
+pub fn matmul_on<T: Element>(isa: Isa, w: &DenseMatrix<'_, T>, x: &[f32], n: usize, y: &mut [f32]) -> Result<()> {
+    let (rows, cols) = (w.rows, w.cols);
+    if x.len() != n * cols {
+        return Err(KernelError::Shape(format!(
+            "activations: expected [{n}, {cols}] = {} values, got {}",
+            n * cols,
+            x.len()
+        )));
+    }
+    if y.len() != n * rows {
+        return Err(KernelError::Shape(format!(
+            "output: expected [{n}, {rows}] = {} values, got {}",
+            n * rows,
+            y.len()
+        )));
+    }
+    if n == 0 || rows == 0 {
+        return Ok(());
+    }
+    if n == 1 {
+        let per = rows_per_task(rows);
+        y.par_chunks_mut(per).enumerate().for_each(|(t, out)| {
+            for (j, o) in out.iter_mut().enumerate() {
+                *o = T::dot(isa, w.row(t * per + j), x);
+            }
+        });
+        return Ok(());
+    }
+    // Transposed output [rows, n] so that row ranges are contiguous and tasks write disjoint chunks.
+    let mut yt = vec![0f32; rows * n];
+    if n <= GEMV_MAX_N || isa == Isa::Scalar {
+        let per = rows_per_task(rows);
+        yt.par_chunks_mut(per * n).enumerate().for_each(|(t, out)| {
+            for (j, o) in out.chunks_mut(n).enumerate() {
+                let wr = w.row(t * per + j);
+                for (i, oi) in o.iter_mut().enumerate() {
+                    *oi = T::dot(isa, wr, &x[i * cols..(i + 1) * cols]);
+                }
+            }
+        });
+    } else {
+        yt.par_chunks_mut(PANEL_ROWS * n).enumerate().for_each(|(p, out)| {
+            let r0 = p * PANEL_ROWS;
+            let pr = out.len() / n;
+            let src = &w.data[r0 * cols..(r0 + pr) * cols];
+            with_widened(src, |panel| gemm_panel(x, n, cols, panel, pr, out));
+        });
+    }
+    for (r, col) in yt.chunks(n).enumerate() {
+        for (i, v) in col.iter().enumerate() {
+            y[i * rows + r] = *v;
+        }
+    }
+    Ok(())
+}
+
+thread_local! {
+    static PANEL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on `src` as f32: borrowed when it already is, else widened into a per-thread buffer.
+fn with_widened<T: Element, R>(src: &[T], f: impl FnOnce(&[f32]) -> R) -> R {
+    if let Some(s) = T::as_f32(src) {
+        return f(s);
+    }
+    PANEL.with(|cell| {
+        let mut buf = cell.borrow_mut();
+        buf.resize(src.len(), 0.0);
+        T::widen(src, &mut buf);
+        f(&buf)
+    })
+}
+
+/// `out[j, i] = Σ_k x[i, k] · panel[j, k]` for a panel of `pr` weight rows (out is `[pr, n]`).
+fn gemm_panel(x: &[f32], n: usize, k: usize, panel: &[f32], pr: usize, out: &mut [f32]) {
+    debug_assert!(x.len() == n * k && panel.len() == pr * k && out.len() == pr * n);
+    // SAFETY: dst is `out` viewed as [n, pr] with (row stride 1, col stride n): max index
+    // (n-1) + (pr-1)·n < pr·n = out.len(). lhs is `x` as [n, k] (row stride k, col stride 1): max
+    // index < n·k. rhs is `panel` as [k, pr] (row stride 1, col stride k): max index < pr·k. The
+    // three slices are distinct borrows, so dst does not alias the inputs.
+    unsafe {
+        gemm::gemm(
+            n,
+            pr,
+            k,
+            out.as_mut_ptr(),
+            n as isize,
+            1,
+            false,
+            x.as_ptr(),
+            1,
+            k as isize,
+            panel.as_ptr(),
+            k as isize,
+            1,
+            0.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+/// Shape and strides of a strided f32 matrix view.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Strided {
+    pub rows: usize,
+    pub cols: usize,
+    pub row_stride: usize,
+    pub col_stride: usize,
+}
+
+impl Strided {
+    /// A contiguous row-major `[rows, cols]` view.
+    pub fn row_major(rows: usize, cols: usize) -> Self {
+        Self { rows, cols, row_stride: cols, col_stride: 1 }
+    }
+    /// The same elements read as the transpose.
+    pub fn t(self) -> Self {
+        Self { rows: self.cols, cols: self.rows, row_stride: self.col_stride, col_stride: self.row_stride }
+    }
+    /// One past the largest index touched, or `None` on overflow; 0 for an empty view.
+    fn extent(&self) -> Option<usize> {
+        if self.rows == 0 || self.cols == 0 {
+            return Some(0);
+        }
+        (self.rows - 1)
+            .checked_mul(self.row_stride)?
+            .checked_add((self.cols - 1).checked_mul(self.col_stride)?)?
+            .checked_add(1)
+    }
+    fn check(&self, len: usize, what: &str) -> Result<()> {
+        match self.extent() {
+            Some(e) if e <= len => Ok(()),
+            _ => Err(KernelError::Shape(format!("{what}: view {self:?} exceeds a buffer of {len} values"))),
+        }
+    }
+}
+
+/// `c = a · b` on strided views (overwrites `c`), single-threaded: callers run independent products
+/// (one per attention head) in parallel.
+pub fn gemm_strided(a: &[f32], al: Strided, b: &[f32], bl: Strided, c: &mut [f32], cl: Strided) -> Result<()> {
+    if al.cols != bl.rows || cl.rows != al.rows || cl.cols != bl.cols {
+        return Err(KernelError::Shape(format!(
+            "gemm: [{}, {}] · [{}, {}] -> [{}, {}]",
+            al.rows, al.cols, bl.rows, bl.cols, cl.rows, cl.cols
+        )));
+    }
+    al.check(a.len(), "gemm lhs")?;
+    bl.check(b.len(), "gemm rhs")?;
+    cl.check(c.len(), "gemm dst")?;
+    // Every destination element must be distinct or parallel writes inside gemm would race.
+    let injective = (cl.col_stride >= 1 && cl.row_stride >= cl.cols * cl.col_stride)
+        || (cl.row_stride >= 1 && cl.col_stride >= cl.rows * cl.row_stride)
+        || cl.rows <= 1
+        || cl.cols <= 1;
+    if !injective {
+        return Err(KernelError::Shape(format!("gemm dst: view {cl:?} overlaps itself")));
+    }
+    let (m, n, k) = (cl.rows, cl.cols, al.cols);
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 || cpu::isa() == Isa::Scalar {
+        for i in 0..m {
+            for j in 0..n {
+                let mut s = 0f32;
+                for p in 0..k {
+                    s += a[i * al.row_stride + p * al.col_stride] * b[p * bl.row_stride + j * bl.col_stride];
+                }
+                c[i * cl.row_stride + j * cl.col_stride] = s;
+            }
+        }
+        return Ok(());
+    }
+    // SAFETY: all three views were checked to lie inside their slices, dst is injective (checked
+    // above) and `c` is a unique borrow distinct from `a` and `b`.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            cl.col_stride as isize,
+            cl.row_stride as isize,
+            false,
+            a.as_ptr(),
+            al.col_stride as isize,
+            al.row_stride as isize,
+            b.as_ptr(),
+            bl.col_stride as isize,
+            bl.row_stride as isize,
+            0.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+    Ok(())
+}
+
+/// Plain triple loop in f64: the reference the tests hold every path to.
+pub fn matmul_reference<T: Element>(w: &DenseMatrix<'_, T>, x: &[f32], n: usize) -> Vec<f32> {
+    let mut y = vec![0f32; n * w.rows];
+    for i in 0..n {
+        for r in 0..w.rows {
+            let mut s = 0f64;
+            for (k, wv) in w.row(r).iter().enumerate() {
+                s += wv.to_f32() as f64 * x[i * w.cols + k] as f64;
+            }
+            y[i * w.rows + r] = s as f32;
+        }
+    }
+    y
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn rand_vec(rng: &mut rand_chacha::ChaCha8Rng, n: usize) -> Vec<f32> {
+        (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+    }
+
+    fn check<T: Element>(conv: impl Fn(f32) -> T) {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        for &cols in &[0usize, 1, 7, 15, 16, 17, 63, 64, 65, 576] {
+            for &rows in &[1usize, 3, 70] {
+                for &n in &[1usize, 2, 8, 9, 33] {
+                    let w: Vec<T> = rand_vec(&mut rng, rows * cols).into_iter().map(&conv).collect();
+                    let x = rand_vec(&mut rng, n * cols);
+                    let m = DenseMatrix::new(&w, rows, cols).unwrap();
+                    let want = matmul_reference(&m, &x, n);
+                    for isa in Isa::available() {
+                        let mut y = vec![f32::NAN; n * rows];
+                        matmul_on(isa, &m, &x, n, &mut y).unwrap();
+                        for (a, b) in y.iter().zip(&want) {
+                            // |Σ| ≤ cols; f32 summation error grows like cols·ε.
+                            let tol = 1e-5 * (cols as f32 + 1.0);
+                            assert!((a - b).abs() <= tol, "{} {isa:?} rows={rows} cols={cols} n={n}: {a} vs {b}", T::NAME);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn f32_paths_match_reference() {
+        check::<f32>(|v| v);
+    }
+    #[test]
+    fn bf16_paths_match_reference() {
+        check::<bf16>(bf16::from_f32);
+    }
+    #[test]
+    fn f16_paths_match_reference() {
+        check::<f16>(f16::from_f32);
+    }
+
+    #[test]
+    fn shape_errors_are_reported() {
+        let w = vec![0f32; 6];
+        assert!(DenseMatrix::new(&w, 4, 2).is_err());
+        let m = DenseMatrix::new(&w, 3, 2).unwrap();
+        let mut y = vec![0f32; 3];
+        assert!(matmul(&m, &[0.0; 3], 1, &mut y).is_err());
+        assert!(matmul(&m, &[0.0; 2], 1, &mut [0.0; 2]).is_err());
+    }
+
+    #[test]
+    fn strided_gemm_matches_naive() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let (m, k, n) = (5, 9, 7);
+        let a = rand_vec(&mut rng, m * k);
+        let b = rand_vec(&mut rng, n * k); // stored [n, k], used transposed
+        let mut c = vec![0f32; m * n];
+        gemm_strided(&a, Strided::row_major(m, k), &b, Strided::row_major(n, k).t(), &mut c, Strided::row_major(m, n))
+            .unwrap();
+        for i in 0..m {
+            for j in 0..n {
+                let want: f32 = (0..k).map(|p| a[i * k + p] * b[j * k + p]).sum();
+                assert!((c[i * n + j] - want).abs() < 1e-5);
+            }
+        }
+        let bad = Strided { rows: m, cols: n, row_stride: 1, col_stride: 1 };
+        assert!(gemm_strided(&a, Strided::row_major(m, k), &b, Strided::row_major(n, k).t(), &mut c, bad).is_err());
+        assert!(gemm_strided(&a, Strided::row_major(m, k + 1), &b, Strided::row_major(n, k).t(), &mut c, Strided::row_major(m, n)).is_err());
+    }
+}
