@@ -1,9 +1,26 @@
 //! Llama-family models for Lacuna: checkpoint I/O (GGUF and Hugging Face safetensors), tokenizers
 //! and chat templates, the reference forward pass with a KV cache, generation and evaluation.
+//!
+//! Data flow: [`checkpoint::Checkpoint::open`] detects the format, reads the [`config`], builds
+//! the [`tokenizer`] and the [`llama::Llama`] from [`weights`] (memory-mapped where the file
+//! allows); [`generate`] and [`eval`] drive the forward pass; [`hf::save_dir`] writes a checkpoint.
 
 pub mod chat;
+pub mod checkpoint;
+pub mod config;
+pub mod eval;
+pub mod generate;
 pub mod gguf;
+pub mod hf;
+pub mod inspect;
+pub mod llama;
+pub mod sampling;
 pub mod tokenizer;
+pub mod weights;
+
+pub use checkpoint::{Checkpoint, Format};
+pub use config::LlamaConfig;
+pub use llama::{KvCache, Llama};
 
 use std::path::PathBuf;
 

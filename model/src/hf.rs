@@ -1,0 +1,248 @@
+//! Hugging Face checkpoint directories: `config.json`, one or several `*.safetensors` (with
+//! `model.safetensors.index.json`), tokenizer files, `generation_config.json`.
+//!
+//! Reading maps every shard and borrows tensors from the maps. Writing produces a directory that
+//! transformers' `LlamaForCausalLM.from_pretrained` loads unchanged, and is atomic: everything is
+//! written into a hidden sibling directory, fsynced, then renamed into place.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use safetensors::{Dtype as StDtype, SafeTensors, View};
+use serde_json::{Value, json};
+
+use crate::config::LlamaConfig;
+use crate::tokenizer::Tokenizer;
+use crate::weights::{Data, Dtype, Storage, Weight};
+use crate::{Error, Result};
+
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+pub const SINGLE_FILE: &str = "model.safetensors";
+
+fn st_err(path: &Path, msg: impl std::fmt::Display) -> Error {
+    Error::Safetensors { path: path.to_path_buf(), msg: msg.to_string() }
+}
+
+/// The safetensors files of a directory: the index's shards if it has one, else `model.safetensors`.
+pub fn shard_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let index = dir.join(INDEX_FILE);
+    if index.exists() {
+        let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+        let v: Value = serde_json::from_str(&text).map_err(|e| st_err(&index, e))?;
+        let map = v.get("weight_map").and_then(Value::as_object).ok_or_else(|| st_err(&index, "no `weight_map` object"))?;
+        let mut files: Vec<String> = Vec::new();
+        for (name, f) in map {
+            let f = f.as_str().ok_or_else(|| st_err(&index, format!("weight_map[{name}] is not a file name")))?;
+            if f.contains('/') || f.contains("..") {
+                return Err(st_err(&index, format!("shard name {f:?} escapes the directory")));
+            }
+            if !files.iter().any(|x| x == f) {
+                files.push(f.to_owned());
+            }
+        }
+        files.sort();
+        let mut out = Vec::new();
+        for f in files {
+            let p = dir.join(&f);
+            if !p.is_file() {
+                return Err(st_err(&index, format!("shard {f} listed in the index is missing")));
+            }
+            out.push(p);
+        }
+        return Ok(out);
+    }
+    let single = dir.join(SINGLE_FILE);
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    Err(Error::Safetensors {
+        path: dir.to_path_buf(),
+        msg: format!("neither {SINGLE_FILE} nor {INDEX_FILE} found"),
+    })
+}
+
+/// Memory-maps every shard and returns all tensors by name, borrowed from the maps.
+pub fn load_tensors(dir: &Path) -> Result<BTreeMap<String, Weight>> {
+    let mut out = BTreeMap::new();
+    for path in shard_files(dir)? {
+        let map = Arc::new(lacuna_kernels::mmap::map_file(&path).map_err(|e| Error::io(&path, e))?);
+        let st = SafeTensors::deserialize(&map).map_err(|e| st_err(&path, e))?;
+        for (name, view) in st.tensors() {
+            let offset = view.data().as_ptr() as usize - map.as_ptr() as usize;
+            let n: usize = view.shape().iter().product();
+            let shape = view.shape().to_vec();
+            let storage_err = || st_err(&path, format!("tensor {name}: data out of range"));
+            let data = match view.dtype() {
+                StDtype::F32 => Data::F32(Storage::from_map(&map, offset, n).ok_or_else(storage_err)?),
+                StDtype::F16 => Data::F16(Storage::from_map(&map, offset, n).ok_or_else(storage_err)?),
+                StDtype::BF16 => Data::BF16(Storage::from_map(&map, offset, n).ok_or_else(storage_err)?),
+                other => return Err(st_err(&path, format!("tensor {name}: dtype {other:?} is not supported (f32, f16, bf16)"))),
+            };
+            let w = Weight::new(shape, data).map_err(|e| st_err(&path, format!("tensor {name}: {e}")))?;
+            if out.insert(name.clone(), w).is_some() {
+                return Err(st_err(&path, format!("tensor {name} appears in more than one shard")));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Options for writing a checkpoint directory.
+#[derive(Clone, Debug)]
+pub struct SaveOptions {
+    /// Convert every tensor to this dtype (default: keep each tensor's dtype).
+    pub dtype: Option<Dtype>,
+    /// Shard above this many bytes of tensor data (transformers' default is 5 GB).
+    pub max_shard_bytes: u64,
+    /// Replace an existing directory.
+    pub overwrite: bool,
+    /// Extra `config.json` entries (e.g. `quantization_config`).
+    pub extra_config: BTreeMap<String, Value>,
+}
+
+impl Default for SaveOptions {
+    fn default() -> Self {
+        Self { dtype: None, max_shard_bytes: 5_000_000_000, overwrite: false, extra_config: BTreeMap::new() }
+    }
+}
+
+struct OutTensor<'a> {
+    weight: std::borrow::Cow<'a, Weight>,
+}
+
+impl View for &OutTensor<'_> {
+    fn dtype(&self) -> StDtype {
+        match self.weight.dtype() {
+            Dtype::F32 => StDtype::F32,
+            Dtype::F16 => StDtype::F16,
+            Dtype::BF16 => StDtype::BF16,
+        }
+    }
+    fn shape(&self) -> &[usize] {
+        self.weight.shape()
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Borrowed(self.weight.bytes())
+    }
+    fn data_len(&self) -> usize {
+        self.weight.nbytes()
+    }
+}
+
+/// Writes `tensors` (HF names, in order) with `config` and `tokenizer` as a checkpoint directory.
+pub fn save_dir(
+    dir: &Path,
+    config: &LlamaConfig,
+    tensors: &[(String, &Weight)],
+    tokenizer: Option<&Tokenizer>,
+    opts: &SaveOptions,
+) -> Result<()> {
+    if dir.exists() && !opts.overwrite {
+        return Err(Error::Invalid(format!("{} already exists (pass overwrite to replace it)", dir.display())));
+    }
+    let parent = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
+    let name = dir.file_name().ok_or_else(|| Error::Invalid(format!("{}: not a directory name", dir.display())))?;
+    let tmp = parent.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    let result = write_contents(&tmp, config, tensors, tokenizer, opts);
+    if let Err(e) = result {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    if dir.exists() {
+        let old = parent.join(format!(".{}.old-{}", name.to_string_lossy(), std::process::id()));
+        std::fs::rename(dir, &old).map_err(|e| Error::io(dir, e))?;
+        std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))?;
+        std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
+    } else {
+        std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))?;
+    }
+    if let Ok(d) = File::open(&parent) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+fn write_json(path: &Path, v: &Value) -> Result<()> {
+    let mut f = File::create(path).map_err(|e| Error::io(path, e))?;
+    let text = serde_json::to_string_pretty(v).map_err(|e| Error::Invalid(e.to_string()))?;
+    f.write_all(text.as_bytes()).and_then(|_| f.write_all(b"\n")).and_then(|_| f.sync_all()).map_err(|e| Error::io(path, e))
+}
+
+fn write_contents(
+    tmp: &Path,
+    config: &LlamaConfig,
+    tensors: &[(String, &Weight)],
+    tokenizer: Option<&Tokenizer>,
+    opts: &SaveOptions,
+) -> Result<()> {
+    let out: Vec<(String, OutTensor)> = tensors
+        .iter()
+        .map(|(n, w)| {
+            let weight = match opts.dtype {
+                Some(d) if d != w.dtype() => std::borrow::Cow::Owned(w.to_dtype(d)),
+                _ => std::borrow::Cow::Borrowed(*w),
+            };
+            (n.clone(), OutTensor { weight })
+        })
+        .collect();
+    let dtype = opts.dtype.or_else(|| out.iter().map(|(_, t)| t.weight.dtype()).find(|d| *d != Dtype::F32)).unwrap_or(Dtype::F32);
+
+    // Greedy sharding in the given order, as transformers' `split_torch_state_dict_into_shards`.
+    let mut shards: Vec<Vec<usize>> = vec![Vec::new()];
+    let mut cur = 0u64;
+    for (i, (_, t)) in out.iter().enumerate() {
+        let b = t.weight.nbytes() as u64;
+        if cur > 0 && cur + b > opts.max_shard_bytes {
+            shards.push(Vec::new());
+            cur = 0;
+        }
+        shards.last_mut().expect("non-empty").push(i);
+        cur += b;
+    }
+    let total: u64 = out.iter().map(|(_, t)| t.weight.nbytes() as u64).sum();
+    let n = shards.len();
+    let mut weight_map = serde_json::Map::new();
+    for (si, idx) in shards.iter().enumerate() {
+        let fname = if n == 1 { SINGLE_FILE.to_owned() } else { format!("model-{:05}-of-{:05}.safetensors", si + 1, n) };
+        let path = tmp.join(&fname);
+        let items: Vec<(&str, &OutTensor)> = idx.iter().map(|&i| (out[i].0.as_str(), &out[i].1)).collect();
+        for (name, _) in &items {
+            weight_map.insert((*name).to_owned(), json!(fname));
+        }
+        let meta = HashMap::from([("format".to_owned(), "pt".to_owned())]);
+        safetensors::serialize_to_file(items, Some(meta), &path).map_err(|e| st_err(&path, e))?;
+        File::open(&path).and_then(|f| f.sync_all()).map_err(|e| Error::io(&path, e))?;
+    }
+    if n > 1 {
+        write_json(&tmp.join(INDEX_FILE), &json!({"metadata": {"total_size": total}, "weight_map": weight_map}))?;
+    }
+
+    let mut cfg = config.to_hf_json(dtype.torch_name())?;
+    if let Value::Object(m) = &mut cfg {
+        for (k, v) in &opts.extra_config {
+            m.insert(k.clone(), v.clone());
+        }
+    }
+    write_json(&tmp.join("config.json"), &cfg)?;
+    let eos = match config.eos_token_ids.as_slice() {
+        [] => Value::Null,
+        [one] => json!(one),
+        many => json!(many),
+    };
+    write_json(&tmp.join("generation_config.json"), &json!({"bos_token_id": config.bos_token_id, "eos_token_id": eos}))?;
+    if let Some(tok) = tokenizer {
+        tok.save_hf(tmp)?;
+    }
+    Ok(())
+}

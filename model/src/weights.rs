@@ -1,0 +1,230 @@
+//! Weight tensors that stay in their checkpoint dtype and, where possible, in the memory map they
+//! were read from: a bf16 checkpoint is served from its own pages, never copied or widened.
+
+use std::sync::Arc;
+
+use half::{bf16, f16};
+use lacuna_kernels::dense::{self, DenseMatrix, Element};
+use lacuna_kernels::mmap::Mmap;
+
+use crate::{Error, Result};
+
+/// Element type of a stored weight.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Dtype {
+    F32,
+    F16,
+    BF16,
+}
+
+impl Dtype {
+    pub fn size(self) -> usize {
+        match self {
+            Dtype::F32 => 4,
+            Dtype::F16 | Dtype::BF16 => 2,
+        }
+    }
+    /// The name transformers uses in `torch_dtype`.
+    pub fn torch_name(self) -> &'static str {
+        match self {
+            Dtype::F32 => "float32",
+            Dtype::F16 => "float16",
+            Dtype::BF16 => "bfloat16",
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Dtype::F32 => "f32",
+            Dtype::F16 => "f16",
+            Dtype::BF16 => "bf16",
+        }
+    }
+}
+
+impl std::str::FromStr for Dtype {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" | "float32" => Ok(Dtype::F32),
+            "f16" | "float16" | "half" => Ok(Dtype::F16),
+            "bf16" | "bfloat16" => Ok(Dtype::BF16),
+            _ => Err(Error::Invalid(format!("unknown dtype {s:?} (f32, f16, bf16)"))),
+        }
+    }
+}
+
+/// Elements either owned or borrowed from a shared memory map.
+#[derive(Clone)]
+pub enum Storage<T> {
+    Owned(Vec<T>),
+    /// `len` elements starting `offset` bytes into `map`; alignment was checked at construction.
+    Mapped { map: Arc<Mmap>, offset: usize, len: usize },
+}
+
+impl<T: bytemuck::Pod> Storage<T> {
+    /// Borrows `len` elements at byte `offset` of `map` when aligned, else copies them.
+    pub fn from_map(map: &Arc<Mmap>, offset: usize, len: usize) -> Option<Self> {
+        let bytes = map.get(offset..offset.checked_add(len.checked_mul(size_of::<T>())?)?)?;
+        if bytemuck::try_cast_slice::<u8, T>(bytes).is_ok() {
+            Some(Storage::Mapped { map: map.clone(), offset, len })
+        } else {
+            Some(Storage::Owned(bytemuck::pod_collect_to_vec(bytes)))
+        }
+    }
+
+    pub fn as_slice(&self) -> &[T] {
+        match self {
+            Storage::Owned(v) => v,
+            Storage::Mapped { map, offset, len } => {
+                bytemuck::cast_slice(&map[*offset..*offset + *len * size_of::<T>()])
+            }
+        }
+    }
+
+    pub fn is_mapped(&self) -> bool {
+        matches!(self, Storage::Mapped { .. })
+    }
+}
+
+#[derive(Clone)]
+pub enum Data {
+    F32(Storage<f32>),
+    F16(Storage<f16>),
+    BF16(Storage<bf16>),
+}
+
+/// A named-by-its-owner weight: shape (outermost first) and data.
+#[derive(Clone)]
+pub struct Weight {
+    shape: Vec<usize>,
+    data: Data,
+}
+
+impl std::fmt::Debug for Weight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Weight({:?}, {})", self.shape, self.dtype().name())
+    }
+}
+
+impl Weight {
+    pub fn new(shape: Vec<usize>, data: Data) -> Result<Self> {
+        let w = Self { shape, data };
+        let n: usize = w.shape.iter().product();
+        if n != w.len() {
+            return Err(Error::Invalid(format!("weight of shape {:?} holds {} elements", w.shape, w.len())));
+        }
+        Ok(w)
+    }
+    pub fn from_f32(shape: Vec<usize>, v: Vec<f32>) -> Result<Self> {
+        Self::new(shape, Data::F32(Storage::Owned(v)))
+    }
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    pub fn dtype(&self) -> Dtype {
+        match self.data {
+            Data::F32(_) => Dtype::F32,
+            Data::F16(_) => Dtype::F16,
+            Data::BF16(_) => Dtype::BF16,
+        }
+    }
+    pub fn data(&self) -> &Data {
+        &self.data
+    }
+    pub fn len(&self) -> usize {
+        match &self.data {
+            Data::F32(s) => s.as_slice().len(),
+            Data::F16(s) => s.as_slice().len(),
+            Data::BF16(s) => s.as_slice().len(),
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    pub fn nbytes(&self) -> usize {
+        self.len() * self.dtype().size()
+    }
+    /// Raw little-endian bytes (what a safetensors file stores).
+    pub fn bytes(&self) -> &[u8] {
+        match &self.data {
+            Data::F32(s) => bytemuck::cast_slice(s.as_slice()),
+            Data::F16(s) => bytemuck::cast_slice(s.as_slice()),
+            Data::BF16(s) => bytemuck::cast_slice(s.as_slice()),
+        }
+    }
+    pub fn is_mapped(&self) -> bool {
+        match &self.data {
+            Data::F32(s) => s.is_mapped(),
+            Data::F16(s) => s.is_mapped(),
+            Data::BF16(s) => s.is_mapped(),
+        }
+    }
+    /// All elements as f32 (a copy).
+    pub fn to_f32_vec(&self) -> Vec<f32> {
+        fn widen<T: Element>(s: &[T]) -> Vec<f32> {
+            s.iter().map(|v| v.to_f32()).collect()
+        }
+        match &self.data {
+            Data::F32(s) => s.as_slice().to_vec(),
+            Data::F16(s) => widen(s.as_slice()),
+            Data::BF16(s) => widen(s.as_slice()),
+        }
+    }
+    /// Row `r` of a 2-D weight widened into `out`.
+    pub fn row_into(&self, r: usize, out: &mut [f32]) -> Result<()> {
+        let [rows, cols] = self.dims2()?;
+        if r >= rows || out.len() != cols {
+            return Err(Error::Invalid(format!("row {r} of {:?} into a buffer of {}", self.shape, out.len())));
+        }
+        fn copy<T: Element>(s: &[T], out: &mut [f32]) {
+            for (o, v) in out.iter_mut().zip(s) {
+                *o = v.to_f32();
+            }
+        }
+        let range = r * cols..(r + 1) * cols;
+        match &self.data {
+            Data::F32(s) => out.copy_from_slice(&s.as_slice()[range]),
+            Data::F16(s) => copy(&s.as_slice()[range], out),
+            Data::BF16(s) => copy(&s.as_slice()[range], out),
+        }
+        Ok(())
+    }
+    /// Number of elements exactly equal to zero (either sign).
+    pub fn count_zeros(&self) -> usize {
+        match &self.data {
+            Data::F32(s) => s.as_slice().iter().filter(|v| **v == 0.0).count(),
+            Data::F16(s) => s.as_slice().iter().filter(|v| (v.to_bits() & 0x7fff) == 0).count(),
+            Data::BF16(s) => s.as_slice().iter().filter(|v| (v.to_bits() & 0x7fff) == 0).count(),
+        }
+    }
+    pub fn dims2(&self) -> Result<[usize; 2]> {
+        match self.shape.as_slice() {
+            [r, c] => Ok([*r, *c]),
+            s => Err(Error::Invalid(format!("expected a matrix, got shape {s:?}"))),
+        }
+    }
+    /// Converts to another dtype (a copy unless it already is that dtype).
+    pub fn to_dtype(&self, dtype: Dtype) -> Weight {
+        if dtype == self.dtype() {
+            return self.clone();
+        }
+        let v = self.to_f32_vec();
+        let data = match dtype {
+            Dtype::F32 => Data::F32(Storage::Owned(v)),
+            Dtype::F16 => Data::F16(Storage::Owned(v.iter().map(|x| f16::from_f32(*x)).collect())),
+            Dtype::BF16 => Data::BF16(Storage::Owned(v.iter().map(|x| bf16::from_f32(*x)).collect())),
+        };
+        Weight { shape: self.shape.clone(), data }
+    }
+
+    /// `y[n, rows] = x[n, cols] · Wᵀ` for a 2-D weight.
+    pub fn matmul(&self, x: &[f32], n: usize, y: &mut [f32]) -> Result<()> {
+        let [rows, cols] = self.dims2()?;
+        match &self.data {
+            Data::F32(s) => dense::matmul(&DenseMatrix::new(s.as_slice(), rows, cols)?, x, n, y)?,
+            Data::F16(s) => dense::matmul(&DenseMatrix::new(s.as_slice(), rows, cols)?, x, n, y)?,
+            Data::BF16(s) => dense::matmul(&DenseMatrix::new(s.as_slice(), rows, cols)?, x, n, y)?,
+        }
+        Ok(())
+    }
+}
