@@ -7,6 +7,7 @@
 pub mod cpu;
 pub mod dense;
 pub mod ggml;
+pub mod mmap;
 
 /// Errors raised by kernels and format conversions: always a caller's shape or data problem.
 #[derive(Debug, thiserror::Error)]
