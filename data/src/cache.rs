@@ -20,7 +20,11 @@ impl Cache {
     /// `$LACUNA_CACHE`, else `$XDG_CACHE_HOME/lacuna`, else `$HOME/.cache/lacuna` (empty values
     /// count as unset).
     pub fn from_env() -> Result<Cache> {
-        let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+        let var = |k: &str| {
+            std::env::var_os(k)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        };
         let root = var("LACUNA_CACHE")
             .or_else(|| var("XDG_CACHE_HOME").map(|p| p.join("lacuna")))
             .or_else(|| var("HOME").map(|p| p.join(".cache").join("lacuna")))
@@ -38,7 +42,11 @@ impl Cache {
 
     /// Adds an environment variable for the registry clients (`pip`, `npm`) this cache runs, e.g.
     /// `PIP_INDEX_URL` or `npm_config_registry` to use a mirror.
-    pub fn with_client_env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Cache {
+    pub fn with_client_env(
+        mut self,
+        key: impl Into<OsString>,
+        value: impl Into<OsString>,
+    ) -> Cache {
         self.client_env.push((key.into(), value.into()));
         self
     }
@@ -208,7 +216,9 @@ pub(crate) fn atomic_write(
             actual: written.sha256,
         });
     }
-    tmp.as_file().sync_all().map_err(|e| io_err(tmp.path(), e))?;
+    tmp.as_file()
+        .sync_all()
+        .map_err(|e| io_err(tmp.path(), e))?;
     tmp.persist(path).map_err(|e| io_err(path, e.error))?;
     sync_dir(dir);
     Ok(written)
@@ -270,7 +280,10 @@ mod tests {
         .unwrap_err();
         assert!(matches!(err, Error::Parse { .. }));
         assert_eq!(fs::read(&p).unwrap(), b"old");
-        let names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(names, vec![OsString::from("out.txt")]);
     }
 
@@ -284,7 +297,10 @@ mod tests {
         })
         .unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("out.bin") && msg.contains(&"0".repeat(64)), "{msg}");
+        assert!(
+            msg.contains("out.bin") && msg.contains(&"0".repeat(64)),
+            "{msg}"
+        );
         assert!(msg.contains(&sha256_hex(b"new")), "{msg}");
         assert_eq!(fs::read(&p).unwrap(), b"old");
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);

@@ -309,7 +309,7 @@ pub fn fetch_dataset(
                     version,
                     artifact: root.display().to_string(),
                     artifact_sha256: None,
-                    member: "**/*.py (without site-packages, test, tests, idlelib, lib2to3; files up to 1 MiB)".into(),
+                    member: "**/*.py (without site-packages, test, tests, idlelib, lib2to3; non-empty UTF-8 files up to 1 MiB)".into(),
                     licence: "PSF-2.0".into(),
                 },
                 Some(root),
@@ -390,7 +390,7 @@ fn zip_member(artifact: &Path, member: &str) -> Result<Vec<u8>> {
 fn python_stdlib() -> Result<(PathBuf, String)> {
     const SCRIPT: &str = "import sys, sysconfig; print(sysconfig.get_paths()['stdlib']); print(sys.version.split()[0])";
     let fail = |status: String, stderr: String| Error::Registry {
-        registry: "local".into(),
+        registry: "local",
         package: "python3 standard library".into(),
         command: format!("python3 -c \"{SCRIPT}\""),
         status,
@@ -400,7 +400,7 @@ fn python_stdlib() -> Result<(PathBuf, String)> {
         Ok(out) => out,
         Err(e) => {
             return Err(Error::ClientMissing {
-                registry: "local".into(),
+                registry: "local",
                 package: "python3 standard library".into(),
                 client: "python3".into(),
                 detail: e.to_string(),
@@ -610,10 +610,22 @@ mod tests {
         assert_eq!(bucket("humaneval", "HumanEval/3"), 9);
         assert_eq!(bucket("sotu", "1791_george_washington_n"), 29);
         assert_eq!(bucket("sotu", "1796_george_washington_n"), 60);
-        assert_eq!(split_of(DatasetName::Sotu, "1790_george_washington_n"), Split::Train);
-        assert_eq!(split_of(DatasetName::Sotu, "1791_george_washington_n"), Split::Heldout);
-        assert_eq!(split_of(DatasetName::Sotu, "1796_george_washington_n"), Split::Calibration);
-        assert_eq!(split_of(DatasetName::HumanEval, "HumanEval/3"), Split::Heldout);
+        assert_eq!(
+            split_of(DatasetName::Sotu, "1790_george_washington_n"),
+            Split::Train
+        );
+        assert_eq!(
+            split_of(DatasetName::Sotu, "1791_george_washington_n"),
+            Split::Heldout
+        );
+        assert_eq!(
+            split_of(DatasetName::Sotu, "1796_george_washington_n"),
+            Split::Calibration
+        );
+        assert_eq!(
+            split_of(DatasetName::HumanEval, "HumanEval/3"),
+            Split::Heldout
+        );
         // The dataset name is part of the hash: the same id may land elsewhere in another dataset.
         assert_ne!(bucket("wiki", "x"), bucket("sotu", "x"));
     }
@@ -638,12 +650,23 @@ mod tests {
         // Sorted within each split, and every doc where split_of says.
         for (s, docs) in &a {
             assert!(docs.windows(2).all(|w| w[0].id < w[1].id));
-            assert!(docs.iter().all(|d| split_of(DatasetName::Wiki, &d.id) == *s));
+            assert!(
+                docs.iter()
+                    .all(|d| split_of(DatasetName::Wiki, &d.id) == *s)
+            );
         }
         // Roughly 5% / 5% / 90%.
         let n = |s| a.get(&s).map_or(0, Vec::len);
-        assert!((175..=325).contains(&n(Split::Heldout)), "{}", n(Split::Heldout));
-        assert!((175..=325).contains(&n(Split::Calibration)), "{}", n(Split::Calibration));
+        assert!(
+            (175..=325).contains(&n(Split::Heldout)),
+            "{}",
+            n(Split::Heldout)
+        );
+        assert!(
+            (175..=325).contains(&n(Split::Calibration)),
+            "{}",
+            n(Split::Calibration)
+        );
         // Removing documents does not move the others.
         let (c, _) = assign_splits(DatasetName::Wiki, docs[..2500].to_vec());
         for (s, docs) in &c {
@@ -679,7 +702,9 @@ mod tests {
         let cache = Cache::at(dir.path());
         let ddir = cache.dataset_dir("wiki");
         let mut with_fields = doc("Zürich", "A city.\n\"quoted\"");
-        with_fields.fields.insert("topic".into(), Value::from("Geo"));
+        with_fields
+            .fields
+            .insert("topic".into(), Value::from("Geo"));
         with_fields.fields.insert("id".into(), Value::from("clash"));
         let docs: Vec<Document> = (0..300)
             .map(|i| doc(&format!("d{i}"), &format!("text {i}")))
@@ -716,7 +741,10 @@ mod tests {
         let msg = load_split(&cache, DatasetName::Wiki, Split::Train)
             .unwrap_err()
             .to_string();
-        assert!(msg.contains("train.jsonl") && msg.contains(&m.splits["train"].sha256), "{msg}");
+        assert!(
+            msg.contains("train.jsonl") && msg.contains(&m.splits["train"].sha256),
+            "{msg}"
+        );
         assert!(msg.contains("lacuna data fetch wiki"), "{msg}");
     }
 

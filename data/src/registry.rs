@@ -18,12 +18,18 @@ pub enum Registry {
     Npm,
 }
 
-impl fmt::Display for Registry {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl Registry {
+    pub fn as_str(self) -> &'static str {
+        match self {
             Registry::PyPI => "PyPI",
             Registry::Npm => "npm",
-        })
+        }
+    }
+}
+
+impl fmt::Display for Registry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -123,7 +129,7 @@ fn run_client(cache: &Cache, pin: &Pin, into: &Path) -> Result<()> {
         Ok(out) => out,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             return Err(Error::ClientMissing {
-                registry: pin.registry.to_string(),
+                registry: pin.registry.as_str(),
                 package: pin.spec(),
                 client: program.to_string(),
                 detail: format!("`{program}` not found on PATH"),
@@ -131,7 +137,7 @@ fn run_client(cache: &Cache, pin: &Pin, into: &Path) -> Result<()> {
         }
         Err(e) => {
             return Err(Error::ClientMissing {
-                registry: pin.registry.to_string(),
+                registry: pin.registry.as_str(),
                 package: pin.spec(),
                 client: program.to_string(),
                 detail: e.to_string(),
@@ -144,7 +150,7 @@ fn run_client(cache: &Cache, pin: &Pin, into: &Path) -> Result<()> {
     let stderr = String::from_utf8_lossy(&out.stderr);
     if pin.registry == Registry::PyPI && stderr.contains("No module named pip") {
         return Err(Error::ClientMissing {
-            registry: pin.registry.to_string(),
+            registry: pin.registry.as_str(),
             package: pin.spec(),
             client: "python3 -m pip".into(),
             detail: tail(&stderr, 5),
@@ -156,12 +162,26 @@ fn run_client(cache: &Cache, pin: &Pin, into: &Path) -> Result<()> {
         stderr.into_owned()
     };
     Err(Error::Registry {
-        registry: pin.registry.to_string(),
+        registry: pin.registry.as_str(),
         package: pin.spec(),
         command,
         status: out.status.to_string(),
-        stderr_tail: tail(&stderr, 15),
+        stderr_tail: error_summary(&stderr),
     })
+}
+
+/// The client's last lines, preceded by its first error line when that scrolled out of them
+/// (npm prints the cause first and a stack trace after it).
+fn error_summary(stderr: &str) -> String {
+    let t = tail(stderr, 12);
+    match stderr
+        .lines()
+        .find(|l| l.to_ascii_lowercase().contains("error"))
+        .map(str::trim)
+    {
+        Some(first) if !t.contains(first) => format!("{first}\n...\n{t}"),
+        _ => t,
+    }
 }
 
 /// The pinned file name if the client produced it, else the only file it produced (the checksum
@@ -180,13 +200,18 @@ fn find_artifact(pin: &Pin, dir: &Path) -> Result<PathBuf> {
         return Ok(found.remove(0));
     }
     Err(Error::ArtifactMissing {
-        registry: pin.registry.to_string(),
+        registry: pin.registry.as_str(),
         package: pin.spec(),
         dir: dir.to_path_buf(),
         expected: pin.file.to_string(),
         found: found
             .iter()
-            .map(|p| p.file_name().unwrap_or_default().to_string_lossy().into_owned())
+            .map(|p| {
+                p.file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into_owned()
+            })
             .collect::<Vec<_>>()
             .join(", "),
     })
@@ -221,6 +246,18 @@ mod tests {
     }
 
     #[test]
+    fn error_summary_keeps_first_error_line() {
+        let mut s = String::from("npm error code ECONNREFUSED\n");
+        for i in 0..30 {
+            s += &format!("npm error     at frame {i}\n");
+        }
+        let e = error_summary(&s);
+        assert!(e.starts_with("npm error code ECONNREFUSED\n...\n"), "{e}");
+        assert!(e.ends_with("frame 29"), "{e}");
+        assert_eq!(error_summary("a\nERROR: x\n"), "a\nERROR: x");
+    }
+
+    #[test]
     fn corrupted_download_is_not_accepted_from_cache() {
         // A file under the pinned name with other contents must not be taken as the artifact;
         // with an unreachable client the fetch then fails instead of using it.
@@ -244,7 +281,10 @@ mod tests {
             matches!(err, Error::Registry { .. }),
             "expected a registry error, got {msg}"
         );
-        assert!(msg.contains("PyPI") && msg.contains("lacuna-no-such-package==0.0.1"), "{msg}");
+        assert!(
+            msg.contains("PyPI") && msg.contains("lacuna-no-such-package==0.0.1"),
+            "{msg}"
+        );
         // The failed download left nothing behind but the old file.
         let names: Vec<_> = std::fs::read_dir(cache.downloads_dir()).unwrap().collect();
         assert_eq!(names.len(), 1);

@@ -175,7 +175,7 @@ const PYTHON_EXCLUDED_DIRS: &[&str] = &["site-packages", "test", "tests", "idlel
 const PYTHON_MAX_FILE_BYTES: u64 = 1 << 20;
 
 /// Every `*.py` under `stdlib` (sorted by relative path), leaving out [`PYTHON_EXCLUDED_DIRS`],
-/// files over 1 MiB and files that are not UTF-8. id = path relative to `stdlib` with `/`.
+/// files over 1 MiB, empty files (many `__init__.py`) and files that are not UTF-8. id = path relative to `stdlib` with `/`.
 pub(crate) fn collect_python(stdlib: &Path) -> Result<Parsed> {
     let mut out = Parsed::default();
     let walk = walkdir::WalkDir::new(stdlib)
@@ -211,6 +211,7 @@ pub(crate) fn collect_python(stdlib: &Path) -> Result<Parsed> {
         }
         let bytes = std::fs::read(path).map_err(|e| crate::cache::io_err(path, e))?;
         match String::from_utf8(bytes) {
+            Ok(text) if text.trim().is_empty() => out.skipped.push(format!("{id}: empty")),
             Ok(text) => out.docs.push(Document {
                 id,
                 text,
@@ -267,7 +268,10 @@ mod tests {
             "package/data/1791_george_washington_n.json",
             br#"{"year":1791,"name":"George Washington","party":"none","text":"Fellow-Citizens \u2014 b"}"#,
         );
-        add("package/data/1791_george_washington_n.txt", b"Fellow-Citizens - b\n");
+        add(
+            "package/data/1791_george_washington_n.txt",
+            b"Fellow-Citizens - b\n",
+        );
         add(
             "package/data/1790_george_washington_n.json",
             br#"{"year":1790,"name":"George Washington","party":"none","text":"a"}"#,
@@ -277,7 +281,10 @@ mod tests {
         let bytes = gz(&tar.into_inner().unwrap());
         let p = parse_sotu_tarball(&bytes[..], "sotu.tgz").unwrap();
         let ids: Vec<_> = p.docs.iter().map(|d| d.id.as_str()).collect();
-        assert_eq!(ids, ["1790_george_washington_n", "1791_george_washington_n"]);
+        assert_eq!(
+            ids,
+            ["1790_george_washington_n", "1791_george_washington_n"]
+        );
         assert_eq!(p.docs[1].text, "Fellow-Citizens — b");
         assert_eq!(p.docs[1].fields["year"], 1791);
         assert_eq!(p.docs[1].fields["party"], "none");
@@ -298,12 +305,21 @@ mod tests {
         assert_eq!(p.docs.len(), 2);
         assert_eq!(p.docs[0].id, "HumanEval/0");
         assert_eq!(p.docs[0].text, "def f():\n    return 1\n");
-        for k in ["task_id", "prompt", "canonical_solution", "test", "entry_point"] {
+        for k in [
+            "task_id",
+            "prompt",
+            "canonical_solution",
+            "test",
+            "entry_point",
+        ] {
             assert!(p.docs[0].fields.contains_key(k), "{k}");
         }
         let bad = gz(br#"{"task_id": "HumanEval/0"}"#);
         let msg = parse_humaneval(&bad, "he.gz").unwrap_err().to_string();
-        assert!(msg.contains("he.gz: line 1") && msg.contains("prompt"), "{msg}");
+        assert!(
+            msg.contains("he.gz: line 1") && msg.contains("prompt"),
+            "{msg}"
+        );
         assert!(parse_humaneval(b"not gzip", "he.gz").is_err());
     }
 
@@ -328,10 +344,19 @@ mod tests {
         w("latin1.py", b"caf\xe9\n");
         w("big.py", &vec![b'#'; (1 << 20) + 1]);
         w("unittest/case.py", b"c\n");
+        w("email/mime/__init__.py", b"\n");
         let p = collect_python(d.path()).unwrap();
         let ids: Vec<_> = p.docs.iter().map(|d| d.id.as_str()).collect();
-        assert_eq!(ids, ["json/__init__.py", "json/decoder.py", "os.py", "unittest/case.py"]);
+        assert_eq!(
+            ids,
+            [
+                "json/__init__.py",
+                "json/decoder.py",
+                "os.py",
+                "unittest/case.py"
+            ]
+        );
         assert_eq!(p.docs[2].text, "import sys\n");
-        assert_eq!(p.skipped.len(), 2);
+        assert_eq!(p.skipped.len(), 3);
     }
 }
