@@ -26,3 +26,19 @@ pub fn smollm2_gguf() -> PathBuf {
     })
     .clone()
 }
+
+/// SmolLM2 loaded from its GGUF (f32 weights), once per test process.
+pub fn smollm2() -> &'static lacuna_model::Checkpoint {
+    static CK: OnceLock<lacuna_model::Checkpoint> = OnceLock::new();
+    CK.get_or_init(|| {
+        let path = smollm2_gguf();
+        lacuna_model::Checkpoint::open(&path).unwrap_or_else(|e| panic!("loading {}: {e}", path.display()))
+    })
+}
+
+/// Reads a little-endian f32 fixture file.
+pub fn read_f32(path: &std::path::Path) -> Vec<f32> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert_eq!(bytes.len() % 4, 0, "{}: not a whole number of f32", path.display());
+    bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
