@@ -4,6 +4,7 @@
 //! kernel's internals. `unsafe` lives only inside this crate, each block with a `// SAFETY:` line.
 
 pub mod ggml;
+pub mod mmap;
 
 /// Errors raised by kernels and format conversions: always a caller's shape or data problem.
 #[derive(Debug, thiserror::Error)]

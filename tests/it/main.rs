@@ -1,2 +1,2 @@
-
+mod gguf;
 mod tokenizer;
