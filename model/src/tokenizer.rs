@@ -26,7 +26,6 @@ use tokenizers::{
     SplitDelimiterBehavior,
 };
 
-#[cfg(any())] // TEMP-GGUF
 use crate::gguf::{GgufFile, MetaValue};
 use crate::{Error, Result};
 
@@ -99,7 +98,6 @@ fn tok_err(e: impl std::fmt::Display) -> Error {
     Error::Tokenizer(e.to_string())
 }
 
-#[cfg(any())] // TEMP-GGUF
 impl GgufVocab {
     /// Reads the tokenizer keys of `file`; a key of the wrong type is an error naming the file.
     pub(crate) fn from_gguf(file: &GgufFile) -> Result<Self> {
@@ -206,7 +204,6 @@ impl GgufVocab {
     }
 }
 
-#[cfg(any())] // TEMP-GGUF
 fn meta_int(v: &MetaValue) -> Option<i64> {
     match *v {
         MetaValue::U8(x) => Some(x.into()),
@@ -366,7 +363,6 @@ fn bos_eos_processor(
 }
 
 impl Tokenizer {
-    #[cfg(any())] // TEMP-GGUF
     /// Builds the tokenizer a GGUF file describes (`tokenizer.ggml.model` "gpt2" or "llama").
     pub fn from_gguf(file: &GgufFile) -> Result<Self> {
         let vocab = GgufVocab::from_gguf(file)?;
