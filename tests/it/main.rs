@@ -1,5 +1,7 @@
 //! Lacuna's integration tests: one binary, one module per topic.
 
 mod data;
+mod gguf;
 mod hf;
 mod reference;
+mod tokenizer;
