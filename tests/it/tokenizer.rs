@@ -55,25 +55,14 @@ fn gguf_ids_match_reference() {
     assert!(fx.samples.len() >= 30);
     let tok = smollm2();
     let bad = mismatches(&tok, &fx);
-    assert!(
-        bad.is_empty(),
-        "{} of {} samples differ:\n{}",
-        bad.len(),
-        fx.samples.len(),
-        bad.join("\n")
-    );
+    assert!(bad.is_empty(), "{} of {} samples differ:\n{}", bad.len(), fx.samples.len(), bad.join("\n"));
     assert_eq!(tok.vocab_size(), fx.vocab_size);
 }
 
 #[test]
 fn the_is_one_token() {
     let fx = fixture();
-    let reference = &fx
-        .samples
-        .iter()
-        .find(|s| s.text == "The")
-        .expect("\"The\" sample")
-        .ids;
+    let reference = &fx.samples.iter().find(|s| s.text == "The").expect("\"The\" sample").ids;
     assert_eq!(reference.len(), 1);
     assert_eq!(smollm2().encode("The", true).unwrap(), *reference);
 }
@@ -88,14 +77,8 @@ fn special_tokens_and_flags() {
     assert!(tok.eos_ids().contains(&im_end));
     assert_eq!(tok.bos_id(), tok.token_to_id("<|im_start|>"));
     // SmolLM2 adds no BOS: with and without special tokens give the same ids.
-    assert_eq!(
-        tok.encode("hi there", true).unwrap(),
-        tok.encode("hi there", false).unwrap()
-    );
-    assert_eq!(
-        tok.encode("<|im_start|>", false).unwrap(),
-        vec![tok.bos_id().unwrap()]
-    );
+    assert_eq!(tok.encode("hi there", true).unwrap(), tok.encode("hi there", false).unwrap());
+    assert_eq!(tok.encode("<|im_start|>", false).unwrap(), vec![tok.bos_id().unwrap()]);
 }
 
 #[test]
@@ -104,24 +87,14 @@ fn decode_round_trips() {
     let tok = smollm2();
     for s in &fx.samples {
         let ids = tok.encode(&s.text, true).unwrap();
-        assert_eq!(
-            tok.decode(&ids, false).unwrap(),
-            s.text,
-            "decode(encode({:?}))",
-            s.text
-        );
+        assert_eq!(tok.decode(&ids, false).unwrap(), s.text, "decode(encode({:?}))", s.text);
         // Streaming gives the same text as a whole decode (special tokens skipped), piece by piece.
         let mut stream = DecodeStream::new(&tok);
         let mut streamed = String::new();
         for &id in &ids {
             streamed.push_str(&stream.push(id).unwrap());
         }
-        assert_eq!(
-            streamed,
-            tok.decode(&ids, true).unwrap(),
-            "streamed {:?}",
-            s.text
-        );
+        assert_eq!(streamed, tok.decode(&ids, true).unwrap(), "streamed {:?}", s.text);
     }
 }
 
@@ -137,12 +110,7 @@ fn hf_dir_round_trip() {
     }
     let back = Tokenizer::from_hf_dir(dir.path()).unwrap();
     let bad = mismatches(&back, &fx);
-    assert!(
-        bad.is_empty(),
-        "{} samples differ after save_hf/from_hf_dir:\n{}",
-        bad.len(),
-        bad.join("\n")
-    );
+    assert!(bad.is_empty(), "{} samples differ after save_hf/from_hf_dir:\n{}", bad.len(), bad.join("\n"));
     assert_eq!(back.vocab_size(), tok.vocab_size());
     assert_eq!(back.bos_id(), tok.bos_id());
     assert_eq!(back.eos_ids(), tok.eos_ids());
@@ -156,14 +124,8 @@ fn chat_renders_match_reference() {
     let tok = smollm2();
     let template = ChatTemplate::from_tokenizer(&tok).unwrap();
     for c in &fx.chats {
-        let got = template
-            .render(&c.messages, c.add_generation_prompt)
-            .unwrap();
-        assert_eq!(
-            got, c.rendered,
-            "messages {:?}, add_generation_prompt {}",
-            c.messages, c.add_generation_prompt
-        );
+        let got = template.render(&c.messages, c.add_generation_prompt).unwrap();
+        assert_eq!(got, c.rendered, "messages {:?}, add_generation_prompt {}", c.messages, c.add_generation_prompt);
     }
     // The rendered prompt tokenizes with the turn markers as single ids.
     let prompt = template.render(&fx.chats[0].messages, true).unwrap();
@@ -194,22 +156,9 @@ fn tiny_spm_gguf_matches_sentencepiece() {
     for s in &fx.samples {
         let got = tok.encode(&s.text, true).unwrap();
         if got != s.ids {
-            bad.push(format!(
-                "{:?}: got {got:?}, sentencepiece {:?}",
-                s.text, s.ids
-            ));
+            bad.push(format!("{:?}: got {got:?}, sentencepiece {:?}", s.text, s.ids));
         }
-        assert_eq!(
-            tok.decode(&got, true).unwrap(),
-            s.text,
-            "decode(encode({:?}))",
-            s.text
-        );
+        assert_eq!(tok.decode(&got, true).unwrap(), s.text, "decode(encode({:?}))", s.text);
     }
-    assert!(
-        bad.is_empty(),
-        "{} samples differ:\n{}",
-        bad.len(),
-        bad.join("\n")
-    );
+    assert!(bad.is_empty(), "{} samples differ:\n{}", bad.len(), bad.join("\n"));
 }

@@ -17,9 +17,7 @@ pub fn smollm2_gguf() -> PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
     PATH.get_or_init(|| {
         let cache = lacuna_data::Cache::from_env().unwrap_or_else(|e| panic!("{e}"));
-        match lacuna_data::fetch_model(&cache, "smollm2-135m", &|msg| {
-            eprintln!("smollm2-135m: {msg}")
-        }) {
+        match lacuna_data::fetch_model(&cache, "smollm2-135m", &|msg| eprintln!("smollm2-135m: {msg}")) {
             Ok(model) => model.path,
             Err(e) => panic!("cannot fetch smollm2-135m: {e}"),
         }
