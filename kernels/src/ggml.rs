@@ -195,27 +195,21 @@ impl GgmlType {
     /// Bytes holding `n` elements; `n` must be a whole number of blocks.
     pub fn row_bytes(self, n: usize) -> Result<usize> {
         let (bs, ts) = self.layout();
-        if n % bs != 0 {
+        if !n.is_multiple_of(bs) {
             return Err(KernelError::Shape(format!(
                 "{n} elements is not a whole number of {} blocks of {bs}",
                 self.name()
             )));
         }
-        (n / bs).checked_mul(ts).ok_or_else(|| {
-            KernelError::Shape(format!(
-                "{n} {} elements overflow the address space",
-                self.name()
-            ))
-        })
+        (n / bs)
+            .checked_mul(ts)
+            .ok_or_else(|| KernelError::Shape(format!("{n} {} elements overflow the address space", self.name())))
     }
 
     /// Whether [`dequantize`] supports this type.
     pub fn can_dequantize(self) -> bool {
         use GgmlType::*;
-        matches!(
-            self,
-            F32 | F16 | BF16 | Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q2K | Q3K | Q4K | Q5K | Q6K | Q8K
-        )
+        matches!(self, F32 | F16 | BF16 | Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q2K | Q3K | Q4K | Q5K | Q6K | Q8K)
     }
 }
 
@@ -244,12 +238,8 @@ pub fn dequantize(ty: GgmlType, data: &[u8], out: &mut [f32]) -> Result<()> {
     }
     match ty {
         F32 => run::<4, 1>(data, out, |b, y| y[0] = f32::from_le_bytes(*b)),
-        F16 => run::<2, 1>(data, out, |b, y| {
-            y[0] = half::f16::from_le_bytes(*b).to_f32()
-        }),
-        BF16 => run::<2, 1>(data, out, |b, y| {
-            y[0] = f32::from_bits((u16::from_le_bytes(*b) as u32) << 16)
-        }),
+        F16 => run::<2, 1>(data, out, |b, y| y[0] = half::f16::from_le_bytes(*b).to_f32()),
+        BF16 => run::<2, 1>(data, out, |b, y| y[0] = f32::from_bits((u16::from_le_bytes(*b) as u32) << 16)),
         Q4_0 => run(data, out, block_q4_0),
         Q4_1 => run(data, out, block_q4_1),
         Q5_0 => run(data, out, block_q5_0),
@@ -289,9 +279,7 @@ fn run<const TS: usize, const BS: usize>(
     };
     if n >= PAR_MIN_ELEMS {
         let per_task = (TASK_ELEMS / BS).max(1);
-        src.par_chunks(per_task)
-            .zip(dst.par_chunks_mut(per_task))
-            .for_each(|(s, d)| seq(s, d));
+        src.par_chunks(per_task).zip(dst.par_chunks_mut(per_task)).for_each(|(s, d)| seq(s, d));
     } else {
         seq(src, dst);
     }
@@ -511,6 +499,7 @@ fn block_q8_k(b: &[u8; 292], y: &mut [f32; QK_K]) {
 }
 
 #[cfg(test)]
+#[allow(clippy::needless_range_loop)] // tests spell out the block layouts index by index
 mod tests {
     use super::*;
     use half::f16;
@@ -548,11 +537,7 @@ mod tests {
             (39, "MXFP4"),
         ];
         for (v, name) in expect {
-            assert_eq!(
-                GgmlType::from_u32(v).map(GgmlType::name),
-                Some(name),
-                "type {v}"
-            );
+            assert_eq!(GgmlType::from_u32(v).map(GgmlType::name), Some(name), "type {v}");
         }
         for v in [4, 5, 31, 32, 33, 36, 37, 38, 42, 1000] {
             assert_eq!(GgmlType::from_u32(v), None, "type {v}");
@@ -563,14 +548,8 @@ mod tests {
     fn row_bytes_checks_blocks() {
         assert_eq!(GgmlType::Q4K.row_bytes(512).unwrap(), 288);
         assert_eq!(GgmlType::F16.row_bytes(3).unwrap(), 6);
-        assert!(matches!(
-            GgmlType::Q8_0.row_bytes(33),
-            Err(KernelError::Shape(_))
-        ));
-        assert!(matches!(
-            GgmlType::F64.row_bytes(usize::MAX),
-            Err(KernelError::Shape(_))
-        ));
+        assert!(matches!(GgmlType::Q8_0.row_bytes(33), Err(KernelError::Shape(_))));
+        assert!(matches!(GgmlType::F64.row_bytes(usize::MAX), Err(KernelError::Shape(_))));
     }
 
     #[test]
@@ -581,26 +560,17 @@ mod tests {
         let e = dequantize(GgmlType::Q4_0, &[0u8; 18], &mut out[..31]).unwrap_err();
         assert!(matches!(e, KernelError::Shape(_)), "{e}");
         let e = dequantize(GgmlType::IQ2_XXS, &[0u8; 66], &mut [0f32; 256]).unwrap_err();
-        assert!(
-            matches!(&e, KernelError::Unsupported(m) if m.contains("IQ2_XXS")),
-            "{e}"
-        );
+        assert!(matches!(&e, KernelError::Unsupported(m) if m.contains("IQ2_XXS")), "{e}");
     }
 
     #[test]
     fn scalars() {
-        let data: Vec<u8> = [1.5f32, -2.25]
-            .iter()
-            .flat_map(|x| x.to_le_bytes())
-            .collect();
+        let data: Vec<u8> = [1.5f32, -2.25].iter().flat_map(|x| x.to_le_bytes()).collect();
         assert_eq!(deq(GgmlType::F32, &data, 2), [1.5, -2.25]);
         let data: Vec<u8> = [0.5f32, -3.0, 65504.0].iter().flat_map(|&x| h(x)).collect();
         assert_eq!(deq(GgmlType::F16, &data, 3), [0.5, -3.0, 65504.0]);
         // bf16 is the top half of the f32: 1.0 = 0x3F80, -2.5 = 0xC020.
-        assert_eq!(
-            deq(GgmlType::BF16, &[0x80, 0x3F, 0x20, 0xC0], 2),
-            [1.0, -2.5]
-        );
+        assert_eq!(deq(GgmlType::BF16, &[0x80, 0x3F, 0x20, 0xC0], 2), [1.0, -2.5]);
     }
 
     #[test]
@@ -699,7 +669,7 @@ mod tests {
             b[32 + i] = (i as u8).wrapping_mul(29);
         }
         // Scales: 6-bit value s_i = 32 + (i - 8) (signed scale i - 8).
-        let raw: Vec<u8> = (0..16).map(|i| (32 + i as i32 - 8) as u8).collect();
+        let raw: Vec<u8> = (0..16u8).map(|i| 24 + i).collect();
         for i in 0..16 {
             b[96 + i % 8] |= (raw[i] & 0x0F) << (4 * (i / 8));
             b[96 + 8 + i % 4] |= (raw[i] >> 4) << (2 * (i / 4));
@@ -782,8 +752,7 @@ mod tests {
                 let (q0, q1, q2, q3) = (q[base], q[base + 32], q[base + 64], q[base + 96]);
                 b[64 * n + l] = (q0 & 15) | ((q2 & 15) << 4);
                 b[64 * n + 32 + l] = (q1 & 15) | ((q3 & 15) << 4);
-                b[128 + 32 * n + l] =
-                    (q0 >> 4) | ((q1 >> 4) << 2) | ((q2 >> 4) << 4) | ((q3 >> 4) << 6);
+                b[128 + 32 * n + l] = (q0 >> 4) | ((q1 >> 4) << 2) | ((q2 >> 4) << 4) | ((q3 >> 4) << 6);
             }
         }
         for g in 0..16 {

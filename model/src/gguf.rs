@@ -8,7 +8,7 @@
 //! Everything read from the file is bounds-checked: a malformed or truncated file gives an
 //! [`Error::Gguf`] naming the file and the problem, never a panic or an out-of-bounds read.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -135,12 +135,7 @@ impl GgufFile {
         let map = map_file(&path).map_err(|e| Error::io(&path, e))?;
         match parse(&map) {
             Ok(h) => {
-                let by_name = h
-                    .tensors
-                    .iter()
-                    .enumerate()
-                    .map(|(i, t)| (t.name.clone(), i))
-                    .collect();
+                let by_name = h.tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
                 Ok(GgufFile {
                     map: Arc::new(map),
                     path,
@@ -186,9 +181,7 @@ impl GgufFile {
     /// (only possible for an info that did not come from this file).
     pub fn tensor_range(&self, info: &GgufTensorInfo) -> Option<Range<usize>> {
         let nbytes = info.ty.row_bytes(info.n_elements()).ok()?;
-        let start = usize::try_from(info.offset)
-            .ok()?
-            .checked_add(self.data_offset)?;
+        let start = usize::try_from(info.offset).ok()?.checked_add(self.data_offset)?;
         let end = start.checked_add(nbytes)?;
         (end <= self.map.len()).then_some(start..end)
     }
@@ -196,16 +189,12 @@ impl GgufFile {
     /// The tensor's raw GGML bytes, borrowed from the map. Infos from this file are validated at
     /// open; for a foreign info that does not fit, this is empty.
     pub fn tensor_bytes(&self, info: &GgufTensorInfo) -> &[u8] {
-        self.tensor_range(info)
-            .and_then(|r| self.map.get(r))
-            .unwrap_or(&[])
+        self.tensor_range(info).and_then(|r| self.map.get(r)).unwrap_or(&[])
     }
 
     /// Dequantize tensor `name` to row-major f32 of shape `info.shape()`.
     pub fn dequantize(&self, name: &str) -> Result<Vec<f32>> {
-        let info = self
-            .tensor(name)
-            .ok_or_else(|| self.err(format!("no tensor named '{name}'")))?;
+        let info = self.tensor(name).ok_or_else(|| self.err(format!("no tensor named '{name}'")))?;
         let mut out = vec![0f32; info.n_elements()];
         ggml::dequantize(info.ty, self.tensor_bytes(info), &mut out)
             .map_err(|e| self.err(format!("tensor '{name}': {e}")))?;
@@ -217,28 +206,20 @@ impl GgufFile {
     }
 
     fn err(&self, msg: String) -> Error {
-        Error::Gguf {
-            path: self.path.clone(),
-            msg,
-        }
+        Error::Gguf { path: self.path.clone(), msg }
     }
 
     fn require(&self, key: &str) -> Result<&MetaValue> {
-        self.get(key)
-            .ok_or_else(|| self.err(format!("missing metadata key '{key}'")))
+        self.get(key).ok_or_else(|| self.err(format!("missing metadata key '{key}'")))
     }
 
     /// Integer metadata of any integer type whose value fits in u32.
     pub fn get_u32(&self, key: &str) -> Result<u32> {
         let v = self.require(key)?;
-        let i = v.as_i128().ok_or_else(|| {
-            self.err(format!(
-                "metadata key '{key}' is {}, expected an integer",
-                v.type_name()
-            ))
-        })?;
-        u32::try_from(i)
-            .map_err(|_| self.err(format!("metadata key '{key}' = {i} does not fit in u32")))
+        let i = v
+            .as_i128()
+            .ok_or_else(|| self.err(format!("metadata key '{key}' is {}, expected an integer", v.type_name())))?;
+        u32::try_from(i).map_err(|_| self.err(format!("metadata key '{key}' = {i} does not fit in u32")))
     }
 
     /// Float metadata stored as f32 or f64.
@@ -246,20 +227,14 @@ impl GgufFile {
         match self.require(key)? {
             MetaValue::F32(v) => Ok(*v),
             MetaValue::F64(v) => Ok(*v as f32),
-            v => Err(self.err(format!(
-                "metadata key '{key}' is {}, expected a float",
-                v.type_name()
-            ))),
+            v => Err(self.err(format!("metadata key '{key}' is {}, expected a float", v.type_name()))),
         }
     }
 
     pub fn get_str(&self, key: &str) -> Result<&str> {
         match self.require(key)? {
             MetaValue::String(s) => Ok(s),
-            v => Err(self.err(format!(
-                "metadata key '{key}' is {}, expected a string",
-                v.type_name()
-            ))),
+            v => Err(self.err(format!("metadata key '{key}' is {}, expected a string", v.type_name()))),
         }
     }
 }
@@ -287,9 +262,7 @@ fn parse(buf: &[u8]) -> Result<Parsed, String> {
         1 => return Err("unsupported GGUF version 1 (only v2 and v3 are supported)".into()),
         v if v.swap_bytes() <= 3 => return Err("big-endian GGUF files are not supported".into()),
         v => {
-            return Err(format!(
-                "unsupported GGUF version {v} (only v2 and v3 are supported)"
-            ));
+            return Err(format!("unsupported GGUF version {v} (only v2 and v3 are supported)"));
         }
     }
     let n_tensors = r.u64("tensor count")?;
@@ -299,25 +272,19 @@ fn parse(buf: &[u8]) -> Result<Parsed, String> {
 
     let mut metadata = BTreeMap::new();
     for i in 0..n_kv {
-        let key = r
-            .string()
-            .map_err(|e| format!("metadata entry #{i}: key: {e}"))?;
-        let value = r
-            .u32("value type")
-            .and_then(|t| r.value(t, 0))
-            .map_err(|e| format!("metadata key '{key}': {e}"))?;
+        let key = r.string().map_err(|e| format!("metadata entry #{i}: key: {e}"))?;
+        let value =
+            r.u32("value type").and_then(|t| r.value(t, 0)).map_err(|e| format!("metadata key '{key}': {e}"))?;
         if metadata.insert(key.clone(), value).is_some() {
             return Err(format!("duplicate metadata key '{key}'"));
         }
     }
 
     let mut tensors = Vec::with_capacity(n_tensors as usize);
-    let mut seen = HashMap::with_capacity(n_tensors as usize);
+    let mut seen = HashSet::with_capacity(n_tensors as usize);
     for i in 0..n_tensors {
-        let info = r
-            .tensor_info()
-            .map_err(|e| format!("tensor info #{i}: {e}"))?;
-        if seen.insert(info.name.clone(), ()).is_some() {
+        let info = r.tensor_info().map_err(|e| format!("tensor info #{i}: {e}"))?;
+        if !seen.insert(info.name.clone()) {
             return Err(format!("duplicate tensor name '{}'", info.name));
         }
         tensors.push(info);
@@ -328,9 +295,7 @@ fn parse(buf: &[u8]) -> Result<Parsed, String> {
         Some(v) => match v.as_i128() {
             Some(a) if a > 0 && a <= u32::MAX as i128 && (a as u64).is_power_of_two() => a as u64,
             _ => {
-                return Err(format!(
-                    "general.alignment must be a power-of-two u32, got {v:?}"
-                ));
+                return Err(format!("general.alignment must be a power-of-two u32, got {v:?}"));
             }
         },
     };
@@ -339,15 +304,13 @@ fn parse(buf: &[u8]) -> Result<Parsed, String> {
 
     for t in &tensors {
         let bytes = tensor_nbytes(t).map_err(|e| format!("tensor '{}': {e}", t.name))?;
-        if t.offset % alignment != 0 {
+        if !t.offset.is_multiple_of(alignment) {
             return Err(format!(
                 "tensor '{}': data offset {} is not a multiple of the alignment {alignment}",
                 t.name, t.offset
             ));
         }
-        let end = data_offset
-            .checked_add(t.offset)
-            .and_then(|s| s.checked_add(bytes));
+        let end = data_offset.checked_add(t.offset).and_then(|s| s.checked_add(bytes));
         if end.is_none_or(|end| end > file_len) {
             return Err(format!(
                 "tensor '{}' ({}, {bytes} bytes at file offset {}) runs past the end of the file \
@@ -359,34 +322,22 @@ fn parse(buf: &[u8]) -> Result<Parsed, String> {
         }
     }
 
-    Ok(Parsed {
-        version,
-        metadata,
-        tensors,
-        data_offset: data_offset as usize,
-    })
+    Ok(Parsed { version, metadata, tensors, data_offset: data_offset as usize })
 }
 
 /// Bytes of a tensor, with its shape validated against the type's block size.
 fn tensor_nbytes(t: &GgufTensorInfo) -> Result<u64, String> {
     let mut n: u64 = 1;
     for &d in &t.dims {
-        n = n
-            .checked_mul(d)
-            .ok_or_else(|| format!("dims {:?} overflow the element count", t.dims))?;
+        n = n.checked_mul(d).ok_or_else(|| format!("dims {:?} overflow the element count", t.dims))?;
     }
     let bs = t.ty.block_size() as u64;
     let row = t.dims.first().copied().unwrap_or(1);
-    if row % bs != 0 {
-        return Err(format!(
-            "row length {row} is not a multiple of the {} block size {bs}",
-            t.ty
-        ));
+    if !row.is_multiple_of(bs) {
+        return Err(format!("row length {row} is not a multiple of the {} block size {bs}", t.ty));
     }
     let n = usize::try_from(n).map_err(|_| format!("{n} elements do not fit in memory"))?;
-    t.ty.row_bytes(n)
-        .map(|b| b as u64)
-        .map_err(|e| e.to_string())
+    t.ty.row_bytes(n).map(|b| b as u64).map_err(|e| e.to_string())
 }
 
 fn check_count(r: &Reader<'_>, n: u64, min_bytes: usize, what: &str) -> Result<(), String> {
@@ -411,17 +362,13 @@ impl<'a> Reader<'a> {
     }
 
     fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], String> {
-        let end = self
-            .pos
-            .checked_add(n)
-            .filter(|&e| e <= self.buf.len())
-            .ok_or_else(|| {
-                format!(
-                    "{what} ({n} bytes at offset {}) runs past the end of the file ({} bytes)",
-                    self.pos,
-                    self.buf.len()
-                )
-            })?;
+        let end = self.pos.checked_add(n).filter(|&e| e <= self.buf.len()).ok_or_else(|| {
+            format!(
+                "{what} ({n} bytes at offset {}) runs past the end of the file ({} bytes)",
+                self.pos,
+                self.buf.len()
+            )
+        })?;
         let s = self.buf.get(self.pos..end).unwrap_or(&[]);
         self.pos = end;
         Ok(s)
@@ -451,8 +398,7 @@ impl<'a> Reader<'a> {
             ));
         }
         let bytes = self.take(len as usize, "string")?;
-        String::from_utf8(bytes.to_vec())
-            .map_err(|e| format!("string at offset {at} is not UTF-8: {e}"))
+        String::from_utf8(bytes.to_vec()).map_err(|e| format!("string at offset {at} is not UTF-8: {e}"))
     }
 
     fn value(&mut self, ty: u32, depth: usize) -> Result<MetaValue, String> {
@@ -468,10 +414,7 @@ impl<'a> Reader<'a> {
                 [0] => MetaValue::Bool(false),
                 [1] => MetaValue::Bool(true),
                 [b] => {
-                    return Err(format!(
-                        "bool byte {b} at offset {} is neither 0 nor 1",
-                        self.pos - 1
-                    ));
+                    return Err(format!("bool byte {b} at offset {} is neither 0 nor 1", self.pos - 1));
                 }
             },
             8 => MetaValue::String(self.string()?),
@@ -498,10 +441,7 @@ impl<'a> Reader<'a> {
                 }
                 let mut v = Vec::with_capacity((n as usize).min(1 << 16));
                 for i in 0..n {
-                    v.push(
-                        self.value(elem, depth + 1)
-                            .map_err(|e| format!("array element {i}: {e}"))?,
-                    );
+                    v.push(self.value(elem, depth + 1).map_err(|e| format!("array element {i}: {e}"))?);
                 }
                 MetaValue::Array(v)
             }
@@ -517,24 +457,16 @@ impl<'a> Reader<'a> {
         let ctx = |e: String| format!("tensor '{name}': {e}");
         let n_dims = self.u32("dimension count").map_err(ctx)?;
         if n_dims > MAX_DIMS {
-            return Err(ctx(format!(
-                "{n_dims} dimensions (ggml supports at most {MAX_DIMS})"
-            )));
+            return Err(ctx(format!("{n_dims} dimensions (ggml supports at most {MAX_DIMS})")));
         }
         let mut dims = Vec::with_capacity(n_dims as usize);
         for _ in 0..n_dims {
             dims.push(self.u64("dimension").map_err(ctx)?);
         }
         let t = self.u32("type").map_err(ctx)?;
-        let ty =
-            GgmlType::from_u32(t).ok_or_else(|| ctx(format!("unknown GGML tensor type {t}")))?;
+        let ty = GgmlType::from_u32(t).ok_or_else(|| ctx(format!("unknown GGML tensor type {t}")))?;
         let offset = self.u64("data offset").map_err(ctx)?;
-        Ok(GgufTensorInfo {
-            name,
-            dims,
-            ty,
-            offset,
-        })
+        Ok(GgufTensorInfo { name, dims, ty, offset })
     }
 }
 
@@ -603,15 +535,9 @@ mod tests {
         assert_eq!(p.version, 2);
         assert_eq!(p.data_offset, data_at);
         use MetaValue::*;
-        assert_eq!(
-            p.metadata["nested"],
-            Array(vec![Array(vec![U16(1), U16(2)]), Array(vec![U16(3)])])
-        );
+        assert_eq!(p.metadata["nested"], Array(vec![Array(vec![U16(1), U16(2)]), Array(vec![U16(3)])]));
         let t = &p.tensors[0];
-        assert_eq!(
-            (t.shape(), t.n_elements(), t.ty),
-            (vec![3, 2], 6, GgmlType::F32)
-        );
+        assert_eq!((t.shape(), t.n_elements(), t.ty), (vec![3, 2], 6, GgmlType::F32));
     }
 
     #[test]
@@ -640,10 +566,7 @@ mod tests {
         assert!(e.contains("nested deeper"), "{e}");
 
         let e = parse_err(&W::new(3, u64::MAX, 0).0);
-        assert!(
-            e.contains("tensor count") && e.contains("impossible"),
-            "{e}"
-        );
+        assert!(e.contains("tensor count") && e.contains("impossible"), "{e}");
         let e = parse_err(&W::new(1, 0, 0).0);
         assert!(e.contains("version 1"), "{e}");
         let e = parse_err(&W::new(3u32.swap_bytes(), 0, 0).0);

@@ -21,23 +21,12 @@ fn expected() -> Value {
 
 fn expected_values(entry: &Value) -> Vec<f32> {
     let bytes = std::fs::read(lacuna_tests::fixtures_dir().join("ggml_expected.f32.bin")).unwrap();
-    let (off, n) = (
-        entry["offset"].as_u64().unwrap() as usize,
-        entry["count"].as_u64().unwrap() as usize,
-    );
-    bytes[off * 4..(off + n) * 4]
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect()
+    let (off, n) = (entry["offset"].as_u64().unwrap() as usize, entry["count"].as_u64().unwrap() as usize);
+    bytes[off * 4..(off + n) * 4].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
 }
 
 fn shape_of(entry: &Value) -> Vec<usize> {
-    entry["shape"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| d.as_u64().unwrap() as usize)
-        .collect()
+    entry["shape"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect()
 }
 
 /// The typed JSON the fixture script wrote (`{"type": "u32", "value": ...}`) as a MetaValue.
@@ -82,12 +71,7 @@ fn fixture_metadata_equals_what_gguf_py_wrote() {
     for (k, v) in meta {
         assert_eq!(f.get(k), Some(&meta_from_json(v)), "metadata key {k}");
     }
-    assert_eq!(
-        f.metadata().len(),
-        meta.len(),
-        "keys: {:?}",
-        f.metadata().keys().collect::<Vec<_>>()
-    );
+    assert_eq!(f.metadata().len(), meta.len(), "keys: {:?}", f.metadata().keys().collect::<Vec<_>>());
 
     assert_eq!(f.get_u32("test.u32").unwrap(), 4_000_000_000);
     assert_eq!(f.get_u32("test.u8").unwrap(), 200);
@@ -103,21 +87,12 @@ fn fixture_metadata_equals_what_gguf_py_wrote() {
         ("no.such.key", "missing metadata key"),
     ] {
         let e = f.get_u32(key).unwrap_err().to_string();
-        assert!(
-            e.contains(&path) && e.contains(key) && e.contains(problem),
-            "{e}"
-        );
+        assert!(e.contains(&path) && e.contains(key) && e.contains(problem), "{e}");
     }
     let e = f.get_str("test.bool").unwrap_err().to_string();
-    assert!(
-        e.contains("test.bool") && e.contains("expected a string"),
-        "{e}"
-    );
+    assert!(e.contains("test.bool") && e.contains("expected a string"), "{e}");
     let e = f.get_f32("test.i32").unwrap_err().to_string();
-    assert!(
-        e.contains("test.i32") && e.contains("expected a float"),
-        "{e}"
-    );
+    assert!(e.contains("test.i32") && e.contains("expected a float"), "{e}");
 }
 
 #[test]
@@ -129,15 +104,10 @@ fn fixture_dequantizes_bit_exactly_like_gguf_py() {
     let mut types = Vec::new();
     for e in entries {
         let name = e["name"].as_str().unwrap();
-        let info = f
-            .tensor(name)
-            .unwrap_or_else(|| panic!("tensor {name} missing"));
+        let info = f.tensor(name).unwrap_or_else(|| panic!("tensor {name} missing"));
         assert_eq!(info.ty.name(), e["type"].as_str().unwrap(), "{name}");
         assert_eq!(info.shape(), shape_of(e), "{name}");
-        assert_eq!(
-            f.tensor_bytes(info).len(),
-            info.ty.row_bytes(info.n_elements()).unwrap()
-        );
+        assert_eq!(f.tensor_bytes(info).len(), info.ty.row_bytes(info.n_elements()).unwrap());
         let got = f.dequantize(name).unwrap();
         let bad = bit_mismatches(&got, &expected_values(e));
         assert!(
@@ -151,9 +121,7 @@ fn fixture_dequantizes_bit_exactly_like_gguf_py() {
         types.push(info.ty);
     }
     use GgmlType::*;
-    for ty in [
-        F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2K, Q3K, Q4K, Q5K, Q6K,
-    ] {
+    for ty in [F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2K, Q3K, Q4K, Q5K, Q6K] {
         assert!(types.contains(&ty), "fixture lacks a {ty} tensor");
     }
     // GGML dims are reversed relative to the row-major shape.
@@ -183,10 +151,7 @@ fn smollm2_gguf_structure() {
     assert_eq!((emb.ty, emb.shape()), (GgmlType::Q8_0, vec![49152, 576]));
     let q = f.tensor("blk.0.attn_q.weight").unwrap();
     assert_eq!((q.ty, q.shape()), (GgmlType::Q4_1, vec![576, 576]));
-    assert_eq!(
-        f.tensor("blk.0.attn_norm.weight").unwrap().ty,
-        GgmlType::F32
-    );
+    assert_eq!(f.tensor("blk.0.attn_norm.weight").unwrap().ty, GgmlType::F32);
     match f.get("tokenizer.ggml.tokens") {
         Some(MetaValue::Array(t)) => assert_eq!(t.len(), 49152),
         other => panic!("tokenizer.ggml.tokens: {other:?}"),
@@ -198,9 +163,7 @@ fn smollm2_dequantizes_like_gguf_py() {
     let exp = expected();
     let f = GgufFile::open(lacuna_tests::smollm2_gguf()).unwrap();
     let entries = exp["model"]["tensors"].as_array().unwrap();
-    assert!(
-        entries.iter().any(|e| e["type"] == "Q4_1") && entries.iter().any(|e| e["type"] == "Q8_0")
-    );
+    assert!(entries.iter().any(|e| e["type"] == "Q4_1") && entries.iter().any(|e| e["type"] == "Q8_0"));
     for e in entries {
         let name = e["name"].as_str().unwrap();
         let info = f.tensor(name).unwrap();
@@ -208,11 +171,7 @@ fn smollm2_dequantizes_like_gguf_py() {
         let got = f.dequantize(name).unwrap();
         let want = expected_values(e);
         let bad = bit_mismatches(&got[..want.len()], &want);
-        assert!(
-            bad.is_empty(),
-            "{name}: first rows differ at {:?}",
-            &bad[..bad.len().min(5)]
-        );
+        assert!(bad.is_empty(), "{name}: first rows differ at {:?}", &bad[..bad.len().min(5)]);
         let bytes: Vec<u8> = got.iter().flat_map(|x| x.to_le_bytes()).collect();
         let sum: f64 = got.iter().map(|&x| x as f64).sum();
         assert_eq!(
@@ -240,10 +199,7 @@ fn open_err(path: &Path) -> String {
         Ok(_) => panic!("{} opened", path.display()),
         Err(e @ Error::Gguf { .. }) => {
             let msg = e.to_string();
-            assert!(
-                msg.contains(&path.display().to_string()),
-                "message does not name the file: {msg}"
-            );
+            assert!(msg.contains(&path.display().to_string()), "message does not name the file: {msg}");
             msg
         }
         Err(e) => panic!("expected Error::Gguf, got {e:?}"),
@@ -251,19 +207,9 @@ fn open_err(path: &Path) -> String {
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> usize {
-    let mut hits = hay
-        .windows(needle.len())
-        .enumerate()
-        .filter(|(_, w)| *w == needle)
-        .map(|(i, _)| i);
-    let first = hits
-        .next()
-        .unwrap_or_else(|| panic!("{:?} not in fixture", String::from_utf8_lossy(needle)));
-    assert!(
-        hits.next().is_none(),
-        "{:?} occurs twice",
-        String::from_utf8_lossy(needle)
-    );
+    let mut hits = hay.windows(needle.len()).enumerate().filter(|(_, w)| *w == needle).map(|(i, _)| i);
+    let first = hits.next().unwrap_or_else(|| panic!("{:?} not in fixture", String::from_utf8_lossy(needle)));
+    assert!(hits.next().is_none(), "{:?} occurs twice", String::from_utf8_lossy(needle));
     first
 }
 
@@ -278,17 +224,11 @@ fn find_gguf_string(hay: &[u8], s: &str) -> usize {
 fn truncated_inside_tensor_data() {
     let dir = tempfile::tempdir().unwrap();
     let exp = expected();
-    let last = exp["tensors"].as_array().unwrap().last().unwrap()["name"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let last = exp["tensors"].as_array().unwrap().last().unwrap()["name"].as_str().unwrap().to_owned();
     // The last tensor (6 Q8_0 blocks, 204 bytes) is followed by padding to 64; cut into its data.
     let p = corrupt(dir.path(), "cut_data.gguf", |b| b.truncate(b.len() - 100));
     let msg = open_err(&p);
-    assert!(
-        msg.contains(&format!("tensor '{last}'")) && msg.contains("runs past the end of the file"),
-        "{msg}"
-    );
+    assert!(msg.contains(&format!("tensor '{last}'")) && msg.contains("runs past the end of the file"), "{msg}");
 }
 
 #[test]
@@ -300,10 +240,7 @@ fn truncated_inside_header() {
         b.truncate(at);
     });
     let msg = open_err(&p);
-    assert!(
-        msg.contains("tensor 'q4_k'") && msg.contains("runs past the end of the file"),
-        "{msg}"
-    );
+    assert!(msg.contains("tensor 'q4_k'") && msg.contains("runs past the end of the file"), "{msg}");
     // Inside the fixed header, and an empty file.
     for len in [10, 0] {
         let p = corrupt(dir.path(), &format!("cut_{len}.gguf"), |b| b.truncate(len));
@@ -315,45 +252,30 @@ fn truncated_inside_header() {
 #[test]
 fn wrong_magic() {
     let dir = tempfile::tempdir().unwrap();
-    let p = corrupt(dir.path(), "magic.gguf", |b| {
-        b[..4].copy_from_slice(b"GGML")
-    });
+    let p = corrupt(dir.path(), "magic.gguf", |b| b[..4].copy_from_slice(b"GGML"));
     let msg = open_err(&p);
-    assert!(
-        msg.contains("not a GGUF file") && msg.contains("GGML"),
-        "{msg}"
-    );
+    assert!(msg.contains("not a GGUF file") && msg.contains("GGML"), "{msg}");
 }
 
 #[test]
 fn unsupported_version() {
     let dir = tempfile::tempdir().unwrap();
     for v in [1u32, 4] {
-        let p = corrupt(dir.path(), &format!("v{v}.gguf"), |b| {
-            b[4..8].copy_from_slice(&v.to_le_bytes())
-        });
+        let p = corrupt(dir.path(), &format!("v{v}.gguf"), |b| b[4..8].copy_from_slice(&v.to_le_bytes()));
         let msg = open_err(&p);
-        assert!(
-            msg.contains(&format!("unsupported GGUF version {v}")),
-            "{msg}"
-        );
+        assert!(msg.contains(&format!("unsupported GGUF version {v}")), "{msg}");
     }
 }
 
 #[test]
 fn version_2_is_read_like_3() {
     let dir = tempfile::tempdir().unwrap();
-    let p = corrupt(dir.path(), "v2.gguf", |b| {
-        b[4..8].copy_from_slice(&2u32.to_le_bytes())
-    });
+    let p = corrupt(dir.path(), "v2.gguf", |b| b[4..8].copy_from_slice(&2u32.to_le_bytes()));
     let f = GgufFile::open(&p).unwrap();
     assert_eq!(f.version(), 2);
     let orig = GgufFile::open(fixture()).unwrap();
     assert_eq!(f.metadata(), orig.metadata());
-    assert_eq!(
-        f.dequantize("q6_k").unwrap(),
-        orig.dequantize("q6_k").unwrap()
-    );
+    assert_eq!(f.dequantize("q6_k").unwrap(), orig.dequantize("q6_k").unwrap());
 }
 
 #[test]
@@ -366,9 +288,7 @@ fn string_length_past_eof() {
     });
     let msg = open_err(&p);
     assert!(
-        msg.contains("'test.string'")
-            && msg.contains("string length")
-            && msg.contains("past the end of the file"),
+        msg.contains("'test.string'") && msg.contains("string length") && msg.contains("past the end of the file"),
         "{msg}"
     );
 }
@@ -383,10 +303,7 @@ fn tensor_extent_past_eof() {
         b[at..at + 8].copy_from_slice(&past.to_le_bytes());
     });
     let msg = open_err(&p);
-    assert!(
-        msg.contains("tensor 'q6_k'") && msg.contains("runs past the end of the file"),
-        "{msg}"
-    );
+    assert!(msg.contains("tensor 'q6_k'") && msg.contains("runs past the end of the file"), "{msg}");
 }
 
 #[test]
@@ -398,18 +315,42 @@ fn unknown_tensor_type_and_misaligned_offset() {
         b[at..at + 4].copy_from_slice(&99u32.to_le_bytes());
     });
     let msg = open_err(&p);
-    assert!(
-        msg.contains("tensor 'q6_k'") && msg.contains("unknown GGML tensor type 99"),
-        "{msg}"
-    );
+    assert!(msg.contains("tensor 'q6_k'") && msg.contains("unknown GGML tensor type 99"), "{msg}");
     let p = corrupt(dir.path(), "align.gguf", |b| {
         let at = ty_at(b) + 4;
         let off = u64::from_le_bytes(b[at..at + 8].try_into().unwrap()) + 32;
         b[at..at + 8].copy_from_slice(&off.to_le_bytes());
     });
     let msg = open_err(&p);
-    assert!(
-        msg.contains("tensor 'q6_k'") && msg.contains("not a multiple of the alignment 64"),
-        "{msg}"
-    );
+    assert!(msg.contains("tensor 'q6_k'") && msg.contains("not a multiple of the alignment 64"), "{msg}");
+}
+
+#[test]
+fn no_panic_on_any_truncation_or_header_byte_flip() {
+    let dir = tempfile::tempdir().unwrap();
+    let orig = std::fs::read(fixture()).unwrap();
+    let p = dir.path().join("mangled.gguf");
+    let try_open = |bytes: &[u8]| {
+        std::fs::write(&p, bytes).unwrap();
+        if let Ok(f) = GgufFile::open(&p) {
+            for t in f.tensors() {
+                let _ = f.dequantize(&t.name);
+            }
+        } else {
+            open_err(&p);
+        }
+    };
+    for len in (0..orig.len()).step_by(5) {
+        try_open(&orig[..len]);
+    }
+    // Deterministic pseudo-random single-byte changes inside the header (metadata + tensor infos).
+    let header_len = find_gguf_string(&orig, "q8_0_3d") + 64;
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    for _ in 0..3000 {
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let at = (state >> 33) as usize % header_len;
+        let mut bytes = orig.clone();
+        bytes[at] ^= 1 << ((state >> 20) % 8) as u8 | (state >> 40) as u8;
+        try_open(&bytes);
+    }
 }
