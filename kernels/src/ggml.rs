@@ -195,7 +195,7 @@ impl GgmlType {
     /// Bytes holding `n` elements; `n` must be a whole number of blocks.
     pub fn row_bytes(self, n: usize) -> Result<usize> {
         let (bs, ts) = self.layout();
-        if n % bs != 0 {
+        if !n.is_multiple_of(bs) {
             return Err(KernelError::Shape(format!(
                 "{n} elements is not a whole number of {} blocks of {bs}",
                 self.name()
@@ -499,6 +499,7 @@ fn block_q8_k(b: &[u8; 292], y: &mut [f32; QK_K]) {
 }
 
 #[cfg(test)]
+#[allow(clippy::needless_range_loop)] // tests spell out the block layouts index by index
 mod tests {
     use super::*;
     use half::f16;
@@ -668,7 +669,7 @@ mod tests {
             b[32 + i] = (i as u8).wrapping_mul(29);
         }
         // Scales: 6-bit value s_i = 32 + (i - 8) (signed scale i - 8).
-        let raw: Vec<u8> = (0..16).map(|i| (32 + i as i32 - 8) as u8).collect();
+        let raw: Vec<u8> = (0..16u8).map(|i| 24 + i).collect();
         for i in 0..16 {
             b[96 + i % 8] |= (raw[i] & 0x0F) << (4 * (i / 8));
             b[96 + 8 + i % 4] |= (raw[i] >> 4) << (2 * (i / 4));

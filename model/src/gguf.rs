@@ -8,7 +8,7 @@
 //! Everything read from the file is bounds-checked: a malformed or truncated file gives an
 //! [`Error::Gguf`] naming the file and the problem, never a panic or an out-of-bounds read.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -281,10 +281,10 @@ fn parse(buf: &[u8]) -> Result<Parsed, String> {
     }
 
     let mut tensors = Vec::with_capacity(n_tensors as usize);
-    let mut seen = HashMap::with_capacity(n_tensors as usize);
+    let mut seen = HashSet::with_capacity(n_tensors as usize);
     for i in 0..n_tensors {
         let info = r.tensor_info().map_err(|e| format!("tensor info #{i}: {e}"))?;
-        if seen.insert(info.name.clone(), ()).is_some() {
+        if !seen.insert(info.name.clone()) {
             return Err(format!("duplicate tensor name '{}'", info.name));
         }
         tensors.push(info);
@@ -304,7 +304,7 @@ fn parse(buf: &[u8]) -> Result<Parsed, String> {
 
     for t in &tensors {
         let bytes = tensor_nbytes(t).map_err(|e| format!("tensor '{}': {e}", t.name))?;
-        if t.offset % alignment != 0 {
+        if !t.offset.is_multiple_of(alignment) {
             return Err(format!(
                 "tensor '{}': data offset {} is not a multiple of the alignment {alignment}",
                 t.name, t.offset
@@ -333,7 +333,7 @@ fn tensor_nbytes(t: &GgufTensorInfo) -> Result<u64, String> {
     }
     let bs = t.ty.block_size() as u64;
     let row = t.dims.first().copied().unwrap_or(1);
-    if row % bs != 0 {
+    if !row.is_multiple_of(bs) {
         return Err(format!("row length {row} is not a multiple of the {} block size {bs}", t.ty));
     }
     let n = usize::try_from(n).map_err(|_| format!("{n} elements do not fit in memory"))?;

@@ -324,3 +324,33 @@ fn unknown_tensor_type_and_misaligned_offset() {
     let msg = open_err(&p);
     assert!(msg.contains("tensor 'q6_k'") && msg.contains("not a multiple of the alignment 64"), "{msg}");
 }
+
+#[test]
+fn no_panic_on_any_truncation_or_header_byte_flip() {
+    let dir = tempfile::tempdir().unwrap();
+    let orig = std::fs::read(fixture()).unwrap();
+    let p = dir.path().join("mangled.gguf");
+    let try_open = |bytes: &[u8]| {
+        std::fs::write(&p, bytes).unwrap();
+        if let Ok(f) = GgufFile::open(&p) {
+            for t in f.tensors() {
+                let _ = f.dequantize(&t.name);
+            }
+        } else {
+            open_err(&p);
+        }
+    };
+    for len in (0..orig.len()).step_by(5) {
+        try_open(&orig[..len]);
+    }
+    // Deterministic pseudo-random single-byte changes inside the header (metadata + tensor infos).
+    let header_len = find_gguf_string(&orig, "q8_0_3d") + 64;
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    for _ in 0..3000 {
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let at = (state >> 33) as usize % header_len;
+        let mut bytes = orig.clone();
+        bytes[at] ^= 1 << ((state >> 20) % 8) as u8 | (state >> 40) as u8;
+        try_open(&bytes);
+    }
+}
