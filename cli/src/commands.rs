@@ -99,7 +99,7 @@ fn parse_size(s: &str) -> Result<u64> {
         _ => (s, 1),
     };
     let n: f64 = num.trim().parse().with_context(|| format!("invalid size {s:?} (e.g. 5GB, 500MB)"))?;
-    if !(n > 0.0) {
+    if n.is_nan() || n <= 0.0 {
         bail!("size must be positive, got {s:?}");
     }
     Ok((n * mult as f64) as u64)

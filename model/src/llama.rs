@@ -117,7 +117,11 @@ pub fn gguf_to_hf_name(name: &str) -> Option<String> {
 /// head so that RoPE rotates adjacent pairs): row `h·d + 2i + j` of the GGUF tensor is row
 /// `h·d + j·d/2 + i` of the Hugging Face one.
 pub fn unpermute_qk<T: Copy>(rows_data: &[T], rows: usize, cols: usize, n_head: usize) -> Result<Vec<T>> {
-    if n_head == 0 || rows % n_head != 0 || (rows / n_head) % 2 != 0 || rows_data.len() != rows * cols {
+    if n_head == 0
+        || !rows.is_multiple_of(n_head)
+        || !(rows / n_head).is_multiple_of(2)
+        || rows_data.len() != rows * cols
+    {
         return Err(Error::Invalid(format!("cannot un-permute a [{rows}, {cols}] Q/K weight over {n_head} heads")));
     }
     let d = rows / n_head;
