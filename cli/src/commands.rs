@@ -275,6 +275,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         return print_json(&g);
     }
     println!();
+    let _ = std::io::stdout().flush();
     eprintln!(
         "[{} prompt tokens, {} generated, finish: {:?}; prefill {:.1} tok/s, decode {:.1} tok/s]",
         g.prompt_tokens,

@@ -1,0 +1,109 @@
+//! The `lacuna` binary as a user runs it: JSON outputs, exit codes and error messages.
+
+use std::process::{Command, Output};
+
+use lacuna_tests::{fixtures_dir, smollm2_gguf};
+use serde_json::Value;
+
+fn lacuna(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_lacuna")).args(args).env("LACUNA_THREADS", "2").output().expect("run lacuna")
+}
+
+fn ok_json(args: &[&str]) -> Value {
+    let out = lacuna(args);
+    assert!(out.status.success(), "lacuna {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("lacuna {args:?}: stdout is not JSON ({e})"))
+}
+
+fn fails_with(args: &[&str], needles: &[&str]) {
+    let out = lacuna(args);
+    assert_eq!(out.status.code(), Some(1), "lacuna {args:?} should fail with exit code 1");
+    let err = String::from_utf8_lossy(&out.stderr);
+    for n in needles {
+        assert!(err.contains(n), "lacuna {args:?}: stderr lacks {n:?}: {err}");
+    }
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn inspect_reports_every_tensor() {
+    let gguf = smollm2_gguf();
+    let v = ok_json(&["inspect", gguf.to_str().unwrap(), "--json"]);
+    assert_eq!(v["format"], "gguf");
+    assert_eq!(v["tensors"].as_array().unwrap().len(), 272);
+    assert_eq!(v["layers"].as_array().unwrap().len(), 30);
+    let embed = v["tensors"].as_array().unwrap().iter().find(|t| t["name"] == "model.embed_tokens.weight").unwrap();
+    assert_eq!(embed["dtype"], "Q8_0");
+    assert_eq!(embed["shape"], serde_json::json!([49152, 576]));
+}
+
+#[test]
+fn greedy_generation_matches_reference_and_honours_stop() {
+    let gguf = smollm2_gguf();
+    let reference: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures_dir().join("reference_smollm2/reference.json")).unwrap(),
+    )
+    .unwrap();
+    let p = &reference["prompts"][0];
+    let want: Vec<u64> =
+        p["greedy_continuation_ids"].as_array().unwrap()[..8].iter().map(|x| x.as_u64().unwrap()).collect();
+    let prompt = p["text"].as_str().unwrap();
+    let m = gguf.to_str().unwrap();
+    let v = ok_json(&["generate", "--model", m, "--prompt", prompt, "--max-tokens", "8", "--json"]);
+    let got: Vec<u64> = v["ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect();
+    assert_eq!(got, want);
+    assert_eq!(v["finish_reason"], "length");
+    assert_eq!(v["prompt_tokens"], p["ids"].as_array().unwrap().len());
+
+    let v = ok_json(&["generate", "--model", m, "--prompt", prompt, "--max-tokens", "8", "--stop", ".", "--json"]);
+    assert_eq!(v["text"], " Paris");
+    assert_eq!(v["finish_reason"], "stop");
+}
+
+#[test]
+fn perplexity_on_a_text_file() {
+    let gguf = smollm2_gguf();
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join("t.txt");
+    let para = "The river flows through the valley, past the old mill and the stone bridge, \
+                and on towards the sea where the fishing boats wait for the morning tide. ";
+    std::fs::write(&text, para.repeat(12)).unwrap();
+    let v = ok_json(&[
+        "eval",
+        "perplexity",
+        "--model",
+        gguf.to_str().unwrap(),
+        "--data",
+        text.to_str().unwrap(),
+        "--seq-len",
+        "128",
+        "--max-segments",
+        "2",
+        "--json",
+    ]);
+    let r = &v["report"];
+    assert_eq!(r["segments"], 2);
+    assert_eq!(r["tokens_evaluated"], 2 * 127);
+    let ppl = r["perplexity"].as_f64().unwrap();
+    // Repeated text is highly predictable after its first occurrence.
+    assert!(ppl > 1.0 && ppl < 10.0, "perplexity {ppl}");
+}
+
+#[test]
+fn bad_inputs_fail_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    fails_with(&["generate", "--model", "/no/such/model", "--prompt", "x"], &["/no/such/model", "not a known model"]);
+    let bogus = dir.path().join("bogus.gguf");
+    std::fs::write(&bogus, b"NOPE and more bytes").unwrap();
+    fails_with(&["inspect", bogus.to_str().unwrap()], &["bogus.gguf", "not a GGUF file"]);
+    let gguf = smollm2_gguf();
+    let m = gguf.to_str().unwrap();
+    fails_with(
+        &["eval", "perplexity", "--model", m, "--data", "wiki", "--seq-len", "100000"],
+        &["exceeds the model's context"],
+    );
+    fails_with(&["generate", "--model", m, "--prompt", "x", "--top-p", "0"], &["top_p"]);
+    fails_with(&["data", "fetch", "nonsense"], &["nonsense"]);
+    // Usage errors are clap's exit code 2.
+    assert_eq!(lacuna(&["generate"]).status.code(), Some(2));
+}
