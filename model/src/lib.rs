@@ -20,7 +20,7 @@ pub mod weights;
 
 pub use checkpoint::{Checkpoint, Format};
 pub use config::LlamaConfig;
-pub use llama::{KvCache, Llama};
+pub use llama::{KvCache, LinearInput, LinearKind, Llama};
 
 use std::path::PathBuf;
 

@@ -48,6 +48,84 @@ pub struct Llama {
     inv_freq: Vec<f32>,
 }
 
+/// The seven linear sublayers of a decoder layer, by their Hugging Face names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum LinearKind {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+impl LinearKind {
+    pub const ALL: [LinearKind; 7] =
+        [LinearKind::Q, LinearKind::K, LinearKind::V, LinearKind::O, LinearKind::Gate, LinearKind::Up, LinearKind::Down];
+
+    /// `self_attn.q_proj`, `mlp.down_proj`, ...
+    pub fn hf_name(self) -> &'static str {
+        match self {
+            LinearKind::Q => "self_attn.q_proj",
+            LinearKind::K => "self_attn.k_proj",
+            LinearKind::V => "self_attn.v_proj",
+            LinearKind::O => "self_attn.o_proj",
+            LinearKind::Gate => "mlp.gate_proj",
+            LinearKind::Up => "mlp.up_proj",
+            LinearKind::Down => "mlp.down_proj",
+        }
+    }
+
+    /// Which activation feeds this sublayer (Q/K/V share one, as do gate/up).
+    pub fn input(self) -> LinearInput {
+        match self {
+            LinearKind::Q | LinearKind::K | LinearKind::V => LinearInput::Attention,
+            LinearKind::O => LinearInput::AttentionOutput,
+            LinearKind::Gate | LinearKind::Up => LinearInput::Mlp,
+            LinearKind::Down => LinearInput::MlpActivation,
+        }
+    }
+}
+
+/// The four distinct activations that feed a decoder layer's linear sublayers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum LinearInput {
+    /// Normed residual stream into Q/K/V.
+    Attention,
+    /// Attention heads' output into O.
+    AttentionOutput,
+    /// Normed residual stream into gate/up.
+    Mlp,
+    /// `silu(gate) · up` into down.
+    MlpActivation,
+}
+
+/// Per-call buffers of one layer step, reused across layers.
+struct LayerScratch {
+    h: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    o: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+}
+
+impl LayerScratch {
+    fn new(c: &LlamaConfig, n: usize) -> Self {
+        Self {
+            h: vec![0f32; n * c.hidden_size],
+            q: vec![0f32; n * c.q_dim()],
+            k: vec![0f32; n * c.kv_dim()],
+            v: vec![0f32; n * c.kv_dim()],
+            o: vec![0f32; n * c.hidden_size],
+            gate: vec![0f32; n * c.intermediate_size],
+            up: vec![0f32; n * c.intermediate_size],
+        }
+    }
+}
+
 /// Keys and values of every layer for the positions seen so far, `[capacity, kv_dim]` per layer.
 pub struct KvCache {
     k: Vec<Vec<f32>>,
@@ -227,7 +305,7 @@ impl Llama {
     /// returns the final-normed hidden states `[tokens.len(), hidden]`.
     pub fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
         let c = &self.config;
-        let (n, h) = (tokens.len(), c.hidden_size);
+        let n = tokens.len();
         let pos0 = cache.len;
         if pos0 + n > cache.capacity {
             return Err(Error::Invalid(format!(
@@ -239,45 +317,140 @@ impl Llama {
         if cache.kv_dim != c.kv_dim() || cache.k.len() != self.layers.len() {
             return Err(Error::Invalid("KV cache was made for another model".into()));
         }
-        let mut x = vec![0f32; n * h];
+        let mut x = self.embed(tokens)?;
+        let mut scratch = LayerScratch::new(c, n);
+        for li in 0..self.layers.len() {
+            self.layer_step(li, &mut x, n, pos0, &mut cache.k[li], &mut cache.v[li], &mut scratch, &mut |_, _| {})?;
+        }
+        cache.len = pos0 + n;
+        let mut out = vec![0f32; n * c.hidden_size];
+        rms_norm(&x, &self.norm.w, c.rms_norm_eps as f32, &mut out);
+        Ok(out)
+    }
+
+    /// Embedding rows of `tokens`, `[n, hidden]`.
+    pub fn embed(&self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let (h, vocab) = (self.config.hidden_size, self.config.vocab_size);
+        let mut x = vec![0f32; tokens.len() * h];
         for (i, &t) in tokens.iter().enumerate() {
-            if t as usize >= c.vocab_size {
-                return Err(Error::Invalid(format!("token id {t} is outside the vocabulary of {}", c.vocab_size)));
+            if t as usize >= vocab {
+                return Err(Error::Invalid(format!("token id {t} is outside the vocabulary of {vocab}")));
             }
             self.embed_tokens.row_into(t as usize, &mut x[i * h..(i + 1) * h])?;
         }
-        let (cos, sin) = self.rope_tables(pos0, n);
-        let mut hbuf = vec![0f32; n * h];
-        let mut q = vec![0f32; n * c.q_dim()];
+        Ok(x)
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Runs decoder layer `layer` over one sequence `x` (`[seq, hidden]`, positions `0..seq`, no
+    /// cache) in place, reporting the input of every linear sublayer to `observe` before it is
+    /// used. Calibration (pruning, quantization) is built on this.
+    pub fn layer_forward(
+        &self,
+        layer: usize,
+        x: &mut [f32],
+        observe: &mut dyn FnMut(LinearInput, &[f32]),
+    ) -> Result<()> {
+        let c = &self.config;
+        if layer >= self.layers.len() || !x.len().is_multiple_of(c.hidden_size) {
+            return Err(Error::Invalid(format!(
+                "layer {layer} of {} over {} values of width {}",
+                self.layers.len(),
+                x.len(),
+                c.hidden_size
+            )));
+        }
+        let n = x.len() / c.hidden_size;
         let mut k = vec![0f32; n * c.kv_dim()];
         let mut v = vec![0f32; n * c.kv_dim()];
-        let mut o = vec![0f32; n * h];
-        let mut gate = vec![0f32; n * c.intermediate_size];
-        let mut up = vec![0f32; n * c.intermediate_size];
-        for (li, layer) in self.layers.iter().enumerate() {
-            rms_norm(&x, &layer.input_layernorm.w, c.rms_norm_eps as f32, &mut hbuf);
-            layer.q_proj.matmul(&hbuf, n, &mut q)?;
-            layer.k_proj.matmul(&hbuf, n, &mut k)?;
-            layer.v_proj.matmul(&hbuf, n, &mut v)?;
-            apply_rope(&mut q, c.num_attention_heads, c.head_dim, &cos, &sin);
-            apply_rope(&mut k, c.num_key_value_heads, c.head_dim, &cos, &sin);
-            let kv = c.kv_dim();
-            cache.k[li][pos0 * kv..(pos0 + n) * kv].copy_from_slice(&k);
-            cache.v[li][pos0 * kv..(pos0 + n) * kv].copy_from_slice(&v);
-            let attn = self.attention(&q, &cache.k[li], &cache.v[li], pos0, n)?;
-            layer.o_proj.matmul(&attn, n, &mut o)?;
-            add_into(&mut x, &o);
+        let mut scratch = LayerScratch::new(c, n);
+        self.layer_step(layer, x, n, 0, &mut k, &mut v, &mut scratch, observe)
+    }
 
-            rms_norm(&x, &layer.post_attention_layernorm.w, c.rms_norm_eps as f32, &mut hbuf);
-            layer.gate_proj.matmul(&hbuf, n, &mut gate)?;
-            layer.up_proj.matmul(&hbuf, n, &mut up)?;
-            silu_mul(&mut gate, &up);
-            layer.down_proj.matmul(&gate, n, &mut o)?;
-            add_into(&mut x, &o);
+    /// The weight of one linear sublayer.
+    pub fn linear(&self, layer: usize, kind: LinearKind) -> Option<&Weight> {
+        let l = self.layers.get(layer)?;
+        Some(match kind {
+            LinearKind::Q => &l.q_proj,
+            LinearKind::K => &l.k_proj,
+            LinearKind::V => &l.v_proj,
+            LinearKind::O => &l.o_proj,
+            LinearKind::Gate => &l.gate_proj,
+            LinearKind::Up => &l.up_proj,
+            LinearKind::Down => &l.down_proj,
+        })
+    }
+
+    /// Replaces the weight of one linear sublayer (same shape).
+    pub fn set_linear(&mut self, layer: usize, kind: LinearKind, w: Weight) -> Result<()> {
+        let n = self.layers.len();
+        let l = self.layers.get_mut(layer).ok_or_else(|| Error::Invalid(format!("layer {layer} of {n}")))?;
+        let slot = match kind {
+            LinearKind::Q => &mut l.q_proj,
+            LinearKind::K => &mut l.k_proj,
+            LinearKind::V => &mut l.v_proj,
+            LinearKind::O => &mut l.o_proj,
+            LinearKind::Gate => &mut l.gate_proj,
+            LinearKind::Up => &mut l.up_proj,
+            LinearKind::Down => &mut l.down_proj,
+        };
+        if slot.shape() != w.shape() {
+            return Err(Error::Invalid(format!(
+                "layer {layer} {}: new weight {:?} does not match {:?}",
+                kind.hf_name(),
+                w.shape(),
+                slot.shape()
+            )));
         }
-        cache.len = pos0 + n;
-        rms_norm(&x, &self.norm.w, c.rms_norm_eps as f32, &mut hbuf);
-        Ok(hbuf)
+        *slot = w;
+        Ok(())
+    }
+
+    /// One decoder layer over `n` new positions starting at `pos0`, keys/values written into
+    /// `kc`/`vc` (`[≥ pos0 + n, kv_dim]`).
+    #[allow(clippy::too_many_arguments)]
+    fn layer_step(
+        &self,
+        li: usize,
+        x: &mut [f32],
+        n: usize,
+        pos0: usize,
+        kc: &mut [f32],
+        vc: &mut [f32],
+        s: &mut LayerScratch,
+        observe: &mut dyn FnMut(LinearInput, &[f32]),
+    ) -> Result<()> {
+        let c = &self.config;
+        let layer = &self.layers[li];
+        let eps = c.rms_norm_eps as f32;
+        let (cos, sin) = self.rope_tables(pos0, n);
+        rms_norm(x, &layer.input_layernorm.w, eps, &mut s.h);
+        observe(LinearInput::Attention, &s.h);
+        layer.q_proj.matmul(&s.h, n, &mut s.q)?;
+        layer.k_proj.matmul(&s.h, n, &mut s.k)?;
+        layer.v_proj.matmul(&s.h, n, &mut s.v)?;
+        apply_rope(&mut s.q, c.num_attention_heads, c.head_dim, &cos, &sin);
+        apply_rope(&mut s.k, c.num_key_value_heads, c.head_dim, &cos, &sin);
+        let kv = c.kv_dim();
+        kc[pos0 * kv..(pos0 + n) * kv].copy_from_slice(&s.k);
+        vc[pos0 * kv..(pos0 + n) * kv].copy_from_slice(&s.v);
+        let attn = self.attention(&s.q, kc, vc, pos0, n)?;
+        observe(LinearInput::AttentionOutput, &attn);
+        layer.o_proj.matmul(&attn, n, &mut s.o)?;
+        add_into(x, &s.o);
+
+        rms_norm(x, &layer.post_attention_layernorm.w, eps, &mut s.h);
+        observe(LinearInput::Mlp, &s.h);
+        layer.gate_proj.matmul(&s.h, n, &mut s.gate)?;
+        layer.up_proj.matmul(&s.h, n, &mut s.up)?;
+        silu_mul(&mut s.gate, &s.up);
+        observe(LinearInput::MlpActivation, &s.gate);
+        layer.down_proj.matmul(&s.gate, n, &mut s.o)?;
+        add_into(x, &s.o);
+        Ok(())
     }
 
     /// Logits `[n, vocab]` of final-normed hidden states `[n, hidden]`.

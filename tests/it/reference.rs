@@ -94,3 +94,43 @@ fn kv_cached_decode_equals_full_recompute() {
     }
     assert!(ck.model.forward(&[1], &mut inc).is_err(), "a full cache must refuse another token");
 }
+
+#[test]
+fn layer_by_layer_calibration_path_equals_forward() {
+    use lacuna_model::{LinearInput, LinearKind};
+    let ck = smollm2();
+    let cfg = ck.model.config();
+    let prompt = ids(&reference()["prompts"][1]["ids"]);
+    let mut cache = KvCache::new(cfg, prompt.len());
+    let want = ck.model.forward(&prompt, &mut cache).unwrap();
+    let mut x = ck.model.embed(&prompt).unwrap();
+    let mut seen = Vec::new();
+    for l in 0..ck.model.num_layers() {
+        ck.model
+            .layer_forward(l, &mut x, &mut |input, act| {
+                let width = match input {
+                    LinearInput::MlpActivation => cfg.intermediate_size,
+                    LinearInput::AttentionOutput => cfg.q_dim(),
+                    _ => cfg.hidden_size,
+                };
+                assert_eq!(act.len(), prompt.len() * width, "{input:?}");
+                seen.push(input);
+            })
+            .unwrap();
+    }
+    assert_eq!(seen.len(), 4 * cfg.num_hidden_layers);
+    // Every linear sublayer's input kind is observed in each layer.
+    for k in LinearKind::ALL {
+        assert!(seen.contains(&k.input()));
+    }
+    // Final norm by hand: the last layer's output, normed, must equal forward()'s output exactly.
+    let h = cfg.hidden_size;
+    let norm = ck.model.tensors().into_iter().find(|(n, _)| n == "model.norm.weight").unwrap().1.to_f32_vec();
+    for t in 0..prompt.len() {
+        let row = &x[t * h..(t + 1) * h];
+        let inv = 1.0 / (row.iter().map(|v| v * v).sum::<f32>() / h as f32 + cfg.rms_norm_eps as f32).sqrt();
+        for j in 0..h {
+            assert_eq!(row[j] * inv * norm[j], want[t * h + j], "token {t} dim {j}");
+        }
+    }
+}
