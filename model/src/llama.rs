@@ -61,8 +61,15 @@ pub enum LinearKind {
 }
 
 impl LinearKind {
-    pub const ALL: [LinearKind; 7] =
-        [LinearKind::Q, LinearKind::K, LinearKind::V, LinearKind::O, LinearKind::Gate, LinearKind::Up, LinearKind::Down];
+    pub const ALL: [LinearKind; 7] = [
+        LinearKind::Q,
+        LinearKind::K,
+        LinearKind::V,
+        LinearKind::O,
+        LinearKind::Gate,
+        LinearKind::Up,
+        LinearKind::Down,
+    ];
 
     /// `self_attn.q_proj`, `mlp.down_proj`, ...
     pub fn hf_name(self) -> &'static str {
