@@ -66,31 +66,46 @@ pub fn shard_files(dir: &Path) -> Result<Vec<PathBuf>> {
 pub fn load_tensors(dir: &Path) -> Result<BTreeMap<String, Weight>> {
     let mut out = BTreeMap::new();
     for path in shard_files(dir)? {
-        let map = Arc::new(lacuna_kernels::mmap::map_file(&path).map_err(|e| Error::io(&path, e))?);
-        let st = SafeTensors::deserialize(&map).map_err(|e| st_err(&path, e))?;
-        for (name, view) in st.tensors() {
-            let offset = view.data().as_ptr() as usize - map.as_ptr() as usize;
-            let n: usize = view.shape().iter().product();
-            let shape = view.shape().to_vec();
-            let storage_err = || st_err(&path, format!("tensor {name}: data out of range"));
-            let data = match view.dtype() {
-                StDtype::F32 => Data::F32(Storage::from_map(&map, offset, n).ok_or_else(storage_err)?),
-                StDtype::F16 => Data::F16(Storage::from_map(&map, offset, n).ok_or_else(storage_err)?),
-                StDtype::BF16 => Data::BF16(Storage::from_map(&map, offset, n).ok_or_else(storage_err)?),
-                other => {
-                    return Err(st_err(
-                        &path,
-                        format!("tensor {name}: dtype {other:?} is not supported (f32, f16, bf16)"),
-                    ));
-                }
-            };
-            let w = Weight::new(shape, data).map_err(|e| st_err(&path, format!("tensor {name}: {e}")))?;
-            if out.insert(name.clone(), w).is_some() {
+        for (name, w) in read_tensors_file(&path)? {
+            if out.contains_key(&name) {
                 return Err(st_err(&path, format!("tensor {name} appears in more than one shard")));
             }
+            out.insert(name, w);
         }
     }
     Ok(out)
+}
+
+/// Every tensor of one safetensors file, borrowed from its memory map.
+pub fn read_tensors_file(path: &Path) -> Result<Vec<(String, Weight)>> {
+    let map = Arc::new(lacuna_kernels::mmap::map_file(path).map_err(|e| Error::io(path, e))?);
+    let st = SafeTensors::deserialize(&map).map_err(|e| st_err(path, e))?;
+    let mut out = Vec::new();
+    for (name, view) in st.tensors() {
+        let offset = view.data().as_ptr() as usize - map.as_ptr() as usize;
+        let n: usize = view.shape().iter().product();
+        let shape = view.shape().to_vec();
+        let storage_err = || st_err(path, format!("tensor {name}: data out of range"));
+        let data = match view.dtype() {
+            StDtype::F32 => Data::F32(Storage::from_map(&map, offset, n).ok_or_else(storage_err)?),
+            StDtype::F16 => Data::F16(Storage::from_map(&map, offset, n).ok_or_else(storage_err)?),
+            StDtype::BF16 => Data::BF16(Storage::from_map(&map, offset, n).ok_or_else(storage_err)?),
+            other => {
+                return Err(st_err(path, format!("tensor {name}: dtype {other:?} is not supported (f32, f16, bf16)")));
+            }
+        };
+        let w = Weight::new(shape, data).map_err(|e| st_err(path, format!("tensor {name}: {e}")))?;
+        out.push((name, w));
+    }
+    Ok(out)
+}
+
+/// A safetensors file's bytes holding `items` (small files: checkpoints of a pruning run).
+pub fn serialize_tensors<'a>(items: impl IntoIterator<Item = (&'a str, &'a Weight)>) -> Result<Vec<u8>> {
+    let out: Vec<(&str, OutTensor)> =
+        items.into_iter().map(|(n, w)| (n, OutTensor { weight: std::borrow::Cow::Borrowed(w) })).collect();
+    let refs: Vec<(&str, &OutTensor)> = out.iter().map(|(n, t)| (*n, t)).collect();
+    safetensors::serialize(refs, None).map_err(|e| Error::Invalid(format!("serializing tensors: {e}")))
 }
 
 /// Options for writing a checkpoint directory.
