@@ -247,6 +247,16 @@ fn write_contents(
         }
         let meta = HashMap::from([("format".to_owned(), "pt".to_owned())]);
         safetensors::serialize_to_file(items, Some(meta), &path).map_err(|e| st_err(&path, e))?;
+        // safetensors writes through a private temp file (mode 0600). Give the shard the mode the JSON
+        // files get, 0666 less the umask (read off the directory, made as 0777 less the umask), so
+        // that other users and services can load the checkpoint as they can its config.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let dir_mode = std::fs::metadata(tmp).map_err(|e| Error::io(tmp, e))?.permissions().mode();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(dir_mode & 0o666))
+                .map_err(|e| Error::io(&path, e))?;
+        }
         File::open(&path).and_then(|f| f.sync_all()).map_err(|e| Error::io(&path, e))?;
     }
     if n > 1 {

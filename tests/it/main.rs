@@ -3,5 +3,6 @@
 mod data;
 mod gguf;
 mod hf;
+mod hf_python;
 mod reference;
 mod tokenizer;
