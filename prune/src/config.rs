@@ -33,7 +33,7 @@ impl Pattern {
                 if n == 0 || n >= m {
                     return Err(Error::NmPattern { n, m });
                 }
-                if cols % m != 0 {
+                if !cols.is_multiple_of(m) {
                     return Err(Error::NmIndivisible { m, what: "the layer's column count", len: cols });
                 }
             }
@@ -104,7 +104,7 @@ impl SparseGptConfig {
             return Err(Error::BlockSize);
         }
         if let Pattern::NM { m, .. } = self.pattern
-            && self.blocksize % m != 0
+            && !self.blocksize.is_multiple_of(m)
         {
             return Err(Error::NmIndivisible { m, what: "the block size", len: self.blocksize });
         }
@@ -124,8 +124,9 @@ pub struct PruneReport {
     pub sparsity: f64,
     /// SparseGPT only: the dampening fraction (of mean diag H) the factorisation succeeded with.
     pub damp_used: Option<f64>,
-    /// SparseGPT only: the OBS estimate of the error, `Σ (w − q)² / (2 [H⁻¹]_cc)` from the
-    /// Cholesky factor's diagonal, as the reference code's `Losses`.
+    /// SparseGPT only: the reference code's `Losses` summed, `½ Σ (w − q)² / U_cc²` with `w` the
+    /// weight when its column is reached and `U` the Cholesky factor of `H⁻¹` (the OBS estimate of
+    /// the added error, in the Hessian's scale).
     pub obs_loss: Option<f64>,
     /// Mean over calibration tokens of `‖(W − Ŵ) x‖²`, when computed (see
     /// [`crate::reconstruction_error`]).

@@ -46,7 +46,7 @@ impl Hessian {
     /// triangle is read) that stands for `tokens` tokens. The squared norms are recovered from
     /// the diagonal as `n/2 · H_jj`.
     pub fn from_dense(cols: usize, tokens: u64, h: &[f64]) -> Result<Self> {
-        let expected = cols * cols;
+        let expected = cols.saturating_mul(cols);
         if h.len() != expected {
             return Err(Error::Shape { what: "Hessian matrix", expected, got: h.len() });
         }
@@ -58,7 +58,7 @@ impl Hessian {
 
     /// Adds a batch of `m` tokens, `x` row-major `[m, cols]`.
     pub fn add_batch(&mut self, x: &[f32], m: usize) -> Result<()> {
-        let expected = m * self.cols;
+        let expected = m.saturating_mul(self.cols);
         if x.len() != expected {
             return Err(Error::Shape { what: "calibration batch", expected, got: x.len() });
         }

@@ -3,5 +3,6 @@
 mod data;
 mod gguf;
 mod hf;
+mod prune;
 mod reference;
 mod tokenizer;
