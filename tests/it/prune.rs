@@ -1,6 +1,6 @@
 //! lacuna-prune on one small layer (W 24×96, X 512×96: correlated inputs, three outlier inputs,
 //! one dead input) against an independent numpy implementation of the same rules
-//! (`tests/fixtures/make_prune_fixture.py`), plus the properties the algorithms promise.
+//! (`tests/fixtures/make_sparsegpt_fixture.py`), plus the properties the algorithms promise.
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
