@@ -115,7 +115,7 @@ impl Hessian {
         self.tokens
     }
 
-    /// `H_ij` (symmetric).
+    /// `H_ij` (symmetric). Panics if `i` or `j` is not below [`Hessian::cols`], like slice indexing.
     pub fn get(&self, i: usize, j: usize) -> f64 {
         if i >= j { self.h[(i, j)] } else { self.h[(j, i)] }
     }
