@@ -4,5 +4,6 @@ mod data;
 mod gguf;
 mod hf;
 mod hf_python;
+mod prune;
 mod reference;
 mod tokenizer;

@@ -1,0 +1,229 @@
+//! SparseGPT (Frantar & Alistarh 2023, Algorithm 1; reference `sparsegpt.py`, `fasterprune`).
+
+use std::time::Instant;
+
+use faer::linalg::solvers::DenseSolveCore;
+use faer::{Accum, Mat, Par, Side};
+
+use crate::config::{MIN_ESCALATED_DAMP, Pattern, PruneReport, SparseGptConfig};
+use crate::hessian::{Hessian, reconstruction_error};
+use crate::mask::{smallest, split_quota, target_count};
+use crate::{Error, Result, check_layer};
+
+/// Prunes `w` (row-major `[rows, cols]`) in place with SparseGPT, using the layer's input
+/// Hessian `h`.
+///
+/// As published: inputs never seen non-zero ("dead", `H_jj == 0`) get `H_jj = 1` and their
+/// weights zeroed; `percdamp · mean(diag H)` is added to the diagonal (escalated ×10 with a
+/// warning while the Cholesky factorisation fails, at most `max_damp_escalations` times);
+/// `U = chol(H⁻¹)ᵀ` (upper); columns are processed in blocks of `blocksize` with the OBS update
+/// of the rest of the block after each column and a lazy update of the later columns after
+/// each block. All of it runs in f64.
+///
+/// Mask selection differs from the reference in one documented way: the reference flattens
+/// each block's scores `w² / U_cc²` over all rows and takes one threshold, so rows end up with
+/// different sparsities. Here each row chooses within each block its own smallest scores, the
+/// row's `round(s · cols)` prunes being split over the blocks in proportion to the block widths
+/// (cumulative rounding, so the remainders carry) — every row then has exactly the requested
+/// sparsity, which the sparse kernels and the N:M/row-balanced formats downstream rely on, and
+/// the mask is still chosen adaptively per block from the updated weights. N:M chooses the `n`
+/// smallest scores of each group of `m` when the OBS pass reaches the group, as the reference.
+///
+/// Iterative mode (`keep_zeros`): weights that are zero on entry are pruned again (the mask
+/// only grows) and count towards the row's target; the remaining prunes are split over the
+/// blocks in proportion to each block's still-prunable weights. Dead inputs are treated the
+/// same way in both modes (their weights are zero and score 0 anyway).
+pub fn sparsegpt(w: &mut [f32], rows: usize, cols: usize, h: &Hessian, cfg: &SparseGptConfig) -> Result<PruneReport> {
+    let start = Instant::now();
+    check_layer(w, rows, cols)?;
+    cfg.validate(cols)?;
+    if h.cols() != cols {
+        return Err(Error::HessianCols { hessian: h.cols(), layer: cols });
+    }
+    if h.tokens() == 0 {
+        return Err(Error::EmptyHessian);
+    }
+    let original = cfg.compute_error.then(|| w.to_vec());
+
+    // Lower triangle of H, dead inputs patched.
+    let mut hm = h.lower().to_owned();
+    let mut forced = vec![false; rows * cols]; // row-major
+    for j in 0..cols {
+        if hm[(j, j)] == 0.0 {
+            hm[(j, j)] = 1.0;
+            for r in 0..rows {
+                forced[r * cols + j] = true;
+                w[r * cols + j] = 0.0;
+            }
+        }
+    }
+    if cfg.keep_zeros {
+        for (f, &v) in forced.iter_mut().zip(w.iter()) {
+            *f |= v == 0.0;
+        }
+    }
+    let (l, damp_used) = factor_inverse(&hm, cfg)?;
+    drop(hm);
+
+    // Working copy, column-major so that a column (one input across all rows) is contiguous.
+    let mut wm = Mat::from_fn(rows, cols, |r, c| w[r * cols + c] as f64);
+    let bs = cfg.blocksize;
+    let nblocks = cols.div_ceil(bs);
+
+    // Unstructured: each row's new prunes per block.
+    let mut quota = vec![0usize; rows * nblocks];
+    if let Pattern::Unstructured(s) = cfg.pattern {
+        let target = target_count(s, cols);
+        let mut avail = vec![0usize; nblocks];
+        let mut split = Vec::with_capacity(nblocks);
+        for r in 0..rows {
+            let frow = &forced[r * cols..(r + 1) * cols];
+            for (b, a) in avail.iter_mut().enumerate() {
+                let span = &frow[b * bs..((b + 1) * bs).min(cols)];
+                *a = span.iter().filter(|&&f| !f).count();
+            }
+            let already = cols - avail.iter().sum::<usize>();
+            split_quota(target.saturating_sub(already), &avail, &mut split);
+            quota[r * nblocks..(r + 1) * nblocks].copy_from_slice(&split);
+        }
+    }
+
+    let mut obs_loss = 0.0f64;
+    let mut mask = vec![false; rows * bs]; // column-major rows × block
+    let mut err = Mat::<f64>::zeros(rows, bs);
+    let mut cands: Vec<(f64, usize)> = Vec::with_capacity(bs);
+    for b in 0..nblocks {
+        let i1 = b * bs;
+        let i2 = (i1 + bs).min(cols);
+        let count = i2 - i1;
+        mask.iter_mut().for_each(|m| *m = false);
+        for i in 0..count {
+            for r in 0..rows {
+                mask[i * rows + r] = forced[r * cols + i1 + i];
+            }
+        }
+        if matches!(cfg.pattern, Pattern::Unstructured(_)) {
+            for r in 0..rows {
+                cands.clear();
+                for i in 0..count {
+                    if !mask[i * rows + r] {
+                        let d = l[(i1 + i, i1 + i)];
+                        let v = wm[(r, i1 + i)];
+                        cands.push((v * v / (d * d), i));
+                    }
+                }
+                for &(_, i) in smallest(&mut cands, quota[r * nblocks + b]) {
+                    mask[i * rows + r] = true;
+                }
+            }
+        }
+        for i in 0..count {
+            let c = i1 + i;
+            if let Pattern::NM { n, m } = cfg.pattern
+                && i % m == 0
+            {
+                for r in 0..rows {
+                    let already = (i..i + m).filter(|&k| mask[k * rows + r]).count();
+                    cands.clear();
+                    for k in i..i + m {
+                        if !mask[k * rows + r] {
+                            let d = l[(i1 + k, i1 + k)];
+                            let v = wm[(r, i1 + k)];
+                            cands.push((v * v / (d * d), k));
+                        }
+                    }
+                    for &(_, k) in smallest(&mut cands, n.saturating_sub(already)) {
+                        mask[k * rows + r] = true;
+                    }
+                }
+            }
+            let d = l[(c, c)];
+            {
+                let wcol = wm.col_as_slice_mut(c);
+                let ecol = err.col_as_slice_mut(i);
+                for r in 0..rows {
+                    let v = wcol[r];
+                    let q = if mask[i * rows + r] { 0.0 } else { v };
+                    let e = (v - q) / d;
+                    obs_loss += e * e;
+                    ecol[r] = e;
+                    wcol[r] = q;
+                }
+            }
+            // OBS update of the rest of the block: W[:, j] -= err · U[c, j], U[c, j] = L[j, c].
+            for j in c + 1..i2 {
+                let u = l[(j, c)];
+                if u == 0.0 {
+                    continue;
+                }
+                let (ecols, wcols) = (err.col_as_slice(i), wm.col_as_slice_mut(j));
+                for (wv, e) in wcols.iter_mut().zip(ecols) {
+                    *wv -= e * u;
+                }
+            }
+        }
+        // Lazy batch update of all later columns: W[:, i2:] -= Err · U[i1:i2, i2:].
+        if i2 < cols {
+            let rest = cols - i2;
+            faer::linalg::matmul::matmul(
+                wm.as_mut().submatrix_mut(0, i2, rows, rest),
+                Accum::Add,
+                err.as_ref().submatrix(0, 0, rows, count),
+                l.as_ref().submatrix(i2, i1, rest, count).transpose(),
+                -1.0,
+                Par::rayon(0),
+            );
+        }
+    }
+
+    for r in 0..rows {
+        for c in 0..cols {
+            w[r * cols + c] = wm[(r, c)] as f32;
+        }
+    }
+    let mut report = PruneReport::new(w, 0.0);
+    report.damp_used = Some(damp_used);
+    report.obs_loss = Some(obs_loss / 2.0);
+    if let Some(orig) = original {
+        report.recon_error = Some(reconstruction_error(&orig, w, rows, cols, h)?);
+    }
+    report.seconds = start.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// `L` lower with `(H + damp·I)⁻¹ = L Lᵀ` (so `U = Lᵀ`), escalating the dampening on failure.
+/// Returns `L` and the dampening fraction used.
+fn factor_inverse(h_lower: &Mat<f64>, cfg: &SparseGptConfig) -> Result<(Mat<f64>, f64)> {
+    let n = h_lower.nrows();
+    let mean_diag = (0..n).map(|j| h_lower[(j, j)]).sum::<f64>() / n as f64;
+    let mut percdamp = cfg.percdamp;
+    let mut attempts = 0u32;
+    loop {
+        attempts += 1;
+        let mut hd = h_lower.clone();
+        let damp = percdamp * mean_diag;
+        for j in 0..n {
+            hd[(j, j)] += damp;
+        }
+        let factored = hd.llt(Side::Lower).ok().and_then(|llt| {
+            let inv = llt.inverse();
+            let l = inv.llt(Side::Lower).ok()?.L().to_owned();
+            // A factorisation that "succeeds" on rounding noise shows up as non-finite entries.
+            let finite = (0..n).all(|j| l.col_as_slice(j).iter().all(|x| x.is_finite()));
+            finite.then_some(l)
+        });
+        if let Some(l) = factored {
+            return Ok((l, percdamp));
+        }
+        if attempts > cfg.max_damp_escalations {
+            return Err(Error::Cholesky { percdamp, attempts });
+        }
+        let next = if percdamp == 0.0 { MIN_ESCALATED_DAMP } else { percdamp * 10.0 };
+        tracing::warn!(
+            failed_percdamp = percdamp,
+            next_percdamp = next,
+            "SparseGPT: Cholesky of the dampened Hessian failed; retrying with more dampening"
+        );
+        percdamp = next;
+    }
+}
