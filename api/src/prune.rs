@@ -285,7 +285,7 @@ impl PruneRecipe {
             if matches!(self.structure, SparsityStructure::NM { .. }) {
                 return Err(RecipeError::invalid("profile", "owl varies sparsity per layer, which N:M cannot"));
             }
-            if !(self.owl.m > 0.0) {
+            if self.owl.m.is_nan() || self.owl.m <= 0.0 {
                 return Err(RecipeError::invalid("owl.m", format!("{} must be positive", self.owl.m)));
             }
             if !(self.owl.lambda >= 0.0 && s - self.owl.lambda >= 0.0 && s + self.owl.lambda < 1.0) {
@@ -304,7 +304,7 @@ impl PruneRecipe {
         if self.sparsegpt.blocksize == 0 {
             return Err(RecipeError::invalid("sparsegpt.blocksize", "must be positive"));
         }
-        if !(self.sparsegpt.dampening >= 0.0) {
+        if self.sparsegpt.dampening.is_nan() || self.sparsegpt.dampening < 0.0 {
             return Err(RecipeError::invalid("sparsegpt.dampening", "must be ≥ 0"));
         }
         if self.targets.is_empty() {

@@ -2,6 +2,7 @@
 
 mod bench;
 mod commands;
+mod prune;
 mod resolve;
 
 use std::process::ExitCode;
@@ -40,6 +41,8 @@ enum Command {
     Eval(EvalCmd),
     /// Prefill and decode throughput and peak memory.
     Bench(bench::BenchArgs),
+    /// One-shot pruning (SparseGPT, Wanda, magnitude; uniform or OWL; unstructured or N:M).
+    Prune(Box<prune::PruneArgs>),
     /// The main job on embedded defaults: fetch SmolLM2 and a corpus, chat once, measure perplexity.
     Demo(commands::DemoArgs),
 }
@@ -104,6 +107,7 @@ fn main() -> ExitCode {
         Command::Eval(EvalCmd::Perplexity(a)) => commands::perplexity(a),
         Command::Bench(a) => bench::run(a),
         Command::Demo(a) => commands::demo(a),
+        Command::Prune(a) => prune::run(*a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -10,8 +10,8 @@
 //! * [`owl_sparsities`] turns per-layer outlier ratios into per-layer sparsities (OWL, Yin et
 //!   al. 2023).
 //!
-//! The model-level driver (sequential block-by-block calibration, checkpoints) lives elsewhere
-//! and calls these per layer. Layers that read the same input (q/k/v; gate/up) can share one
+//! The model-level driver, [`pipeline`], runs a whole model block by block (sequential
+//! calibration, OWL profiles, checkpoints and resume) and calls these per layer. Layers that read the same input (q/k/v; gate/up) can share one
 //! [`Hessian`]; [`sparsegpt`] only reads it.
 //!
 //! Parallelism: the dense linear algebra runs on the current rayon pool (`faer::Par::rayon(0)`),
@@ -20,7 +20,8 @@
 mod config;
 mod hessian;
 mod mask;
-mod owl;
+pub mod owl;
+pub mod pipeline;
 mod scored;
 mod sparsegpt;
 
@@ -61,6 +62,22 @@ pub enum Error {
     Cholesky { percdamp: f64, attempts: u32 },
     #[error("OWL: {0}")]
     Owl(String),
+    #[error("recipe: {0}")]
+    Recipe(String),
+    #[error("calibration: {0}")]
+    Calibration(String),
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
+    #[error("model: {0}")]
+    Model(String),
+    #[error("interrupted after finishing block {}; run again to resume", next_block - 1)]
+    Interrupted { next_block: usize },
+}
+
+impl Error {
+    pub(crate) fn model(e: impl std::fmt::Display) -> Self {
+        Error::Model(e.to_string())
+    }
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,190 @@
+//! `lacuna prune`: one-shot pruning from a recipe file and/or flags (flags win), checkpointed
+//! after every block and resumable, writing a Hugging Face directory with the zeros in place.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use lacuna_api::{CalibrationSpec, PruneMethod, PruneRecipe, SparsityProfile, SparsityStructure};
+use lacuna_data::{Cache, DatasetName, Split};
+use lacuna_model::hf::{self, SaveOptions};
+use lacuna_prune::pipeline::{self, Progress, RunOptions};
+
+use crate::bench::peak_rss_bytes;
+use crate::commands::{open_model, print_json};
+use crate::resolve::spinner;
+
+#[derive(Args)]
+pub struct PruneArgs {
+    /// Model: a GGUF file, a Hugging Face directory, or a known name.
+    #[arg(long, default_value = "smollm2-135m")]
+    pub model: String,
+    /// Recipe (YAML); flags below override its fields.
+    #[arg(long)]
+    pub recipe: Option<PathBuf>,
+    /// sparsegpt, wanda or magnitude.
+    #[arg(long)]
+    pub method: Option<String>,
+    /// Target sparsity in [0, 1).
+    #[arg(long)]
+    pub sparsity: Option<f64>,
+    /// uniform or owl.
+    #[arg(long)]
+    pub profile: Option<String>,
+    #[arg(long)]
+    pub owl_m: Option<f64>,
+    #[arg(long)]
+    pub owl_lambda: Option<f64>,
+    /// unstructured or N:M (e.g. 2:4 — N zeros in every M inputs).
+    #[arg(long)]
+    pub structure: Option<String>,
+    /// DATASET:SAMPLESxSEQ_LEN, e.g. wiki:128x512.
+    #[arg(long)]
+    pub calibration: Option<String>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Regex over layer names to prune (repeatable; replaces the recipe's).
+    #[arg(long)]
+    pub targets: Vec<String>,
+    /// Regex over layer names to leave dense (repeatable; replaces the recipe's).
+    #[arg(long)]
+    pub ignore: Vec<String>,
+    /// Output directory (Hugging Face layout, zeros in place).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Checkpoint directory (default: `<out>.checkpoint`); a run there is resumed.
+    #[arg(long)]
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Replace the output directory if it exists.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Stop after this many blocks (the checkpoint is kept; run again to resume).
+    #[arg(long, hide = true)]
+    pub stop_after_blocks: Option<usize>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The recipe: the file's, with every flag given applied on top.
+pub fn recipe(a: &PruneArgs) -> Result<PruneRecipe> {
+    let mut r: PruneRecipe = match &a.recipe {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            lacuna_api::from_yaml(&text).with_context(|| format!("recipe {}", p.display()))?
+        }
+        None => {
+            let method: PruneMethod = a.method.as_deref().context("--method or --recipe is required")?.parse()?;
+            lacuna_api::from_yaml(&format!("method: {}", serde_json::to_string(&method)?))?
+        }
+    };
+    if let Some(m) = &a.method {
+        r.method = m.parse()?;
+    }
+    if let Some(s) = a.sparsity {
+        r.sparsity = Some(s);
+    }
+    if let Some(p) = &a.profile {
+        r.profile = p.parse::<SparsityProfile>()?;
+    }
+    if let Some(m) = a.owl_m {
+        r.owl.m = m;
+    }
+    if let Some(l) = a.owl_lambda {
+        r.owl.lambda = l;
+    }
+    if let Some(s) = &a.structure {
+        r.structure = s.parse::<SparsityStructure>()?;
+    }
+    if let Some(c) = &a.calibration {
+        r.calibration = c.parse::<CalibrationSpec>()?;
+    }
+    if let Some(s) = a.seed {
+        r.seed = s;
+    }
+    if !a.targets.is_empty() {
+        r.targets = a.targets.clone();
+    }
+    if !a.ignore.is_empty() {
+        r.ignore = a.ignore.clone();
+    }
+    r.validate()?;
+    Ok(r)
+}
+
+pub fn run(a: PruneArgs) -> Result<()> {
+    let recipe = recipe(&a)?;
+    if a.out.exists() && !a.overwrite {
+        bail!("{} already exists (pass --overwrite to replace it)", a.out.display());
+    }
+    let mut ck = open_model(&a.model)?;
+    pipeline::preflight(&ck.model, &recipe)?;
+
+    let calib = if recipe.method == PruneMethod::Magnitude {
+        Vec::new()
+    } else {
+        let spec = &recipe.calibration;
+        let name: DatasetName = spec.dataset.parse().context("calibration.dataset")?;
+        let cache = Cache::from_env()?;
+        let pb = spinner(&format!("fetching {name}"));
+        lacuna_data::fetch_dataset(&cache, name, &|s| pb.set_message(s.to_owned()))?;
+        pb.set_message("tokenizing the calibration split");
+        let docs = lacuna_data::load_split(&cache, name, Split::Calibration)?;
+        // Documents joined by EOS into one stream, as pretraining data is packed.
+        let sep = ck.tokenizer.eos_ids().first().copied();
+        let mut stream = Vec::new();
+        for d in docs {
+            stream.extend(ck.tokenizer.encode(&d.text, false)?);
+            stream.extend(sep);
+        }
+        pb.finish_and_clear();
+        pipeline::calibration_windows(&stream, spec.samples, spec.seq_len, recipe.seed)?
+    };
+
+    let ckpt_dir = a.checkpoint_dir.clone().unwrap_or_else(|| {
+        let mut s = a.out.clone().into_os_string();
+        s.push(".checkpoint");
+        PathBuf::from(s)
+    });
+    let pb = ProgressBar::new(ck.model.num_layers() as u64);
+    pb.set_style(ProgressStyle::with_template("{msg:>10} {bar:30} {pos}/{len} blocks  {elapsed} (eta {eta})")?);
+    let opts = RunOptions { checkpoint_dir: Some(ckpt_dir.clone()), stop_after_blocks: a.stop_after_blocks };
+    let summary = pipeline::prune_model(&mut ck.model, &recipe, &calib, &opts, &mut |p| match p {
+        Progress::Owl { block, .. } => {
+            pb.set_message("OWL");
+            pb.set_position(block as u64);
+        }
+        Progress::Block { block, .. } => {
+            pb.set_message(format!("{:?}", recipe.method).to_lowercase());
+            pb.set_position(block as u64);
+        }
+    })?;
+    pb.finish_and_clear();
+
+    let pb = spinner(&format!("writing {}", a.out.display()));
+    let opts = SaveOptions { overwrite: a.overwrite, ..Default::default() };
+    hf::save_dir(&a.out, ck.model.config(), &ck.model.tensors(), Some(&ck.tokenizer), &opts)
+        .with_context(|| format!("writing {}", a.out.display()))?;
+    pb.finish_and_clear();
+    let report = serde_json::json!({
+        "model": ck.path,
+        "recipe": recipe,
+        "summary": summary,
+        "peak_rss_bytes": peak_rss_bytes(),
+    });
+    std::fs::write(a.out.join("lacuna_prune.json"), serde_json::to_vec_pretty(&report)?)?;
+    std::fs::remove_dir_all(&ckpt_dir).with_context(|| format!("removing {}", ckpt_dir.display()))?;
+    if a.json {
+        return print_json(&report);
+    }
+    println!(
+        "pruned {} layers with {:?} to {:.2}% sparsity in {:.1}s{} → {}",
+        summary.layers.len(),
+        recipe.method,
+        100.0 * summary.sparsity,
+        summary.seconds,
+        summary.resumed_at_block.map(|b| format!(" (resumed at block {b})")).unwrap_or_default(),
+        a.out.display()
+    );
+    Ok(())
+}
