@@ -32,17 +32,28 @@ mod sealed {
     use crate::cpu::Isa;
 
     pub trait Sealed: Sized {
-        /// `out[i] = Σ_c W[c] · x[i, c]` for one row and `n = out.len()` activation rows.
+        /// `out[r, i] = Σ_c W[r, c] · x[i, c]` for a block of `offsets.len()` rows and
+        /// `n = out.len() / offsets.len()` activation rows (`out` is `[rows, n]`).
         ///
         /// # Safety
-        /// `isa` is supported by this CPU; `mask` is `cols.div_ceil(8)` bytes whose padding bits
-        /// are zero; `vals` holds at least as many values as `mask` has set bits;
-        /// `x.len() == out.len() * cols` and `1 <= out.len() <= 8`.
-        unsafe fn gemv_row(isa: Isa, mask: &[u8], vals: &[Self], cols: usize, x: &[f32], out: &mut [f32]);
+        /// `isa` is supported by this CPU; `mask` is `offsets.len() · cols.div_ceil(8)` bytes whose
+        /// padding bits are zero; every offset is in `0..=vals.len()` and `vals[offsets[r]..]`
+        /// holds at least as many values as row `r` of `mask` has set bits; `x.len() == n · cols`;
+        /// `1 <= n <= 8`.
+        unsafe fn gemv_block(
+            isa: Isa,
+            mask: &[u8],
+            vals: &[Self],
+            offsets: &[i64],
+            cols: usize,
+            x: &[f32],
+            out: &mut [f32],
+        );
         /// Writes the dense f32 row into `dst` (`dst.len() == cols`).
         ///
         /// # Safety
-        /// As for [`Sealed::gemv_row`], with `dst.len() == cols`.
+        /// `isa` is supported by this CPU; `mask` is `cols.div_ceil(8)` bytes whose padding bits
+        /// are zero; `vals` holds at least as many values as `mask` has set bits.
         unsafe fn expand_row(isa: Isa, mask: &[u8], vals: &[Self], cols: usize, dst: &mut [f32]);
     }
 }
@@ -87,37 +98,49 @@ macro_rules! sealed_impl {
     ($t:ty, $avx2_gemv:ident, $avx2_expand:ident, $avx512_gemv:ident, $avx512_expand:ident) => {
         impl sealed::Sealed for $t {
             #[inline]
-            unsafe fn gemv_row(isa: Isa, mask: &[u8], vals: &[Self], cols: usize, x: &[f32], out: &mut [f32]) {
+            unsafe fn gemv_block(
+                isa: Isa,
+                mask: &[u8],
+                vals: &[Self],
+                offsets: &[i64],
+                cols: usize,
+                x: &[f32],
+                out: &mut [f32],
+            ) {
+                let n = if offsets.is_empty() { 1 } else { out.len() / offsets.len() };
+                let a = (mask, vals, offsets, cols, x, out);
                 match isa {
                     #[cfg(target_arch = "x86_64")]
                     // SAFETY: the caller's contract is the kernels' contract; `isa` is supported.
+                    // Rows per step: 4 while `R · (N + 1)` accumulators and expanded rows fit the
+                    // 32 zmm registers, else 2.
                     Isa::Avx512 => unsafe {
-                        match out.len() {
-                            1 => avx512::$avx512_gemv::<1, 4>(mask, vals, cols, x, out),
-                            2 => avx512::$avx512_gemv::<2, 2>(mask, vals, cols, x, out),
-                            3 => avx512::$avx512_gemv::<3, 2>(mask, vals, cols, x, out),
-                            4 => avx512::$avx512_gemv::<4, 1>(mask, vals, cols, x, out),
-                            5 => avx512::$avx512_gemv::<5, 1>(mask, vals, cols, x, out),
-                            6 => avx512::$avx512_gemv::<6, 1>(mask, vals, cols, x, out),
-                            7 => avx512::$avx512_gemv::<7, 1>(mask, vals, cols, x, out),
-                            _ => avx512::$avx512_gemv::<8, 1>(mask, vals, cols, x, out),
+                        match n {
+                            1 => avx512::$avx512_gemv::<1, 4>(a.0, a.1, a.2, a.3, a.4, a.5),
+                            2 => avx512::$avx512_gemv::<2, 4>(a.0, a.1, a.2, a.3, a.4, a.5),
+                            3 => avx512::$avx512_gemv::<3, 4>(a.0, a.1, a.2, a.3, a.4, a.5),
+                            4 => avx512::$avx512_gemv::<4, 4>(a.0, a.1, a.2, a.3, a.4, a.5),
+                            5 => avx512::$avx512_gemv::<5, 2>(a.0, a.1, a.2, a.3, a.4, a.5),
+                            6 => avx512::$avx512_gemv::<6, 2>(a.0, a.1, a.2, a.3, a.4, a.5),
+                            7 => avx512::$avx512_gemv::<7, 2>(a.0, a.1, a.2, a.3, a.4, a.5),
+                            _ => avx512::$avx512_gemv::<8, 2>(a.0, a.1, a.2, a.3, a.4, a.5),
                         }
                     },
                     #[cfg(target_arch = "x86_64")]
-                    // SAFETY: as above.
+                    // SAFETY: as above; 16 ymm registers bound `R · (N + 1)`.
                     Isa::Avx2 => unsafe {
-                        match out.len() {
-                            1 => avx2::$avx2_gemv::<1, 4>(mask, vals, cols, x, out),
-                            2 => avx2::$avx2_gemv::<2, 2>(mask, vals, cols, x, out),
-                            3 => avx2::$avx2_gemv::<3, 2>(mask, vals, cols, x, out),
-                            4 => avx2::$avx2_gemv::<4, 1>(mask, vals, cols, x, out),
-                            5 => avx2::$avx2_gemv::<5, 1>(mask, vals, cols, x, out),
-                            6 => avx2::$avx2_gemv::<6, 1>(mask, vals, cols, x, out),
-                            7 => avx2::$avx2_gemv::<7, 1>(mask, vals, cols, x, out),
-                            _ => avx2::$avx2_gemv::<8, 1>(mask, vals, cols, x, out),
+                        match n {
+                            1 => avx2::$avx2_gemv::<1, 4>(a.0, a.1, a.2, a.3, a.4, a.5),
+                            2 => avx2::$avx2_gemv::<2, 4>(a.0, a.1, a.2, a.3, a.4, a.5),
+                            3 => avx2::$avx2_gemv::<3, 2>(a.0, a.1, a.2, a.3, a.4, a.5),
+                            4 => avx2::$avx2_gemv::<4, 2>(a.0, a.1, a.2, a.3, a.4, a.5),
+                            5 => avx2::$avx2_gemv::<5, 1>(a.0, a.1, a.2, a.3, a.4, a.5),
+                            6 => avx2::$avx2_gemv::<6, 1>(a.0, a.1, a.2, a.3, a.4, a.5),
+                            7 => avx2::$avx2_gemv::<7, 1>(a.0, a.1, a.2, a.3, a.4, a.5),
+                            _ => avx2::$avx2_gemv::<8, 1>(a.0, a.1, a.2, a.3, a.4, a.5),
                         }
                     },
-                    _ => gemv_row_scalar(mask, vals, cols, x, out),
+                    _ => gemv_block_scalar(a.0, a.1, a.2, a.3, a.4, a.5),
                 }
             }
             #[inline]
@@ -138,6 +161,26 @@ macro_rules! sealed_impl {
 
 sealed_impl!(f32, gemv_f32, expand_f32, gemv_f32, expand_f32);
 sealed_impl!(bf16, gemv_bf16, expand_bf16, gemv_bf16, expand_bf16);
+
+/// The reference path over a block of rows (any `n`).
+fn gemv_block_scalar<T: BitmaskValue>(
+    mask: &[u8],
+    vals: &[T],
+    offsets: &[i64],
+    cols: usize,
+    x: &[f32],
+    out: &mut [f32],
+) {
+    let (rows, mb) = (offsets.len(), cols.div_ceil(8));
+    if rows == 0 {
+        return;
+    }
+    let n = out.len() / rows;
+    for (r, o) in out.chunks_exact_mut(n.max(1)).enumerate().take(rows) {
+        let start = usize::try_from(offsets[r]).unwrap_or(usize::MAX).min(vals.len());
+        gemv_row_scalar(&mask[r * mb..(r + 1) * mb], &vals[start..], cols, x, o);
+    }
+}
 
 /// The reference path: walks the set bits one by one.
 fn gemv_row_scalar<T: BitmaskValue>(mask: &[u8], vals: &[T], cols: usize, x: &[f32], out: &mut [f32]) {
@@ -214,17 +257,18 @@ mod avx2 {
     }
 
     /// The first `pc` values at `p` widened to f32 in lanes 0..pc, zeros above.
-    /// Caller: `pc <= 8` and `pc <= avail`, the values readable at `p`.
+    /// Caller: `pc <= 8` and `pc <= avail`, the values readable at `p`; unless `CHECKED`, also
+    /// `avail >= 8` (lets a load skip the end-of-array check).
     #[target_feature(enable = "avx2,fma,f16c,popcnt")]
     #[inline]
-    unsafe fn load_f32(p: *const f32, pc: usize, _avail: usize) -> __m256 {
+    unsafe fn load_f32<const CHECKED: bool>(p: *const f32, pc: usize, _avail: usize) -> __m256 {
         // SAFETY: lanes past `pc` are masked off and VMASKMOVPS does not touch (or fault on) them.
         unsafe { _mm256_maskload_ps(p, first_lanes(pc)) }
     }
     #[target_feature(enable = "avx2,fma,f16c,popcnt")]
     #[inline]
-    unsafe fn load_bf16(p: *const bf16, pc: usize, avail: usize) -> __m256 {
-        let h = if avail >= 8 {
+    unsafe fn load_bf16<const CHECKED: bool>(p: *const bf16, pc: usize, avail: usize) -> __m256 {
+        let h = if !CHECKED || avail >= 8 {
             // SAFETY: 8 readable bf16 at `p`.
             unsafe { _mm_loadu_si128(p as *const __m128i) }
         } else {
@@ -259,79 +303,103 @@ mod avx2 {
 
     macro_rules! kernels {
         ($t:ty, $load:ident, $gemv:ident, $expand:ident) => {
-            /// One row against `N` activation rows, `U` mask bytes per step with their own
-            /// accumulators (FMA latency needs ≥ 4 independent chains when `N` is small).
+            /// A block's rows, `R` at a time, against `N` activation rows: the `R` rows share every
+            /// x load and their `R · N` accumulators are independent FMA chains.
             ///
             /// # Safety
-            /// The contract of `Sealed::gemv_row` with `out.len() == N`.
+            /// The contract of `Sealed::gemv_block` with `out.len() == offsets.len() * N`.
+            #[allow(clippy::needless_range_loop)] // parallel arrays indexed by the same row
             #[target_feature(enable = "avx2,fma,f16c,popcnt")]
-            pub(super) unsafe fn $gemv<const N: usize, const U: usize>(
+            pub(super) unsafe fn $gemv<const N: usize, const R: usize>(
                 mask: &[u8],
                 vals: &[$t],
+                offsets: &[i64],
                 cols: usize,
                 x: &[f32],
                 out: &mut [f32],
             ) {
-                let mut acc = [[_mm256_setzero_ps(); N]; U];
-                let full = cols / 8;
-                let (mp, xp) = (mask.as_ptr(), x.as_ptr());
-                let mut p = vals.as_ptr();
-                // Values readable from `p` on; only ever decreases by what was consumed.
-                let mut avail = vals.len();
-                let mut j = 0;
-                while j + U <= full {
-                    for (u, a) in acc.iter_mut().enumerate() {
-                        // SAFETY: j + u < full <= mask.len(); the mask's set bits up to here
-                        // count the values consumed, which the contract bounds by vals.len(), so
-                        // pc <= avail; x row i has cols >= 8 (j + u + 1) columns.
+                let rows = offsets.len();
+                let (mb, full, rem) = (cols.div_ceil(8), cols / 8, cols % 8);
+                let xp = x.as_ptr();
+                let mut r = 0;
+                while r + R <= rows {
+                    let mut mp = [mask.as_ptr(); R];
+                    let mut p = [vals.as_ptr(); R];
+                    // Values readable from p[k] on.
+                    let mut avail = [0usize; R];
+                    for k in 0..R {
+                        let off = offsets[r + k] as usize;
+                        // SAFETY: row r + k < rows owns mask bytes (r + k) mb .. (r + k + 1) mb;
+                        // its offset lies within vals (contract).
                         unsafe {
-                            let m = *mp.add(j + u);
-                            let pc = m.count_ones() as usize;
-                            let w = expand($load(p, pc, avail), m);
-                            p = p.add(pc);
-                            avail -= pc;
-                            for (i, ai) in a.iter_mut().enumerate() {
-                                *ai = _mm256_fmadd_ps(w, _mm256_loadu_ps(xp.add(i * cols + 8 * (j + u))), *ai);
+                            mp[k] = mask.as_ptr().add((r + k) * mb);
+                            p[k] = vals.as_ptr().add(off);
+                        }
+                        avail[k] = vals.len() - off;
+                    }
+                    // Several rows at once only where whole-vector loads cannot pass the end of
+                    // the values (a branch per load there makes LLVM spill the row state); the
+                    // last few rows go one at a time with checked loads.
+                    let unchecked = R > 1;
+                    if unchecked && avail.iter().any(|&a| a < cols + 8) {
+                        break;
+                    }
+                    let mut acc = [[_mm256_setzero_ps(); N]; R];
+                    for j in 0..full {
+                        let mut w = [_mm256_setzero_ps(); R];
+                        for k in 0..R {
+                            // SAFETY: byte j < full <= mb of row r + k; the set bits read so far
+                            // count the values consumed, which the contract bounds by what vals
+                            // holds from the row's offset on, so pc <= avail[k].
+                            unsafe {
+                                let m = *mp[k].add(j);
+                                let pc = m.count_ones() as usize;
+                                let v = if unchecked {
+                                    $load::<false>(p[k], pc, avail[k])
+                                } else {
+                                    $load::<true>(p[k], pc, avail[k])
+                                };
+                                w[k] = expand(v, m);
+                                p[k] = p[k].add(pc);
+                                avail[k] -= pc;
+                            }
+                        }
+                        for i in 0..N {
+                            // SAFETY: x row i has cols >= 8 (j + 1) columns.
+                            let xv = unsafe { _mm256_loadu_ps(xp.add(i * cols + 8 * j)) };
+                            for k in 0..R {
+                                acc[k][i] = _mm256_fmadd_ps(w[k], xv, acc[k][i]);
                             }
                         }
                     }
-                    j += U;
-                }
-                while j < full {
-                    // SAFETY: as above.
-                    unsafe {
-                        let m = *mp.add(j);
-                        let pc = m.count_ones() as usize;
-                        let w = expand($load(p, pc, avail), m);
-                        p = p.add(pc);
-                        avail -= pc;
-                        for (i, ai) in acc[0].iter_mut().enumerate() {
-                            *ai = _mm256_fmadd_ps(w, _mm256_loadu_ps(xp.add(i * cols + 8 * j)), *ai);
+                    if rem > 0 {
+                        let mut w = [_mm256_setzero_ps(); R];
+                        for k in 0..R {
+                            // SAFETY: byte `full` exists (mb = full + 1); its padding bits are zero
+                            // so its set bits are the row's remaining values.
+                            unsafe {
+                                let m = *mp[k].add(full);
+                                w[k] = expand($load::<true>(p[k], m.count_ones() as usize, avail[k]), m);
+                            }
+                        }
+                        for i in 0..N {
+                            // SAFETY: the masked load reads only the `rem` columns left in x row i.
+                            let xv = unsafe { _mm256_maskload_ps(xp.add(i * cols + 8 * full), first_lanes(rem)) };
+                            for k in 0..R {
+                                acc[k][i] = _mm256_fmadd_ps(w[k], xv, acc[k][i]);
+                            }
                         }
                     }
-                    j += 1;
-                }
-                let rem = cols - 8 * full;
-                if rem > 0 {
-                    // SAFETY: byte `full` exists (cols.div_ceil(8) bytes); its padding bits are
-                    // zero so its set bits are the remaining values; the masked x loads read only
-                    // the `rem` columns left in each x row.
-                    unsafe {
-                        let m = *mp.add(full);
-                        let pc = m.count_ones() as usize;
-                        let w = expand($load(p, pc, avail), m);
-                        for (i, ai) in acc[0].iter_mut().enumerate() {
-                            let xv = _mm256_maskload_ps(xp.add(i * cols + 8 * full), first_lanes(rem));
-                            *ai = _mm256_fmadd_ps(w, xv, *ai);
+                    for k in 0..R {
+                        for i in 0..N {
+                            out[(r + k) * N + i] = hsum(acc[k][i]);
                         }
                     }
+                    r += R;
                 }
-                for (i, o) in out.iter_mut().enumerate().take(N) {
-                    let mut s = acc[0][i];
-                    for a in acc.iter().skip(1) {
-                        s = _mm256_add_ps(s, a[i]);
-                    }
-                    *o = hsum(s);
+                if r < rows && R > 1 {
+                    // SAFETY: the remaining rows are a block satisfying the same contract.
+                    unsafe { $gemv::<N, 1>(&mask[r * mb..], vals, &offsets[r..], cols, x, &mut out[r * N..]) };
                 }
             }
 
@@ -348,7 +416,7 @@ mod avx2 {
                     unsafe {
                         let m = *mp.add(j);
                         let pc = m.count_ones() as usize;
-                        _mm256_storeu_ps(dp.add(8 * j), expand($load(p, pc, avail), m));
+                        _mm256_storeu_ps(dp.add(8 * j), expand($load::<true>(p, pc, avail), m));
                         p = p.add(pc);
                         avail -= pc;
                     }
@@ -358,7 +426,7 @@ mod avx2 {
                     // SAFETY: byte `full` exists; the masked store writes the `rem` slots left.
                     unsafe {
                         let m = *mp.add(full);
-                        let w = expand($load(p, m.count_ones() as usize, avail), m);
+                        let w = expand($load::<true>(p, m.count_ones() as usize, avail), m);
                         _mm256_maskstore_ps(dp.add(8 * full), first_lanes(rem), w);
                     }
                 }
@@ -403,76 +471,89 @@ mod avx512 {
 
     macro_rules! kernels {
         ($t:ty, $load:ident, $gemv:ident, $expand:ident) => {
-            /// One row against `N` activation rows, `U` mask words per step with their own
-            /// accumulators.
+            /// A block's rows, `R` at a time, against `N` activation rows: the `R` rows share every
+            /// x load (loads, not arithmetic, limit this loop on Zen 4) and their `R · N`
+            /// accumulators are independent FMA chains.
             ///
             /// # Safety
-            /// The contract of `Sealed::gemv_row` with `out.len() == N`.
+            /// The contract of `Sealed::gemv_block` with `out.len() == offsets.len() * N`.
+            #[allow(clippy::needless_range_loop)] // parallel arrays indexed by the same row
             #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c,popcnt")]
-            pub(super) unsafe fn $gemv<const N: usize, const U: usize>(
+            pub(super) unsafe fn $gemv<const N: usize, const R: usize>(
                 mask: &[u8],
                 vals: &[$t],
+                offsets: &[i64],
                 cols: usize,
                 x: &[f32],
                 out: &mut [f32],
             ) {
-                let mut acc = [[_mm512_setzero_ps(); N]; U];
-                let full = cols / 16;
-                let (mp, xp) = (mask.as_ptr(), x.as_ptr());
-                let mut p = vals.as_ptr();
-                let mut j = 0;
-                while j + U <= full {
-                    for (u, a) in acc.iter_mut().enumerate() {
-                        // SAFETY: bytes 2(j+u), 2(j+u)+1 < 2 full <= mask.len(); the set bits up
-                        // to here count the values consumed, bounded by vals.len() (contract);
-                        // x row i has cols >= 16 (j + u + 1) columns.
+                let rows = offsets.len();
+                let (mb, full, rem) = (cols.div_ceil(8), cols / 16, cols % 16);
+                let xp = x.as_ptr();
+                let mut r = 0;
+                while r + R <= rows {
+                    let mut mp = [mask.as_ptr(); R];
+                    let mut p = [vals.as_ptr(); R];
+                    for k in 0..R {
+                        // SAFETY: row r + k < rows owns mask bytes (r + k) mb .. (r + k + 1) mb;
+                        // its offset lies within vals (contract).
                         unsafe {
-                            let m = (mp.add(2 * (j + u)) as *const u16).read_unaligned();
-                            let pc = m.count_ones() as usize;
-                            let w = _mm512_maskz_expand_ps(m, $load(p, pc));
-                            p = p.add(pc);
-                            for (i, ai) in a.iter_mut().enumerate() {
-                                *ai = _mm512_fmadd_ps(w, _mm512_loadu_ps(xp.add(i * cols + 16 * (j + u))), *ai);
+                            mp[k] = mask.as_ptr().add((r + k) * mb);
+                            p[k] = vals.as_ptr().add(offsets[r + k] as usize);
+                        }
+                    }
+                    let mut acc = [[_mm512_setzero_ps(); N]; R];
+                    for j in 0..full {
+                        let mut w = [_mm512_setzero_ps(); R];
+                        for k in 0..R {
+                            // SAFETY: bytes 2j, 2j + 1 < 2 full <= mb of row r + k; the set bits
+                            // read so far count the values consumed, which the contract bounds by
+                            // what vals holds from the row's offset on.
+                            unsafe {
+                                let m = (mp[k].add(2 * j) as *const u16).read_unaligned();
+                                let pc = m.count_ones() as usize;
+                                w[k] = _mm512_maskz_expand_ps(m, $load(p[k], pc));
+                                p[k] = p[k].add(pc);
+                            }
+                        }
+                        for i in 0..N {
+                            // SAFETY: x row i has cols >= 16 (j + 1) columns.
+                            let xv = unsafe { _mm512_loadu_ps(xp.add(i * cols + 16 * j)) };
+                            for k in 0..R {
+                                acc[k][i] = _mm512_fmadd_ps(w[k], xv, acc[k][i]);
                             }
                         }
                     }
-                    j += U;
-                }
-                while j < full {
-                    // SAFETY: as above.
-                    unsafe {
-                        let m = (mp.add(2 * j) as *const u16).read_unaligned();
-                        let pc = m.count_ones() as usize;
-                        let w = _mm512_maskz_expand_ps(m, $load(p, pc));
-                        p = p.add(pc);
-                        for (i, ai) in acc[0].iter_mut().enumerate() {
-                            *ai = _mm512_fmadd_ps(w, _mm512_loadu_ps(xp.add(i * cols + 16 * j)), *ai);
+                    if rem > 0 {
+                        let mut w = [_mm512_setzero_ps(); R];
+                        for k in 0..R {
+                            // SAFETY: the row has 2 full + 1 (rem <= 8) or + 2 bytes; padding bits
+                            // are zero so the word's set bits are the row's remaining values.
+                            unsafe {
+                                let lo = *mp[k].add(2 * full) as u16;
+                                let hi = if rem > 8 { *mp[k].add(2 * full + 1) as u16 } else { 0 };
+                                let m = lo | (hi << 8);
+                                w[k] = _mm512_maskz_expand_ps(m, $load(p[k], m.count_ones() as usize));
+                            }
+                        }
+                        for i in 0..N {
+                            // SAFETY: the masked load reads only the `rem` columns left in x row i.
+                            let xv = unsafe { _mm512_maskz_loadu_ps(first_lanes(rem), xp.add(i * cols + 16 * full)) };
+                            for k in 0..R {
+                                acc[k][i] = _mm512_fmadd_ps(w[k], xv, acc[k][i]);
+                            }
                         }
                     }
-                    j += 1;
-                }
-                let rem = cols - 16 * full;
-                if rem > 0 {
-                    // SAFETY: the row has 2 full + 1 or + 2 bytes (rem <= 8 or > 8); padding bits
-                    // are zero so the word's set bits are the remaining values; masked x loads
-                    // read only the `rem` columns left in each x row.
-                    unsafe {
-                        let lo = *mp.add(2 * full) as u16;
-                        let hi = if rem > 8 { *mp.add(2 * full + 1) as u16 } else { 0 };
-                        let m = lo | (hi << 8);
-                        let w = _mm512_maskz_expand_ps(m, $load(p, m.count_ones() as usize));
-                        for (i, ai) in acc[0].iter_mut().enumerate() {
-                            let xv = _mm512_maskz_loadu_ps(first_lanes(rem), xp.add(i * cols + 16 * full));
-                            *ai = _mm512_fmadd_ps(w, xv, *ai);
+                    for k in 0..R {
+                        for i in 0..N {
+                            out[(r + k) * N + i] = _mm512_reduce_add_ps(acc[k][i]);
                         }
                     }
+                    r += R;
                 }
-                for (i, o) in out.iter_mut().enumerate().take(N) {
-                    let mut s = acc[0][i];
-                    for a in acc.iter().skip(1) {
-                        s = _mm512_add_ps(s, a[i]);
-                    }
-                    *o = _mm512_reduce_add_ps(s);
+                if r < rows && R > 1 {
+                    // SAFETY: the remaining rows are a block satisfying the same contract.
+                    unsafe { $gemv::<N, 1>(&mask[r * mb..], vals, &offsets[r..], cols, x, &mut out[r * N..]) };
                 }
             }
 
@@ -767,31 +848,28 @@ pub fn matmul_on<T: BitmaskValue>(isa: Isa, w: &BitmaskView<'_, T>, x: &[f32], n
         return Ok(());
     }
     let per = dense::rows_per_task(rows);
+    let mb = w.mask_bytes();
+    // One task: rows t·per .. into `out` ([rows, n]).
+    let gemv = |t: usize, out: &mut [f32]| {
+        let (r0, r1) = (t * per, t * per + out.len() / n);
+        let (mask, offsets) = (&w.bitmask[r0 * mb..r1 * mb], &w.row_offsets[r0..r1]);
+        if isa == Isa::Scalar || n > dense::GEMV_MAX_N {
+            gemv_block_scalar(mask, w.values, offsets, cols, x, out);
+        } else {
+            // SAFETY: the view was validated (mask length, zero padding bits, offsets in range
+            // with enough values from each), x is [n, cols] and out [r1 - r0, n] (checked above
+            // and by the chunking), 1 <= n <= 8, and `isa` is supported (checked above).
+            unsafe { T::gemv_block(isa, mask, w.values, offsets, cols, x, out) };
+        }
+    };
     if n == 1 {
-        y.par_chunks_mut(per).enumerate().for_each(|(t, out)| {
-            for (j, o) in out.chunks_mut(1).enumerate() {
-                let (mask, vals) = w.row_parts(t * per + j);
-                // SAFETY: the view was validated (mask length, zero padding, enough values from
-                // the row's offset on), x is [1, cols] (checked) and `isa` is supported (checked).
-                unsafe { T::gemv_row(isa, mask, vals, cols, x, o) };
-            }
-        });
+        y.par_chunks_mut(per).enumerate().for_each(|(t, out)| gemv(t, out));
         return Ok(());
     }
     // Transposed output [rows, n] so that row ranges are contiguous and tasks write disjoint chunks.
     let mut yt = vec![0f32; rows * n];
     if n <= dense::GEMV_MAX_N || isa == Isa::Scalar {
-        yt.par_chunks_mut(per * n).enumerate().for_each(|(t, out)| {
-            for (j, o) in out.chunks_mut(n).enumerate() {
-                let (mask, vals) = w.row_parts(t * per + j);
-                if isa == Isa::Scalar {
-                    gemv_row_scalar(mask, vals, cols, x, o);
-                } else {
-                    // SAFETY: as above, and 2 <= n <= 8 here.
-                    unsafe { T::gemv_row(isa, mask, vals, cols, x, o) };
-                }
-            }
-        });
+        yt.par_chunks_mut(per * n).enumerate().for_each(|(t, out)| gemv(t, out));
     } else {
         yt.par_chunks_mut(dense::PANEL_ROWS * n).enumerate().for_each(|(p, out)| {
             let r0 = p * dense::PANEL_ROWS;
