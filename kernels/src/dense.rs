@@ -66,9 +66,9 @@ macro_rules! element_impl {
                 debug_assert_eq!(w.len(), x.len());
                 match isa {
                     #[cfg(target_arch = "x86_64")]
-                    // SAFETY: `Isa::Avx2` is only ever produced by `cpu` after detecting AVX2, FMA
-                    // and F16C on this CPU.
-                    Isa::Avx2 => unsafe { avx2::$avx2_dot(w, x) },
+                    // SAFETY: `Isa::Avx2` and `Isa::Avx512` are only ever produced by `cpu` after
+                    // detecting AVX2, FMA and F16C on this CPU. AVX-512 has no dense body yet.
+                    Isa::Avx2 | Isa::Avx512 => unsafe { avx2::$avx2_dot(w, x) },
                     _ => dot_scalar(w, x),
                 }
             }
@@ -204,11 +204,11 @@ impl<'a, T: Element> DenseMatrix<'a, T> {
 
 /// Up to this many activation rows the product is a (multi-)GEMV: each weight row is streamed from
 /// memory once and dotted with every activation row while it sits in L1.
-const GEMV_MAX_N: usize = 8;
+pub(crate) const GEMV_MAX_N: usize = 8;
 /// Weight rows per GEMM panel: 64 rows × ≤ 4096 cols × 4 B ≤ 1 MiB of widened f32 per thread.
-const PANEL_ROWS: usize = 64;
+pub(crate) const PANEL_ROWS: usize = 64;
 
-fn rows_per_task(rows: usize) -> usize {
+pub(crate) fn rows_per_task(rows: usize) -> usize {
     // Several tasks per thread so a thread that loses its core is covered by work stealing instead
     // of stalling the others at the end of the product.
     (rows / (cpu::threads() * 8)).clamp(8, 512)
@@ -222,6 +222,9 @@ pub fn matmul<T: Element>(w: &DenseMatrix<'_, T>, x: &[f32], n: usize, y: &mut [
 /// [`matmul`] on an explicit path (tests and benches compare the paths).
 pub fn matmul_on<T: Element>(isa: Isa, w: &DenseMatrix<'_, T>, x: &[f32], n: usize, y: &mut [f32]) -> Result<()> {
     let (rows, cols) = (w.rows, w.cols);
+    if !cpu::supports(isa) {
+        return Err(KernelError::Unsupported(format!("the {} kernels on this CPU", isa.name())));
+    }
     if x.len() != n * cols {
         return Err(KernelError::Shape(format!(
             "activations: expected [{n}, {cols}] = {} values, got {}",
@@ -294,7 +297,7 @@ fn with_widened<T: Element, R>(src: &[T], f: impl FnOnce(&[f32]) -> R) -> R {
 }
 
 /// `out[j, i] = Σ_k x[i, k] · panel[j, k]` for a panel of `pr` weight rows (out is `[pr, n]`).
-fn gemm_panel(x: &[f32], n: usize, k: usize, panel: &[f32], pr: usize, out: &mut [f32]) {
+pub(crate) fn gemm_panel(x: &[f32], n: usize, k: usize, panel: &[f32], pr: usize, out: &mut [f32]) {
     debug_assert!(x.len() == n * k && panel.len() == pr * k && out.len() == pr * n);
     // SAFETY: dst is `out` viewed as [n, pr] with (row stride 1, col stride n): max index
     // (n-1) + (pr-1)·n < pr·n = out.len(). lhs is `x` as [n, k] (row stride k, col stride 1): max

@@ -1,0 +1,1247 @@
+//! Bitmask-sparse weights (the compressed-tensors `sparse-bitmask` layout) and their products.
+//!
+//! A `[rows, cols]` weight is stored as
+//! - `bitmask`: `[rows, ceil(cols / 8)]` bytes; bit `c % 8` of byte `c / 8` of a row (least
+//!   significant bit first, numpy's `packbits(bitorder="little")`) says whether column `c` holds a
+//!   stored value; every row is padded to whole bytes on its own and padding bits are zero;
+//! - `values`: the stored values in row-major order;
+//! - `row_offsets`: `rows` entries, where each row's values start in `values`.
+//!
+//! Decoding streams every weight once per token, so it is bound by memory bandwidth: this layout
+//! costs `1/8 + (1 - s) · size_of::<T>()` bytes per weight at sparsity `s`, and the kernels expand
+//! the packed values back into SIMD registers under the mask so that time follows those bytes.
+//!
+//! Products use the dense convention: `y[n, rows] = x[n, cols] · Wᵀ` with f32 activations.
+
+use std::cell::RefCell;
+
+use half::bf16;
+use rayon::prelude::*;
+
+use crate::cpu::{self, Isa};
+use crate::dense;
+use crate::{KernelError, Result};
+
+const FORMAT: &str = "sparse-bitmask";
+
+fn format_err(msg: String) -> KernelError {
+    KernelError::Format { format: FORMAT, msg }
+}
+
+mod sealed {
+    use crate::cpu::Isa;
+
+    pub trait Sealed: Sized {
+        /// `out[r, i] = Σ_c W[r, c] · x[i, c]` for a block of `offsets.len()` rows and
+        /// `n = out.len() / offsets.len()` activation rows (`out` is `[rows, n]`).
+        ///
+        /// # Safety
+        /// `isa` is supported by this CPU; `mask` is `offsets.len() · cols.div_ceil(8)` bytes whose
+        /// padding bits are zero; every offset is in `0..=vals.len()` and `vals[offsets[r]..]`
+        /// holds at least as many values as row `r` of `mask` has set bits; `x.len() == n · cols`;
+        /// `1 <= n <= 8`.
+        unsafe fn gemv_block(
+            isa: Isa,
+            mask: &[u8],
+            vals: &[Self],
+            offsets: &[i64],
+            cols: usize,
+            x: &[f32],
+            out: &mut [f32],
+        );
+        /// Writes the dense f32 row into `dst` (`dst.len() == cols`).
+        ///
+        /// # Safety
+        /// `isa` is supported by this CPU; `mask` is `cols.div_ceil(8)` bytes whose padding bits
+        /// are zero; `vals` holds at least as many values as `mask` has set bits.
+        unsafe fn expand_row(isa: Isa, mask: &[u8], vals: &[Self], cols: usize, dst: &mut [f32]);
+    }
+}
+
+/// A value type a bitmask matrix stores (f32 and bf16; quantised types slot in next to them).
+pub trait BitmaskValue: Copy + Send + Sync + PartialEq + std::fmt::Debug + bytemuck::Pod + sealed::Sealed {
+    const NAME: &'static str;
+    const ZERO: Self;
+    /// Whether `from_dense` keeps the value: compressed-tensors stores `v != 0`, so ±0 are dropped.
+    fn is_stored(self) -> bool;
+    fn to_f32(self) -> f32;
+}
+
+impl BitmaskValue for f32 {
+    const NAME: &'static str = "f32";
+    const ZERO: Self = 0.0;
+    #[inline]
+    fn is_stored(self) -> bool {
+        self != 0.0
+    }
+    #[inline]
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+impl BitmaskValue for bf16 {
+    const NAME: &'static str = "bf16";
+    const ZERO: Self = bf16::ZERO;
+    #[inline]
+    fn is_stored(self) -> bool {
+        // NaN != 0 holds, so NaNs are stored like any other non-zero.
+        self.to_bits() & 0x7fff != 0
+    }
+    #[inline]
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+}
+
+macro_rules! sealed_impl {
+    ($t:ty, $avx2_gemv:ident, $avx2_expand:ident, $avx512_gemv:ident, $avx512_expand:ident) => {
+        impl sealed::Sealed for $t {
+            #[inline]
+            unsafe fn gemv_block(
+                isa: Isa,
+                mask: &[u8],
+                vals: &[Self],
+                offsets: &[i64],
+                cols: usize,
+                x: &[f32],
+                out: &mut [f32],
+            ) {
+                let n = if offsets.is_empty() { 1 } else { out.len() / offsets.len() };
+                let a = (mask, vals, offsets, cols, x, out);
+                match isa {
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: the caller's contract is the kernels' contract; `isa` is supported.
+                    // Rows per step: 4 while `R · (N + 1)` accumulators and expanded rows fit the
+                    // 32 zmm registers, else 2.
+                    Isa::Avx512 => unsafe {
+                        match n {
+                            1 => avx512::$avx512_gemv::<1, 4>(a.0, a.1, a.2, a.3, a.4, a.5),
+                            2 => avx512::$avx512_gemv::<2, 4>(a.0, a.1, a.2, a.3, a.4, a.5),
+                            3 => avx512::$avx512_gemv::<3, 4>(a.0, a.1, a.2, a.3, a.4, a.5),
+                            4 => avx512::$avx512_gemv::<4, 4>(a.0, a.1, a.2, a.3, a.4, a.5),
+                            5 => avx512::$avx512_gemv::<5, 2>(a.0, a.1, a.2, a.3, a.4, a.5),
+                            6 => avx512::$avx512_gemv::<6, 2>(a.0, a.1, a.2, a.3, a.4, a.5),
+                            7 => avx512::$avx512_gemv::<7, 2>(a.0, a.1, a.2, a.3, a.4, a.5),
+                            _ => avx512::$avx512_gemv::<8, 2>(a.0, a.1, a.2, a.3, a.4, a.5),
+                        }
+                    },
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: as above; 16 ymm registers bound `R · (N + 1)`.
+                    Isa::Avx2 => unsafe {
+                        match n {
+                            1 => avx2::$avx2_gemv::<1, 4>(a.0, a.1, a.2, a.3, a.4, a.5),
+                            2 => avx2::$avx2_gemv::<2, 4>(a.0, a.1, a.2, a.3, a.4, a.5),
+                            3 => avx2::$avx2_gemv::<3, 2>(a.0, a.1, a.2, a.3, a.4, a.5),
+                            4 => avx2::$avx2_gemv::<4, 2>(a.0, a.1, a.2, a.3, a.4, a.5),
+                            5 => avx2::$avx2_gemv::<5, 1>(a.0, a.1, a.2, a.3, a.4, a.5),
+                            6 => avx2::$avx2_gemv::<6, 1>(a.0, a.1, a.2, a.3, a.4, a.5),
+                            7 => avx2::$avx2_gemv::<7, 1>(a.0, a.1, a.2, a.3, a.4, a.5),
+                            _ => avx2::$avx2_gemv::<8, 1>(a.0, a.1, a.2, a.3, a.4, a.5),
+                        }
+                    },
+                    _ => gemv_block_scalar(a.0, a.1, a.2, a.3, a.4, a.5),
+                }
+            }
+            #[inline]
+            unsafe fn expand_row(isa: Isa, mask: &[u8], vals: &[Self], cols: usize, dst: &mut [f32]) {
+                match isa {
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: the caller's contract is the kernel's contract; `isa` is supported.
+                    Isa::Avx512 => unsafe { avx512::$avx512_expand(mask, vals, cols, dst) },
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: as above.
+                    Isa::Avx2 => unsafe { avx2::$avx2_expand(mask, vals, cols, dst) },
+                    _ => expand_row_scalar(mask, vals, dst),
+                }
+            }
+        }
+    };
+}
+
+sealed_impl!(f32, gemv_f32, expand_f32, gemv_f32, expand_f32);
+sealed_impl!(bf16, gemv_bf16, expand_bf16, gemv_bf16_any, expand_bf16);
+
+/// The reference path over a block of rows (any `n`).
+fn gemv_block_scalar<T: BitmaskValue>(
+    mask: &[u8],
+    vals: &[T],
+    offsets: &[i64],
+    cols: usize,
+    x: &[f32],
+    out: &mut [f32],
+) {
+    let (rows, mb) = (offsets.len(), cols.div_ceil(8));
+    if rows == 0 {
+        return;
+    }
+    let n = out.len() / rows;
+    for (r, o) in out.chunks_exact_mut(n.max(1)).enumerate().take(rows) {
+        let start = usize::try_from(offsets[r]).unwrap_or(usize::MAX).min(vals.len());
+        gemv_row_scalar(&mask[r * mb..(r + 1) * mb], &vals[start..], cols, x, o);
+    }
+}
+
+/// The reference path: walks the set bits one by one.
+fn gemv_row_scalar<T: BitmaskValue>(mask: &[u8], vals: &[T], cols: usize, x: &[f32], out: &mut [f32]) {
+    out.fill(0.0);
+    let mut vals = vals.iter();
+    for (b, &m) in mask.iter().enumerate() {
+        let mut bits = m;
+        while bits != 0 {
+            let c = b * 8 + bits.trailing_zeros() as usize;
+            bits &= bits - 1;
+            let Some(w) = vals.next() else { return };
+            let w = w.to_f32();
+            for (i, o) in out.iter_mut().enumerate() {
+                *o += w * x[i * cols + c];
+            }
+        }
+    }
+}
+
+fn expand_row_scalar<T: BitmaskValue>(mask: &[u8], vals: &[T], dst: &mut [f32]) {
+    dst.fill(0.0);
+    let mut vals = vals.iter();
+    for (b, &m) in mask.iter().enumerate() {
+        let mut bits = m;
+        while bits != 0 {
+            let c = b * 8 + bits.trailing_zeros() as usize;
+            bits &= bits - 1;
+            if let (Some(v), Some(d)) = (vals.next(), dst.get_mut(c)) {
+                *d = v.to_f32();
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    //! 8 lanes per mask byte: the byte's set bits load that many packed values, and a 256-entry
+    //! table of lane indices (`_mm256_permutevar8x32_ps`) moves each value to its column.
+    use half::bf16;
+    use std::arch::x86_64::*;
+
+    /// Lane `k` of entry `b` (byte `k` of the u64) is the rank of bit `k` among the set bits of `b`,
+    /// or 7 when bit `k` is clear: a clear bit means fewer than 8 values were loaded, so lane 7 is
+    /// one of the zeroed lanes past them.
+    static EXPAND_IDX: [u64; 256] = {
+        let mut t = [0u64; 256];
+        let mut b = 0;
+        while b < 256 {
+            let (mut rank, mut e, mut k) = (0u64, 0u64, 0);
+            while k < 8 {
+                let lane = if (b >> k) & 1 == 1 {
+                    rank += 1;
+                    rank - 1
+                } else {
+                    7
+                };
+                e |= lane << (8 * k);
+                k += 1;
+            }
+            t[b] = e;
+            b += 1;
+        }
+        t
+    };
+    /// Loading 8 lanes at `8 - k` gives a mask of the first `k` lanes.
+    static FIRST: [i32; 16] = [-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0];
+
+    #[target_feature(enable = "avx2,fma,f16c,popcnt")]
+    #[inline]
+    fn first_lanes(k: usize) -> __m256i {
+        debug_assert!(k <= 8);
+        // SAFETY: k <= 8, so lanes 8-k .. 16-k lie inside FIRST.
+        unsafe { _mm256_loadu_si256(FIRST.as_ptr().add(8 - k.min(8)) as *const __m256i) }
+    }
+
+    /// The first `pc` values at `p` widened to f32 in lanes 0..pc, zeros above.
+    /// Caller: `pc <= 8` and `pc <= avail`, the values readable at `p`; unless `CHECKED`, also
+    /// `avail >= 8` (lets a load skip the end-of-array check).
+    #[target_feature(enable = "avx2,fma,f16c,popcnt")]
+    #[inline]
+    unsafe fn load_f32<const CHECKED: bool>(p: *const f32, pc: usize, _avail: usize) -> __m256 {
+        // SAFETY: lanes past `pc` are masked off and VMASKMOVPS does not touch (or fault on) them.
+        unsafe { _mm256_maskload_ps(p, first_lanes(pc)) }
+    }
+    #[target_feature(enable = "avx2,fma,f16c,popcnt")]
+    #[inline]
+    unsafe fn load_bf16<const CHECKED: bool>(p: *const bf16, pc: usize, avail: usize) -> __m256 {
+        let h = if !CHECKED || avail >= 8 {
+            // SAFETY: 8 readable bf16 at `p`.
+            unsafe { _mm_loadu_si128(p as *const __m128i) }
+        } else {
+            // Only at the very end of the value array.
+            let mut buf = [0u16; 8];
+            // SAFETY: `pc <= avail` values are readable at `p`; `buf` holds 8.
+            unsafe { std::ptr::copy_nonoverlapping(p as *const u16, buf.as_mut_ptr(), pc.min(8)) };
+            // SAFETY: `buf` is 16 bytes.
+            unsafe { _mm_loadu_si128(buf.as_ptr() as *const __m128i) }
+        };
+        let wide = _mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h));
+        _mm256_castsi256_ps(_mm256_and_si256(wide, first_lanes(pc)))
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,popcnt")]
+    #[inline]
+    fn expand(v: __m256, m: u8) -> __m256 {
+        // SAFETY: `m` indexes a 256-entry table; the load reads the 8 bytes of one entry.
+        let idx =
+            unsafe { _mm256_cvtepu8_epi32(_mm_loadl_epi64(EXPAND_IDX.as_ptr().add(m as usize) as *const __m128i)) };
+        _mm256_permutevar8x32_ps(v, idx)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,popcnt")]
+    #[inline]
+    fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps::<0b01>(s, s));
+        _mm_cvtss_f32(s)
+    }
+
+    macro_rules! kernels {
+        ($t:ty, $load:ident, $gemv:ident, $expand:ident) => {
+            /// A block's rows, `R` at a time, against `N` activation rows: the `R` rows share every
+            /// x load and their `R · N` accumulators are independent FMA chains.
+            ///
+            /// # Safety
+            /// The contract of `Sealed::gemv_block` with `out.len() == offsets.len() * N`.
+            #[allow(clippy::needless_range_loop)] // parallel arrays indexed by the same row
+            #[target_feature(enable = "avx2,fma,f16c,popcnt")]
+            pub(super) unsafe fn $gemv<const N: usize, const R: usize>(
+                mask: &[u8],
+                vals: &[$t],
+                offsets: &[i64],
+                cols: usize,
+                x: &[f32],
+                out: &mut [f32],
+            ) {
+                let rows = offsets.len();
+                let (mb, full, rem) = (cols.div_ceil(8), cols / 8, cols % 8);
+                let xp = x.as_ptr();
+                let mut r = 0;
+                while r + R <= rows {
+                    let mut mp = [mask.as_ptr(); R];
+                    let mut p = [vals.as_ptr(); R];
+                    // Values readable from p[k] on.
+                    let mut avail = [0usize; R];
+                    for k in 0..R {
+                        let off = offsets[r + k] as usize;
+                        // SAFETY: row r + k < rows owns mask bytes (r + k) mb .. (r + k + 1) mb;
+                        // its offset lies within vals (contract).
+                        unsafe {
+                            mp[k] = mask.as_ptr().add((r + k) * mb);
+                            p[k] = vals.as_ptr().add(off);
+                        }
+                        avail[k] = vals.len() - off;
+                    }
+                    // Several rows at once only where whole-vector loads cannot pass the end of
+                    // the values (a branch per load there makes LLVM spill the row state); the
+                    // last few rows go one at a time with checked loads.
+                    let unchecked = R > 1;
+                    if unchecked && avail.iter().any(|&a| a < cols + 8) {
+                        break;
+                    }
+                    let mut acc = [[_mm256_setzero_ps(); N]; R];
+                    for j in 0..full {
+                        let mut w = [_mm256_setzero_ps(); R];
+                        for k in 0..R {
+                            // SAFETY: byte j < full <= mb of row r + k; the set bits read so far
+                            // count the values consumed, which the contract bounds by what vals
+                            // holds from the row's offset on, so pc <= avail[k].
+                            unsafe {
+                                let m = *mp[k].add(j);
+                                let pc = m.count_ones() as usize;
+                                let v = if unchecked {
+                                    $load::<false>(p[k], pc, avail[k])
+                                } else {
+                                    $load::<true>(p[k], pc, avail[k])
+                                };
+                                w[k] = expand(v, m);
+                                p[k] = p[k].add(pc);
+                                avail[k] -= pc;
+                            }
+                        }
+                        for i in 0..N {
+                            // SAFETY: x row i has cols >= 8 (j + 1) columns.
+                            let xv = unsafe { _mm256_loadu_ps(xp.add(i * cols + 8 * j)) };
+                            for k in 0..R {
+                                acc[k][i] = _mm256_fmadd_ps(w[k], xv, acc[k][i]);
+                            }
+                        }
+                    }
+                    if rem > 0 {
+                        let mut w = [_mm256_setzero_ps(); R];
+                        for k in 0..R {
+                            // SAFETY: byte `full` exists (mb = full + 1); its padding bits are zero
+                            // so its set bits are the row's remaining values.
+                            unsafe {
+                                let m = *mp[k].add(full);
+                                w[k] = expand($load::<true>(p[k], m.count_ones() as usize, avail[k]), m);
+                            }
+                        }
+                        for i in 0..N {
+                            // SAFETY: the masked load reads only the `rem` columns left in x row i.
+                            let xv = unsafe { _mm256_maskload_ps(xp.add(i * cols + 8 * full), first_lanes(rem)) };
+                            for k in 0..R {
+                                acc[k][i] = _mm256_fmadd_ps(w[k], xv, acc[k][i]);
+                            }
+                        }
+                    }
+                    for k in 0..R {
+                        for i in 0..N {
+                            out[(r + k) * N + i] = hsum(acc[k][i]);
+                        }
+                    }
+                    r += R;
+                }
+                if r < rows && R > 1 {
+                    // SAFETY: the remaining rows are a block satisfying the same contract.
+                    unsafe { $gemv::<N, 1>(&mask[r * mb..], vals, &offsets[r..], cols, x, &mut out[r * N..]) };
+                }
+            }
+
+            /// # Safety
+            /// The contract of `Sealed::expand_row`.
+            #[target_feature(enable = "avx2,fma,f16c,popcnt")]
+            pub(super) unsafe fn $expand(mask: &[u8], vals: &[$t], cols: usize, dst: &mut [f32]) {
+                let full = cols / 8;
+                let (mp, dp) = (mask.as_ptr(), dst.as_mut_ptr());
+                let mut p = vals.as_ptr();
+                let mut avail = vals.len();
+                for j in 0..full {
+                    // SAFETY: as in the product: pc <= avail; dst has cols >= 8 (j + 1) slots.
+                    unsafe {
+                        let m = *mp.add(j);
+                        let pc = m.count_ones() as usize;
+                        _mm256_storeu_ps(dp.add(8 * j), expand($load::<true>(p, pc, avail), m));
+                        p = p.add(pc);
+                        avail -= pc;
+                    }
+                }
+                let rem = cols - 8 * full;
+                if rem > 0 {
+                    // SAFETY: byte `full` exists; the masked store writes the `rem` slots left.
+                    unsafe {
+                        let m = *mp.add(full);
+                        let w = expand($load::<true>(p, m.count_ones() as usize, avail), m);
+                        _mm256_maskstore_ps(dp.add(8 * full), first_lanes(rem), w);
+                    }
+                }
+            }
+        };
+    }
+    kernels!(f32, load_f32, gemv_f32, expand_f32);
+    kernels!(bf16, load_bf16, gemv_bf16, expand_bf16);
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    //! 16 lanes per 16-bit mask word: a masked load of the word's popcount of packed values
+    //! (widened to f32 for bf16) and a register-form `vexpandps` under the word.
+    //!
+    //! Measured on Zen 4 (f32, 70 % sparsity, 1024 × 1024 so that the weight sits in cache, one
+    //! thread): the memory form `_mm512_maskz_expandloadu_ps` took 2.4 ns per 16 columns, the
+    //! masked load + register-form expand used here 1.4 ns, so the register form is used for
+    //! every type. bf16 on VBMI2 CPUs goes through `gemv_bf16_vbmi2` (32 columns per step).
+    use half::bf16;
+    use std::arch::x86_64::*;
+
+    #[inline(always)]
+    fn first_lanes(k: usize) -> u16 {
+        ((1u32 << k.min(16)) - 1) as u16
+    }
+
+    /// The first `pc` values at `p` widened to f32 in lanes 0..pc, zeros above.
+    /// Caller: `pc <= 16` values are readable at `p`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c,popcnt")]
+    #[inline]
+    unsafe fn load_f32(p: *const f32, pc: usize) -> __m512 {
+        // SAFETY: masked-off lanes are neither read nor faulted on (AVX-512 fault suppression).
+        unsafe { _mm512_maskz_loadu_ps(first_lanes(pc), p) }
+    }
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c,popcnt")]
+    #[inline]
+    unsafe fn load_bf16(p: *const bf16, pc: usize) -> __m512 {
+        // SAFETY: as for f32, on 16-bit lanes (AVX512BW + VL).
+        let h = unsafe { _mm256_maskz_loadu_epi16(first_lanes(pc), p as *const i16) };
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+    }
+
+    macro_rules! kernels {
+        ($t:ty, $load:ident, $gemv:ident, $expand:ident) => {
+            /// A block's rows, `R` at a time, against `N` activation rows: the `R` rows share every
+            /// x load (loads, not arithmetic, limit this loop on Zen 4) and their `R · N`
+            /// accumulators are independent FMA chains.
+            ///
+            /// # Safety
+            /// The contract of `Sealed::gemv_block` with `out.len() == offsets.len() * N`.
+            #[allow(clippy::needless_range_loop)] // parallel arrays indexed by the same row
+            #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c,popcnt")]
+            pub(super) unsafe fn $gemv<const N: usize, const R: usize>(
+                mask: &[u8],
+                vals: &[$t],
+                offsets: &[i64],
+                cols: usize,
+                x: &[f32],
+                out: &mut [f32],
+            ) {
+                let rows = offsets.len();
+                let (mb, full, rem) = (cols.div_ceil(8), cols / 16, cols % 16);
+                let xp = x.as_ptr();
+                let mut r = 0;
+                while r + R <= rows {
+                    let mut mp = [mask.as_ptr(); R];
+                    let mut p = [vals.as_ptr(); R];
+                    for k in 0..R {
+                        // SAFETY: row r + k < rows owns mask bytes (r + k) mb .. (r + k + 1) mb;
+                        // its offset lies within vals (contract).
+                        unsafe {
+                            mp[k] = mask.as_ptr().add((r + k) * mb);
+                            p[k] = vals.as_ptr().add(offsets[r + k] as usize);
+                        }
+                    }
+                    let mut acc = [[_mm512_setzero_ps(); N]; R];
+                    for j in 0..full {
+                        let mut w = [_mm512_setzero_ps(); R];
+                        for k in 0..R {
+                            // SAFETY: bytes 2j, 2j + 1 < 2 full <= mb of row r + k; the set bits
+                            // read so far count the values consumed, which the contract bounds by
+                            // what vals holds from the row's offset on.
+                            unsafe {
+                                let m = (mp[k].add(2 * j) as *const u16).read_unaligned();
+                                let pc = m.count_ones() as usize;
+                                w[k] = _mm512_maskz_expand_ps(m, $load(p[k], pc));
+                                p[k] = p[k].add(pc);
+                            }
+                        }
+                        for i in 0..N {
+                            // SAFETY: x row i has cols >= 16 (j + 1) columns.
+                            let xv = unsafe { _mm512_loadu_ps(xp.add(i * cols + 16 * j)) };
+                            for k in 0..R {
+                                acc[k][i] = _mm512_fmadd_ps(w[k], xv, acc[k][i]);
+                            }
+                        }
+                    }
+                    if rem > 0 {
+                        let mut w = [_mm512_setzero_ps(); R];
+                        for k in 0..R {
+                            // SAFETY: the row has 2 full + 1 (rem <= 8) or + 2 bytes; padding bits
+                            // are zero so the word's set bits are the row's remaining values.
+                            unsafe {
+                                let lo = *mp[k].add(2 * full) as u16;
+                                let hi = if rem > 8 { *mp[k].add(2 * full + 1) as u16 } else { 0 };
+                                let m = lo | (hi << 8);
+                                w[k] = _mm512_maskz_expand_ps(m, $load(p[k], m.count_ones() as usize));
+                            }
+                        }
+                        for i in 0..N {
+                            // SAFETY: the masked load reads only the `rem` columns left in x row i.
+                            let xv = unsafe { _mm512_maskz_loadu_ps(first_lanes(rem), xp.add(i * cols + 16 * full)) };
+                            for k in 0..R {
+                                acc[k][i] = _mm512_fmadd_ps(w[k], xv, acc[k][i]);
+                            }
+                        }
+                    }
+                    for k in 0..R {
+                        for i in 0..N {
+                            out[(r + k) * N + i] = _mm512_reduce_add_ps(acc[k][i]);
+                        }
+                    }
+                    r += R;
+                }
+                if r < rows && R > 1 {
+                    // SAFETY: the remaining rows are a block satisfying the same contract.
+                    unsafe { $gemv::<N, 1>(&mask[r * mb..], vals, &offsets[r..], cols, x, &mut out[r * N..]) };
+                }
+            }
+
+            /// # Safety
+            /// The contract of `Sealed::expand_row`.
+            #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c,popcnt")]
+            pub(super) unsafe fn $expand(mask: &[u8], vals: &[$t], cols: usize, dst: &mut [f32]) {
+                let full = cols / 16;
+                let (mp, dp) = (mask.as_ptr(), dst.as_mut_ptr());
+                let mut p = vals.as_ptr();
+                for j in 0..full {
+                    // SAFETY: as in the product; dst has cols >= 16 (j + 1) slots.
+                    unsafe {
+                        let m = (mp.add(2 * j) as *const u16).read_unaligned();
+                        let pc = m.count_ones() as usize;
+                        _mm512_storeu_ps(dp.add(16 * j), _mm512_maskz_expand_ps(m, $load(p, pc)));
+                        p = p.add(pc);
+                    }
+                }
+                let rem = cols - 16 * full;
+                if rem > 0 {
+                    // SAFETY: as in the product's tail; the masked store writes the `rem` slots left.
+                    unsafe {
+                        let lo = *mp.add(2 * full) as u16;
+                        let hi = if rem > 8 { *mp.add(2 * full + 1) as u16 } else { 0 };
+                        let m = lo | (hi << 8);
+                        let w = _mm512_maskz_expand_ps(m, $load(p, m.count_ones() as usize));
+                        _mm512_mask_storeu_ps(dp.add(16 * full), first_lanes(rem), w);
+                    }
+                }
+            }
+        };
+    }
+    kernels!(f32, load_f32, gemv_f32, expand_f32);
+    kernels!(bf16, load_bf16, gemv_bf16, expand_bf16);
+
+    /// The first `len < 4` bytes at `p` as a little-endian word. Caller: `len` bytes readable.
+    #[inline(always)]
+    unsafe fn tail_word(p: *const u8, len: usize) -> u32 {
+        let mut m = 0u32;
+        for q in 0..len.min(4) {
+            // SAFETY: q < len bytes are readable (caller).
+            m |= (unsafe { *p.add(q) } as u32) << (8 * q);
+        }
+        m
+    }
+
+    /// Expands the popcount(m) bf16 values at `p` to the 32 columns of `m`, as f32 in unpack
+    /// order (see `gemv_bf16_vbmi2`). Caller: popcount(m) values readable at `p`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi2,avx2,fma,f16c,popcnt")]
+    #[inline]
+    unsafe fn expand32(m: u32, p: *const bf16) -> (__m512, __m512) {
+        let first = ((1u64 << m.count_ones()) - 1) as u32;
+        // SAFETY: the masked load reads the popcount(m) values the caller vouches for.
+        let v = unsafe { _mm512_maskz_loadu_epi16(first, p as *const i16) };
+        let e = _mm512_maskz_expand_epi16(m, v);
+        let zero = _mm512_setzero_si512();
+        (_mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, e)), _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, e)))
+    }
+
+    fn has_vbmi2() -> bool {
+        static V: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *V.get_or_init(|| std::is_x86_feature_detected!("avx512vbmi2"))
+    }
+
+    /// bf16 blocks: the VBMI2 kernel where the CPU has it (Ice Lake, Zen 4 and later), else the
+    /// 16-lane one. `R` is the caller's choice for the 16-lane kernel.
+    ///
+    /// # Safety
+    /// The contract of `Sealed::gemv_block` with `out.len() == offsets.len() * N`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c,popcnt")]
+    pub(super) unsafe fn gemv_bf16_any<const N: usize, const R: usize>(
+        mask: &[u8],
+        vals: &[bf16],
+        offsets: &[i64],
+        cols: usize,
+        x: &[f32],
+        out: &mut [f32],
+    ) {
+        if !has_vbmi2() {
+            // SAFETY: same contract.
+            return unsafe { gemv_bf16::<N, R>(mask, vals, offsets, cols, x, out) };
+        }
+        // SAFETY: same contract; AVX512-VBMI2 was detected. Rows per step keep the 2 · R · N
+        // accumulators, 2 R expanded halves and 2 x vectors within 32 zmm registers.
+        unsafe {
+            match N {
+                1 => gemv_bf16_vbmi2::<1, 4>(mask, vals, offsets, cols, x, out),
+                2 => gemv_bf16_vbmi2::<2, 4>(mask, vals, offsets, cols, x, out),
+                3 => gemv_bf16_vbmi2::<3, 2>(mask, vals, offsets, cols, x, out),
+                4 => gemv_bf16_vbmi2::<4, 2>(mask, vals, offsets, cols, x, out),
+                5 => gemv_bf16_vbmi2::<5, 1>(mask, vals, offsets, cols, x, out),
+                6 => gemv_bf16_vbmi2::<6, 1>(mask, vals, offsets, cols, x, out),
+                7 => gemv_bf16_vbmi2::<7, 1>(mask, vals, offsets, cols, x, out),
+                _ => gemv_bf16_vbmi2::<8, 1>(mask, vals, offsets, cols, x, out),
+            }
+        }
+    }
+
+    /// 32 bf16 columns per 32-bit mask word with half the instructions of the 16-lane kernel
+    /// (bf16 values are so small that instructions, not bytes, bound that one): one masked load
+    /// of the word's values, one `vpexpandw` putting each at its column, and two unpacks with
+    /// zero that turn the 32 bf16 into two f32 vectors. The unpacks work within 128-bit lanes, so
+    /// columns come out permuted; `x` is permuted the same way once per block instead.
+    ///
+    /// # Safety
+    /// The contract of `Sealed::gemv_block` with `out.len() == offsets.len() * N`, and the CPU
+    /// has AVX512-VBMI2.
+    #[allow(clippy::needless_range_loop)] // parallel arrays indexed by the same row
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi2,avx2,fma,f16c,popcnt")]
+    unsafe fn gemv_bf16_vbmi2<const N: usize, const R: usize>(
+        mask: &[u8],
+        vals: &[bf16],
+        offsets: &[i64],
+        cols: usize,
+        x: &[f32],
+        out: &mut [f32],
+    ) {
+        let rows = offsets.len();
+        let mb = cols.div_ceil(8);
+        let chunks = cols.div_ceil(32);
+        let c32 = chunks * 32;
+        // x in unpack order, zero-padded to whole chunks: within chunk b, the low vector's lane
+        // 4L + t holds column 32b + 8L + t and the high vector's column 32b + 8L + 4 + t.
+        let mut xs = vec![0f32; N * c32];
+        for i in 0..N {
+            for b in 0..chunks {
+                for l in 0..16 {
+                    let (lane, t) = (l / 4, l % 4);
+                    for (h, half) in [0usize, 4].into_iter().enumerate() {
+                        let c = 32 * b + 8 * lane + half + t;
+                        if c < cols {
+                            xs[i * c32 + 32 * b + 16 * h + l] = x[i * cols + c];
+                        }
+                    }
+                }
+            }
+        }
+        let xp = xs.as_ptr();
+        let mut r = 0;
+        while r + R <= rows {
+            let mut mp = [mask.as_ptr(); R];
+            let mut p = [vals.as_ptr(); R];
+            for k in 0..R {
+                // SAFETY: row r + k < rows owns mask bytes (r + k) mb .. (r + k + 1) mb; its
+                // offset lies within vals (contract).
+                unsafe {
+                    mp[k] = mask.as_ptr().add((r + k) * mb);
+                    p[k] = vals.as_ptr().add(offsets[r + k] as usize);
+                }
+            }
+            let mut lo = [[_mm512_setzero_ps(); N]; R];
+            let mut hi = [[_mm512_setzero_ps(); N]; R];
+            // Whole 4-byte mask words, then the row's last partial word if any (a branch per
+            // word to assemble it would make LLVM spill the row state).
+            let whole = mb / 4;
+            for b in 0..chunks {
+                let mut wl = [_mm512_setzero_ps(); R];
+                let mut wh = [_mm512_setzero_ps(); R];
+                for k in 0..R {
+                    // SAFETY: bytes 4b .. 4b + 4 <= mb for b < whole, else only bytes below mb
+                    // are read; padding bits are zero, so the set bits read so far count the
+                    // values consumed, bounded by what vals holds from the row's offset on
+                    // (contract).
+                    unsafe {
+                        let m = if b < whole {
+                            (mp[k].add(4 * b) as *const u32).read_unaligned()
+                        } else {
+                            tail_word(mp[k].add(4 * b), mb - 4 * b)
+                        };
+                        (wl[k], wh[k]) = expand32(m, p[k]);
+                        p[k] = p[k].add(m.count_ones() as usize);
+                    }
+                }
+                for i in 0..N {
+                    // SAFETY: xs is [N, c32] and 32 (b + 1) <= c32.
+                    let (xl, xh) = unsafe {
+                        (_mm512_loadu_ps(xp.add(i * c32 + 32 * b)), _mm512_loadu_ps(xp.add(i * c32 + 32 * b + 16)))
+                    };
+                    for k in 0..R {
+                        lo[k][i] = _mm512_fmadd_ps(wl[k], xl, lo[k][i]);
+                        hi[k][i] = _mm512_fmadd_ps(wh[k], xh, hi[k][i]);
+                    }
+                }
+            }
+            for k in 0..R {
+                for i in 0..N {
+                    out[(r + k) * N + i] = _mm512_reduce_add_ps(_mm512_add_ps(lo[k][i], hi[k][i]));
+                }
+            }
+            r += R;
+        }
+        if r < rows && R > 1 {
+            // SAFETY: the remaining rows are a block satisfying the same contract.
+            unsafe { gemv_bf16_vbmi2::<N, 1>(&mask[r * mb..], vals, &offsets[r..], cols, x, &mut out[r * N..]) };
+        }
+    }
+}
+
+fn popcount(bytes: &[u8]) -> usize {
+    let mut chunks = bytes.chunks_exact(8);
+    let mut n = 0usize;
+    for c in &mut chunks {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(c);
+        n += u64::from_le_bytes(w).count_ones() as usize;
+    }
+    n + chunks.remainder().iter().map(|b| b.count_ones() as usize).sum::<usize>()
+}
+
+/// Checks every invariant the kernels rely on; afterwards no access can go out of bounds.
+fn validate(rows: usize, cols: usize, bitmask: &[u8], n_values: usize, row_offsets: &[i64]) -> Result<()> {
+    let mb = cols.div_ceil(8);
+    rows.checked_mul(cols).ok_or_else(|| format_err(format!("shape [{rows}, {cols}] overflows")))?;
+    let want = rows * mb;
+    if bitmask.len() != want {
+        return Err(format_err(format!(
+            "bitmask of [{rows}, {cols}] needs {rows} × {mb} = {want} bytes, got {}",
+            bitmask.len()
+        )));
+    }
+    if row_offsets.len() != rows {
+        return Err(format_err(format!("{} row offsets for {rows} rows", row_offsets.len())));
+    }
+    let pad: u8 = if cols.is_multiple_of(8) { 0 } else { !((1u8 << (cols % 8)) - 1) };
+    let mut expect = 0usize;
+    let mut prev = 0i64;
+    for (r, (row, &off)) in bitmask.chunks_exact(mb.max(1)).zip(row_offsets).enumerate() {
+        if off < prev {
+            return Err(format_err(format!("row offsets decrease at row {r}: {off} after {prev}")));
+        }
+        if usize::try_from(off).ok() != Some(expect) {
+            return Err(format_err(format!(
+                "row {r} starts at value {off}, but the rows before it hold {expect} values (by their bitmask)"
+            )));
+        }
+        if row.last().is_some_and(|b| b & pad != 0) {
+            return Err(format_err(format!("row {r}: padding bits past column {cols} are set")));
+        }
+        expect += popcount(row);
+        prev = off;
+    }
+    if mb == 0 && rows > 0 {
+        // No columns: `chunks_exact(1)` above saw no bytes, so only the offsets remain to check.
+        if let Some((r, off)) = row_offsets.iter().enumerate().find(|(_, o)| **o != 0) {
+            return Err(format_err(format!("row {r} of a matrix without columns starts at value {off}")));
+        }
+    }
+    if expect != n_values {
+        return Err(format_err(format!("the bitmask has {expect} set bits but {n_values} values are stored")));
+    }
+    Ok(())
+}
+
+/// A borrowed, validated bitmask matrix: what the kernels run on. Build one over memory-mapped
+/// checkpoint tensors with [`BitmaskView::new`], or borrow an owned [`BitmaskMatrix`].
+#[derive(Clone, Copy, Debug)]
+pub struct BitmaskView<'a, T> {
+    rows: usize,
+    cols: usize,
+    bitmask: &'a [u8],
+    values: &'a [T],
+    row_offsets: &'a [i64],
+}
+
+impl<'a, T: BitmaskValue> BitmaskView<'a, T> {
+    /// Validates the parts (see the module docs for the layout) and borrows them.
+    pub fn new(rows: usize, cols: usize, bitmask: &'a [u8], values: &'a [T], row_offsets: &'a [i64]) -> Result<Self> {
+        validate(rows, cols, bitmask, values.len(), row_offsets)?;
+        Ok(Self { rows, cols, bitmask, values, row_offsets })
+    }
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+    pub fn shape(&self) -> [usize; 2] {
+        [self.rows, self.cols]
+    }
+    pub fn bitmask(&self) -> &'a [u8] {
+        self.bitmask
+    }
+    pub fn values(&self) -> &'a [T] {
+        self.values
+    }
+    pub fn row_offsets(&self) -> &'a [i64] {
+        self.row_offsets
+    }
+    /// Stored (non-zero) values.
+    pub fn nnz(&self) -> usize {
+        self.values.len()
+    }
+    /// Bytes one full pass over the weight streams: bitmask, values and row offsets.
+    pub fn nbytes(&self) -> usize {
+        self.bitmask.len() + std::mem::size_of_val(self.values) + std::mem::size_of_val(self.row_offsets)
+    }
+    /// Fraction of entries not stored (0 for an empty matrix).
+    pub fn sparsity(&self) -> f64 {
+        let total = self.rows * self.cols;
+        if total == 0 { 0.0 } else { 1.0 - self.values.len() as f64 / total as f64 }
+    }
+    fn mask_bytes(&self) -> usize {
+        self.cols.div_ceil(8)
+    }
+    /// Row `r`'s mask and the values from its first one to the end of the array (kernels may
+    /// read whole vectors past a row's own values, never past the array).
+    fn row_parts(&self, r: usize) -> (&'a [u8], &'a [T]) {
+        let mb = self.mask_bytes();
+        // Validated: offsets are in 0..=values.len().
+        let off = self.row_offsets[r] as usize;
+        (&self.bitmask[r * mb..(r + 1) * mb], &self.values[off..])
+    }
+    /// The dense row-major `[rows, cols]` matrix.
+    pub fn to_dense(&self) -> Vec<T> {
+        let mut out = vec![T::ZERO; self.rows * self.cols];
+        if self.cols == 0 {
+            return out;
+        }
+        for (r, dst) in out.chunks_exact_mut(self.cols).enumerate() {
+            let (mask, vals) = self.row_parts(r);
+            let mut vals = vals.iter();
+            for (c, d) in dst.iter_mut().enumerate() {
+                if mask[c / 8] >> (c % 8) & 1 == 1
+                    && let Some(v) = vals.next()
+                {
+                    *d = *v;
+                }
+            }
+        }
+        out
+    }
+}
+
+/// An owned bitmask matrix; [`BitmaskMatrix::view`] lends it to the kernels.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BitmaskMatrix<T> {
+    rows: usize,
+    cols: usize,
+    bitmask: Vec<u8>,
+    values: Vec<T>,
+    row_offsets: Vec<i64>,
+}
+
+impl<T: BitmaskValue> BitmaskMatrix<T> {
+    /// Compresses a dense row-major `[rows, cols]` matrix, keeping every value that is not ±0.
+    pub fn from_dense(dense: &[T], rows: usize, cols: usize) -> Result<Self> {
+        let total = rows.checked_mul(cols).ok_or_else(|| KernelError::Shape(format!("[{rows}, {cols}] overflows")))?;
+        if dense.len() != total {
+            return Err(KernelError::Shape(format!(
+                "matrix [{rows}, {cols}] needs {total} elements, got {}",
+                dense.len()
+            )));
+        }
+        let mb = cols.div_ceil(8);
+        let mut bitmask = vec![0u8; rows * mb];
+        let mut values = Vec::new();
+        let mut row_offsets = Vec::with_capacity(rows);
+        for r in 0..rows {
+            row_offsets.push(values.len() as i64);
+            let src = &dense[r * cols..(r + 1) * cols];
+            let dst = &mut bitmask[r * mb..(r + 1) * mb];
+            for (c, &v) in src.iter().enumerate() {
+                if v.is_stored() {
+                    dst[c / 8] |= 1 << (c % 8);
+                    values.push(v);
+                }
+            }
+        }
+        Ok(Self { rows, cols, bitmask, values, row_offsets })
+    }
+
+    /// Takes ownership of the parts after checking them like [`BitmaskView::new`].
+    pub fn from_parts(
+        rows: usize,
+        cols: usize,
+        bitmask: Vec<u8>,
+        values: Vec<T>,
+        row_offsets: Vec<i64>,
+    ) -> Result<Self> {
+        validate(rows, cols, &bitmask, values.len(), &row_offsets)?;
+        Ok(Self { rows, cols, bitmask, values, row_offsets })
+    }
+
+    pub fn view(&self) -> BitmaskView<'_, T> {
+        BitmaskView {
+            rows: self.rows,
+            cols: self.cols,
+            bitmask: &self.bitmask,
+            values: &self.values,
+            row_offsets: &self.row_offsets,
+        }
+    }
+    /// `(bitmask, values, row_offsets)`.
+    pub fn into_parts(self) -> (Vec<u8>, Vec<T>, Vec<i64>) {
+        (self.bitmask, self.values, self.row_offsets)
+    }
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+    pub fn bitmask(&self) -> &[u8] {
+        &self.bitmask
+    }
+    pub fn values(&self) -> &[T] {
+        &self.values
+    }
+    pub fn row_offsets(&self) -> &[i64] {
+        &self.row_offsets
+    }
+    pub fn nnz(&self) -> usize {
+        self.values.len()
+    }
+    pub fn nbytes(&self) -> usize {
+        self.view().nbytes()
+    }
+    pub fn sparsity(&self) -> f64 {
+        self.view().sparsity()
+    }
+    pub fn to_dense(&self) -> Vec<T> {
+        self.view().to_dense()
+    }
+}
+
+thread_local! {
+    static PANEL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// `y[n, rows] = x[n, cols] · Wᵀ` (overwrites `y`).
+pub fn matmul<T: BitmaskValue>(w: &BitmaskView<'_, T>, x: &[f32], n: usize, y: &mut [f32]) -> Result<()> {
+    matmul_on(cpu::isa(), w, x, n, y)
+}
+
+/// [`matmul`] on an explicit path (tests and benches compare the paths).
+pub fn matmul_on<T: BitmaskValue>(isa: Isa, w: &BitmaskView<'_, T>, x: &[f32], n: usize, y: &mut [f32]) -> Result<()> {
+    let (rows, cols) = (w.rows, w.cols);
+    if !cpu::supports(isa) {
+        return Err(KernelError::Unsupported(format!("the {} kernels on this CPU", isa.name())));
+    }
+    let want_x = n.checked_mul(cols).ok_or_else(|| KernelError::Shape(format!("[{n}, {cols}] overflows")))?;
+    if x.len() != want_x {
+        return Err(KernelError::Shape(format!(
+            "activations: expected [{n}, {cols}] = {want_x} values, got {}",
+            x.len()
+        )));
+    }
+    let want_y = n.checked_mul(rows).ok_or_else(|| KernelError::Shape(format!("[{n}, {rows}] overflows")))?;
+    if y.len() != want_y {
+        return Err(KernelError::Shape(format!("output: expected [{n}, {rows}] = {want_y} values, got {}", y.len())));
+    }
+    if n == 0 || rows == 0 {
+        return Ok(());
+    }
+    let per = dense::rows_per_task(rows);
+    let mb = w.mask_bytes();
+    // One task: rows t·per .. into `out` ([rows, n]).
+    let gemv = |t: usize, out: &mut [f32]| {
+        let (r0, r1) = (t * per, t * per + out.len() / n);
+        let (mask, offsets) = (&w.bitmask[r0 * mb..r1 * mb], &w.row_offsets[r0..r1]);
+        if isa == Isa::Scalar || n > dense::GEMV_MAX_N {
+            gemv_block_scalar(mask, w.values, offsets, cols, x, out);
+        } else {
+            // SAFETY: the view was validated (mask length, zero padding bits, offsets in range
+            // with enough values from each), x is [n, cols] and out [r1 - r0, n] (checked above
+            // and by the chunking), 1 <= n <= 8, and `isa` is supported (checked above).
+            unsafe { T::gemv_block(isa, mask, w.values, offsets, cols, x, out) };
+        }
+    };
+    if n == 1 {
+        y.par_chunks_mut(per).enumerate().for_each(|(t, out)| gemv(t, out));
+        return Ok(());
+    }
+    // Transposed output [rows, n] so that row ranges are contiguous and tasks write disjoint chunks.
+    let mut yt = vec![0f32; rows * n];
+    if n <= dense::GEMV_MAX_N || isa == Isa::Scalar {
+        yt.par_chunks_mut(per * n).enumerate().for_each(|(t, out)| gemv(t, out));
+    } else {
+        yt.par_chunks_mut(dense::PANEL_ROWS * n).enumerate().for_each(|(p, out)| {
+            let r0 = p * dense::PANEL_ROWS;
+            let pr = out.len() / n;
+            PANEL.with(|cell| {
+                let mut panel = cell.borrow_mut();
+                panel.resize(pr * cols, 0.0);
+                if cols > 0 {
+                    for (j, dst) in panel.chunks_exact_mut(cols).enumerate() {
+                        let (mask, vals) = w.row_parts(r0 + j);
+                        // SAFETY: as above, with dst.len() == cols.
+                        unsafe { T::expand_row(isa, mask, vals, cols, dst) };
+                    }
+                }
+                dense::gemm_panel(x, n, cols, &panel, pr, out);
+            });
+        });
+    }
+    for (r, col) in yt.chunks(n).enumerate() {
+        for (i, v) in col.iter().enumerate() {
+            y[i * rows + r] = *v;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dense::{DenseMatrix, Element};
+    use rand::{Rng, SeedableRng};
+
+    type Rng8 = rand_chacha::ChaCha8Rng;
+
+    /// Rows 0 and 1 are all zero and all stored; the rest have about `sparsity` zeros.
+    fn rand_weight(rng: &mut Rng8, rows: usize, cols: usize, sparsity: f64) -> Vec<f32> {
+        let mut w = vec![0f32; rows * cols];
+        for r in 0..rows {
+            for c in 0..cols {
+                let keep = match r {
+                    0 => false,
+                    1 => true,
+                    _ => !rng.random_bool(sparsity),
+                };
+                if keep {
+                    // Never exactly zero, so "stored" is decided by `keep` alone.
+                    let v: f32 = rng.random_range(0.01f32..1.0);
+                    w[r * cols + c] = if rng.random_bool(0.5) { v } else { -v };
+                }
+            }
+        }
+        w
+    }
+
+    fn check<T: BitmaskValue + Element>(conv: impl Fn(f32) -> T) {
+        let mut rng = Rng8::seed_from_u64(11);
+        for &cols in &[0usize, 1, 7, 9, 15, 16, 17, 25, 63, 64, 65, 576, 1536, 4096] {
+            for &rows in &[2usize, 5, 70] {
+                for &s in &[0.0, 0.5, 0.7, 1.0] {
+                    let dense: Vec<T> = rand_weight(&mut rng, rows, cols, s).into_iter().map(&conv).collect();
+                    let m = BitmaskMatrix::from_dense(&dense, rows, cols).unwrap();
+                    assert_eq!(m.to_dense(), dense);
+                    let v = m.view();
+                    let dm = DenseMatrix::new(&dense, rows, cols).unwrap();
+                    for &n in &[1usize, 2, 8, 9, 33] {
+                        let x: Vec<f32> = (0..n * cols).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+                        let want = dense::matmul_reference(&dm, &x, n);
+                        // f32 rounding error of a sum grows with the sum of |terms|.
+                        let tol: Vec<f32> = (0..n * rows)
+                            .map(|k| {
+                                let (i, r) = (k / rows, k % rows);
+                                let abs: f32 = (0..cols)
+                                    .map(|c| (BitmaskValue::to_f32(dense[r * cols + c]) * x[i * cols + c]).abs())
+                                    .sum();
+                                2e-6 * (1.0 + abs)
+                            })
+                            .collect();
+                        let mut via_dense = vec![f32::NAN; n * rows];
+                        dense::matmul(&dm, &x, n, &mut via_dense).unwrap();
+                        for isa in Isa::available() {
+                            let mut y = vec![f32::NAN; n * rows];
+                            matmul_on(isa, &v, &x, n, &mut y).unwrap();
+                            for k in 0..y.len() {
+                                for (what, b) in [("reference", want[k]), ("dense", via_dense[k])] {
+                                    assert!(
+                                        (y[k] - b).abs() <= 2.0 * tol[k],
+                                        "{} {isa:?} rows={rows} cols={cols} s={s} n={n} out {k}: {} vs {what} {b}",
+                                        <T as BitmaskValue>::NAME,
+                                        y[k]
+                                    );
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn f32_paths_match_reference() {
+        check::<f32>(|v| v);
+    }
+
+    #[test]
+    fn bf16_paths_match_reference() {
+        check::<bf16>(bf16::from_f32);
+    }
+
+    /// On CPUs with VBMI2 the dispatch never reaches the 16-lane AVX-512 bf16 kernel, so it is
+    /// called directly here (scalar reference, same shapes as above).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx512_bf16_16_lane_kernel_matches_scalar() {
+        if !Isa::available().contains(&Isa::Avx512) {
+            eprintln!("no AVX-512 on this CPU: the 16-lane bf16 kernel cannot run here");
+            return;
+        }
+        let mut rng = Rng8::seed_from_u64(5);
+        for &cols in &[1usize, 7, 9, 15, 16, 17, 25, 63, 65, 576, 1536] {
+            for &s in &[0.0, 0.5, 0.7, 1.0] {
+                let rows = 7;
+                let dense: Vec<bf16> = rand_weight(&mut rng, rows, cols, s).into_iter().map(bf16::from_f32).collect();
+                let m = BitmaskMatrix::from_dense(&dense, rows, cols).unwrap();
+                for n in [1usize, 2, 5, 8] {
+                    let x: Vec<f32> = (0..n * cols).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+                    let mut want = vec![0f32; rows * n];
+                    gemv_block_scalar(&m.bitmask, &m.values, &m.row_offsets, cols, &x, &mut want);
+                    let mut got = vec![f32::NAN; rows * n];
+                    let a = (&m.bitmask[..], &m.values[..], &m.row_offsets[..], cols, &x[..], &mut got[..]);
+                    // SAFETY: AVX-512 F/BW/VL were detected; the parts come from a valid matrix and
+                    // the shapes match the kernel's `N`.
+                    unsafe {
+                        match n {
+                            1 => avx512::gemv_bf16::<1, 4>(a.0, a.1, a.2, a.3, a.4, a.5),
+                            2 => avx512::gemv_bf16::<2, 4>(a.0, a.1, a.2, a.3, a.4, a.5),
+                            5 => avx512::gemv_bf16::<5, 2>(a.0, a.1, a.2, a.3, a.4, a.5),
+                            _ => avx512::gemv_bf16::<8, 2>(a.0, a.1, a.2, a.3, a.4, a.5),
+                        }
+                    }
+                    for (k, (g, w)) in got.iter().zip(&want).enumerate() {
+                        assert!(
+                            (g - w).abs() <= 1e-5 * (1.0 + cols as f32),
+                            "cols={cols} s={s} n={n} out {k}: {g} vs {w}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn layout_matches_compressed_tensors() {
+        // Column c sets bit c % 8 of byte c / 8, least significant first; rows pad separately.
+        #[rustfmt::skip]
+        let dense = [
+            0.0, 1.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 2.0,
+            -0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0,
+            3.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 4.0, 0.0,
+        ];
+        let m = BitmaskMatrix::from_dense(&dense, 3, 9).unwrap();
+        assert_eq!(m.bitmask(), &[0b0000_0010, 0b1, 0, 0, 0b1000_0001, 0]);
+        assert_eq!(m.values(), &[1.5, 2.0, 3.0, 4.0]);
+        assert_eq!(m.row_offsets(), &[0, 2, 2]);
+        assert_eq!(m.nbytes(), 6 + 4 * 4 + 3 * 8);
+        assert!((m.sparsity() - (1.0 - 4.0 / 27.0)).abs() < 1e-12);
+        let again =
+            BitmaskMatrix::from_parts(3, 9, m.bitmask().to_vec(), m.values().to_vec(), m.row_offsets().to_vec());
+        assert_eq!(again.unwrap(), m);
+        // -0.0 is dropped like +0.0 and comes back as +0.0.
+        assert_eq!(m.to_dense()[9].to_bits(), 0);
+    }
+
+    #[test]
+    fn malformed_parts_are_rejected() {
+        let ok = |bm: &[u8], vals: &[f32], offs: &[i64]| BitmaskView::new(2, 9, bm, vals, offs).map(|_| ());
+        let v = [1.0f32, 2.0, 3.0];
+        ok(&[0b11, 0, 0b1, 0], &v, &[0, 2]).unwrap();
+        let msg = |r: Result<()>| r.unwrap_err().to_string();
+        // Popcount of row 0 (2) disagrees with where row 1 starts.
+        assert!(msg(ok(&[0b11, 0, 0b1, 0], &v, &[0, 1])).contains("row 1"));
+        // Too many / too few values overall.
+        assert!(msg(ok(&[0b11, 0, 0b1, 0], &[1.0, 2.0], &[0, 2])).contains("set bits"));
+        assert!(msg(ok(&[0b11, 0, 0b1, 0], &[1.0; 4], &[0, 2])).contains("set bits"));
+        // Wrong bitmask length, wrong number of offsets.
+        assert!(msg(ok(&[0b11, 0, 0b1], &v, &[0, 2])).contains("bytes"));
+        assert!(msg(ok(&[0b11, 0, 0b1, 0], &v, &[0])).contains("row offsets"));
+        // Padding bit (column 9 of 9) set.
+        assert!(msg(ok(&[0b11, 0b10, 0b1, 0], &[1.0; 4], &[0, 3])).contains("padding"));
+        // Offsets not starting at 0, decreasing, negative.
+        assert!(msg(ok(&[0b11, 0, 0b1, 0], &v, &[1, 2])).contains("row 0"));
+        assert!(msg(BitmaskView::new(3, 8, &[0b11, 0, 0b1], &v, &[0, 2, 1]).map(|_| ())).contains("decrease"));
+        assert!(BitmaskView::new(1, 8, &[0], &[] as &[f32], &[-1]).is_err());
+        // Owned construction checks the same.
+        assert!(BitmaskMatrix::from_parts(2, 9, vec![0b11, 0, 0b1, 0], v.to_vec(), vec![0, 3]).is_err());
+        // Zero columns: no bytes, offsets must all be 0, no values.
+        BitmaskView::new(3, 0, &[], &[] as &[f32], &[0, 0, 0]).unwrap();
+        assert!(BitmaskView::new(3, 0, &[], &[] as &[f32], &[0, 1, 1]).is_err());
+        assert!(BitmaskView::new(0, 5, &[], &[1.0f32], &[]).is_err());
+    }
+
+    #[test]
+    fn shape_errors_are_reported() {
+        let m = BitmaskMatrix::from_dense(&[1.0f32, 0.0, 2.0, 0.0, 0.0, 3.0], 2, 3).unwrap();
+        assert!(BitmaskMatrix::from_dense(&[1.0f32; 5], 2, 3).is_err());
+        let mut y = vec![0f32; 2];
+        assert!(matmul(&m.view(), &[0.0; 2], 1, &mut y).is_err());
+        assert!(matmul(&m.view(), &[0.0; 3], 1, &mut [0.0; 3]).is_err());
+        matmul(&m.view(), &[1.0, 1.0, 1.0], 1, &mut y).unwrap();
+        assert_eq!(y, [3.0, 3.0]);
+    }
+}
