@@ -53,6 +53,9 @@ pub struct PruneArgs {
     /// Output directory (Hugging Face layout, zeros in place).
     #[arg(long)]
     pub out: PathBuf,
+    /// The same model in the compressed-tensors `sparse-bitmask` layout (default: `<out>-bitmask`).
+    #[arg(long)]
+    pub bitmask_out: Option<PathBuf>,
     /// Checkpoint directory (default: `<out>.checkpoint`); a run there is resumed.
     #[arg(long)]
     pub checkpoint_dir: Option<PathBuf>,
@@ -112,10 +115,19 @@ pub fn recipe(a: &PruneArgs) -> Result<PruneRecipe> {
     Ok(r)
 }
 
+fn sibling(p: &std::path::Path, suffix: &str) -> PathBuf {
+    let mut s = p.to_path_buf().into_os_string();
+    s.push(suffix);
+    PathBuf::from(s)
+}
+
 pub fn run(a: PruneArgs) -> Result<()> {
     let recipe = recipe(&a)?;
-    if a.out.exists() && !a.overwrite {
-        bail!("{} already exists (pass --overwrite to replace it)", a.out.display());
+    let bitmask_out = a.bitmask_out.clone().unwrap_or_else(|| sibling(&a.out, "-bitmask"));
+    for out in [&a.out, &bitmask_out] {
+        if out.exists() && !a.overwrite {
+            bail!("{} already exists (pass --overwrite to replace it)", out.display());
+        }
     }
     let mut ck = open_model(&a.model)?;
     pipeline::preflight(&ck.model, &recipe)?;
@@ -141,11 +153,7 @@ pub fn run(a: PruneArgs) -> Result<()> {
         pipeline::calibration_windows(&stream, spec.samples, spec.seq_len, recipe.seed)?
     };
 
-    let ckpt_dir = a.checkpoint_dir.clone().unwrap_or_else(|| {
-        let mut s = a.out.clone().into_os_string();
-        s.push(".checkpoint");
-        PathBuf::from(s)
-    });
+    let ckpt_dir = a.checkpoint_dir.clone().unwrap_or_else(|| sibling(&a.out, ".checkpoint"));
     let pb = ProgressBar::new(ck.model.num_layers() as u64);
     pb.set_style(ProgressStyle::with_template("{msg:>10} {bar:30} {pos}/{len} blocks  {elapsed} (eta {eta})")?);
     let opts = RunOptions { checkpoint_dir: Some(ckpt_dir.clone()), stop_after_blocks: a.stop_after_blocks };
@@ -163,8 +171,36 @@ pub fn run(a: PruneArgs) -> Result<()> {
 
     let pb = spinner(&format!("writing {}", a.out.display()));
     let opts = SaveOptions { overwrite: a.overwrite, ..Default::default() };
-    hf::save_dir(&a.out, ck.model.config(), &ck.model.tensors(), Some(&ck.tokenizer), &opts)
+    let tensors = ck.model.tensors();
+    hf::save_dir(&a.out, ck.model.config(), &tensors, Some(&ck.tokenizer), &opts)
         .with_context(|| format!("writing {}", a.out.display()))?;
+    pb.set_message(format!("writing {}", bitmask_out.display()));
+    let targets: Vec<String> = summary.layers.iter().map(|l| format!("{}.weight", l.name)).collect();
+    let sparsity_config = serde_json::json!({
+        "format": "sparse-bitmask",
+        "global_sparsity": summary.sparsity,
+        "sparsity_structure": recipe.structure.to_string(),
+        "targets": recipe.targets.iter().map(|t| format!("re:{t}")).collect::<Vec<_>>(),
+        "ignore": recipe.ignore,
+        "registry_requires_subclass": false,
+    });
+    let opts = SaveOptions {
+        overwrite: a.overwrite,
+        bitmask: Some(hf::BitmaskOptions { targets }),
+        extra_config: [(
+            "quantization_config".to_owned(),
+            serde_json::json!({
+                "quant_method": "compressed-tensors",
+                "format": "dense",
+                "config_groups": {},
+                "sparsity_config": sparsity_config,
+            }),
+        )]
+        .into(),
+        ..Default::default()
+    };
+    hf::save_dir(&bitmask_out, ck.model.config(), &tensors, Some(&ck.tokenizer), &opts)
+        .with_context(|| format!("writing {}", bitmask_out.display()))?;
     pb.finish_and_clear();
     let report = serde_json::json!({
         "model": ck.path,
@@ -178,13 +214,14 @@ pub fn run(a: PruneArgs) -> Result<()> {
         return print_json(&report);
     }
     println!(
-        "pruned {} layers with {:?} to {:.2}% sparsity in {:.1}s{} → {}",
+        "pruned {} layers with {:?} to {:.2}% sparsity in {:.1}s{} → {} (and {})",
         summary.layers.len(),
         recipe.method,
         100.0 * summary.sparsity,
         summary.seconds,
         summary.resumed_at_block.map(|b| format!(" (resumed at block {b})")).unwrap_or_default(),
-        a.out.display()
+        a.out.display(),
+        bitmask_out.display()
     );
     Ok(())
 }

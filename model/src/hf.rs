@@ -14,6 +14,8 @@ use std::sync::Arc;
 use safetensors::{Dtype as StDtype, SafeTensors, View};
 use serde_json::{Value, json};
 
+use lacuna_kernels::bitmask::BitmaskMatrix;
+
 use crate::config::LlamaConfig;
 use crate::tokenizer::Tokenizer;
 use crate::weights::{Data, Dtype, Storage, Weight};
@@ -62,25 +64,51 @@ pub fn shard_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Err(Error::Safetensors { path: dir.to_path_buf(), msg: format!("neither {SINGLE_FILE} nor {INDEX_FILE} found") })
 }
 
-/// Memory-maps every shard and returns all tensors by name, borrowed from the maps.
+/// Memory-maps every shard and returns all tensors by name, borrowed from the maps. Weights stored
+/// in the compressed-tensors `sparse-bitmask` layout are validated and expanded to dense.
 pub fn load_tensors(dir: &Path) -> Result<BTreeMap<String, Weight>> {
     let mut out = BTreeMap::new();
+    let mut raw: BTreeMap<String, (PathBuf, RawTensor)> = BTreeMap::new();
     for path in shard_files(dir)? {
-        for (name, w) in read_tensors_file(&path)? {
+        let (weights, raws) = read_file(&path)?;
+        for (name, w) in weights {
             if out.contains_key(&name) {
                 return Err(st_err(&path, format!("tensor {name} appears in more than one shard")));
             }
             out.insert(name, w);
         }
+        for (name, r) in raws {
+            raw.insert(name, (path.clone(), r));
+        }
     }
+    decompress_bitmask(&mut out, raw)?;
     Ok(out)
+}
+
+/// An integer tensor (the index parts of a compressed weight).
+struct RawTensor {
+    dtype: StDtype,
+    shape: Vec<usize>,
+    bytes: Vec<u8>,
 }
 
 /// Every tensor of one safetensors file, borrowed from its memory map.
 pub fn read_tensors_file(path: &Path) -> Result<Vec<(String, Weight)>> {
+    let (weights, raws) = read_file(path)?;
+    if let Some((name, r)) = raws.first() {
+        return Err(st_err(path, format!("tensor {name}: dtype {:?} is not a weight dtype", r.dtype)));
+    }
+    Ok(weights)
+}
+
+/// A file's float tensors (weights) and integer tensors (index parts of compressed weights).
+type FileTensors = (Vec<(String, Weight)>, Vec<(String, RawTensor)>);
+
+fn read_file(path: &Path) -> Result<FileTensors> {
     let map = Arc::new(lacuna_kernels::mmap::map_file(path).map_err(|e| Error::io(path, e))?);
     let st = SafeTensors::deserialize(&map).map_err(|e| st_err(path, e))?;
     let mut out = Vec::new();
+    let mut raws = Vec::new();
     for (name, view) in st.tensors() {
         let offset = view.data().as_ptr() as usize - map.as_ptr() as usize;
         let n: usize = view.shape().iter().product();
@@ -90,6 +118,10 @@ pub fn read_tensors_file(path: &Path) -> Result<Vec<(String, Weight)>> {
             StDtype::F32 => Data::F32(Storage::from_map(&map, offset, n).ok_or_else(storage_err)?),
             StDtype::F16 => Data::F16(Storage::from_map(&map, offset, n).ok_or_else(storage_err)?),
             StDtype::BF16 => Data::BF16(Storage::from_map(&map, offset, n).ok_or_else(storage_err)?),
+            d @ (StDtype::I64 | StDtype::U8) => {
+                raws.push((name, RawTensor { dtype: d, shape, bytes: view.data().to_vec() }));
+                continue;
+            }
             other => {
                 return Err(st_err(path, format!("tensor {name}: dtype {other:?} is not supported (f32, f16, bf16)")));
             }
@@ -97,13 +129,65 @@ pub fn read_tensors_file(path: &Path) -> Result<Vec<(String, Weight)>> {
         let w = Weight::new(shape, data).map_err(|e| st_err(path, format!("tensor {name}: {e}")))?;
         out.push((name, w));
     }
-    Ok(out)
+    Ok((out, raws))
+}
+
+fn i64s(r: &RawTensor) -> Option<Vec<i64>> {
+    (r.dtype == StDtype::I64)
+        .then(|| r.bytes.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes"))).collect())
+}
+
+/// Replaces every `<p>.{shape,compressed,bitmask,row_offsets}` group by a dense `<p>.weight`.
+fn decompress_bitmask(
+    out: &mut BTreeMap<String, Weight>,
+    mut raw: BTreeMap<String, (PathBuf, RawTensor)>,
+) -> Result<()> {
+    let prefixes: Vec<String> = raw.keys().filter_map(|k| k.strip_suffix(".bitmask")).map(str::to_owned).collect();
+    for p in prefixes {
+        let (path, bitmask) = raw.remove(&format!("{p}.bitmask")).expect("listed");
+        let bad = |msg: String| st_err(&path, format!("compressed weight {p}: {msg}"));
+        let (_, shape) = raw.remove(&format!("{p}.shape")).ok_or_else(|| bad("no `.shape` tensor".into()))?;
+        let (_, offsets) =
+            raw.remove(&format!("{p}.row_offsets")).ok_or_else(|| bad("no `.row_offsets` tensor".into()))?;
+        let values = out.remove(&format!("{p}.compressed")).ok_or_else(|| bad("no `.compressed` tensor".into()))?;
+        let shape = i64s(&shape).ok_or_else(|| bad("`.shape` must be int64".into()))?;
+        let offsets = i64s(&offsets).ok_or_else(|| bad("`.row_offsets` must be int64".into()))?;
+        if bitmask.dtype != StDtype::U8 {
+            return Err(bad("`.bitmask` must be uint8".into()));
+        }
+        let [rows, cols] = match shape.as_slice() {
+            [r, c] if *r >= 0 && *c >= 0 => [*r as usize, *c as usize],
+            s => return Err(bad(format!("shape {s:?} is not a matrix"))),
+        };
+        let data = match values.data() {
+            Data::F32(v) => {
+                let m = BitmaskMatrix::from_parts(rows, cols, bitmask.bytes, v.as_slice().to_vec(), offsets)
+                    .map_err(|e| bad(e.to_string()))?;
+                Data::F32(Storage::Owned(m.to_dense()))
+            }
+            Data::BF16(v) => {
+                let m = BitmaskMatrix::from_parts(rows, cols, bitmask.bytes, v.as_slice().to_vec(), offsets)
+                    .map_err(|e| bad(e.to_string()))?;
+                Data::BF16(Storage::Owned(m.to_dense()))
+            }
+            Data::F16(_) => return Err(bad("f16 values are not supported in sparse-bitmask form (f32, bf16)".into())),
+        };
+        let name = format!("{p}.weight");
+        if out.contains_key(&name) {
+            return Err(bad(format!("both {name} and its compressed form are present")));
+        }
+        out.insert(name, Weight::new(vec![rows, cols], data).map_err(|e| bad(e.to_string()))?);
+    }
+    if let Some((name, (path, r))) = raw.into_iter().next() {
+        return Err(st_err(&path, format!("tensor {name}: dtype {:?} is not a weight dtype", r.dtype)));
+    }
+    Ok(())
 }
 
 /// A safetensors file's bytes holding `items` (small files: checkpoints of a pruning run).
 pub fn serialize_tensors<'a>(items: impl IntoIterator<Item = (&'a str, &'a Weight)>) -> Result<Vec<u8>> {
     let out: Vec<(&str, OutTensor)> =
-        items.into_iter().map(|(n, w)| (n, OutTensor { weight: std::borrow::Cow::Borrowed(w) })).collect();
+        items.into_iter().map(|(n, w)| (n, OutTensor::Weight(std::borrow::Cow::Borrowed(w)))).collect();
     let refs: Vec<(&str, &OutTensor)> = out.iter().map(|(n, t)| (*n, t)).collect();
     safetensors::serialize(refs, None).map_err(|e| Error::Invalid(format!("serializing tensors: {e}")))
 }
@@ -119,35 +203,111 @@ pub struct SaveOptions {
     pub overwrite: bool,
     /// Extra `config.json` entries (e.g. `quantization_config`).
     pub extra_config: BTreeMap<String, Value>,
+    /// Store these weights in `sparse-bitmask` form.
+    pub bitmask: Option<BitmaskOptions>,
 }
 
 impl Default for SaveOptions {
     fn default() -> Self {
-        Self { dtype: None, max_shard_bytes: 5_000_000_000, overwrite: false, extra_config: BTreeMap::new() }
+        Self {
+            dtype: None,
+            max_shard_bytes: 5_000_000_000,
+            overwrite: false,
+            extra_config: BTreeMap::new(),
+            bitmask: None,
+        }
     }
 }
 
-struct OutTensor<'a> {
-    weight: std::borrow::Cow<'a, Weight>,
+enum OutTensor<'a> {
+    Weight(std::borrow::Cow<'a, Weight>),
+    Raw(RawTensor),
+}
+
+impl OutTensor<'_> {
+    fn nbytes(&self) -> usize {
+        match self {
+            OutTensor::Weight(w) => w.nbytes(),
+            OutTensor::Raw(r) => r.bytes.len(),
+        }
+    }
 }
 
 impl View for &OutTensor<'_> {
     fn dtype(&self) -> StDtype {
-        match self.weight.dtype() {
-            Dtype::F32 => StDtype::F32,
-            Dtype::F16 => StDtype::F16,
-            Dtype::BF16 => StDtype::BF16,
+        match self {
+            OutTensor::Weight(w) => match w.dtype() {
+                Dtype::F32 => StDtype::F32,
+                Dtype::F16 => StDtype::F16,
+                Dtype::BF16 => StDtype::BF16,
+            },
+            OutTensor::Raw(r) => r.dtype,
         }
     }
     fn shape(&self) -> &[usize] {
-        self.weight.shape()
+        match self {
+            OutTensor::Weight(w) => w.shape(),
+            OutTensor::Raw(r) => &r.shape,
+        }
     }
     fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-        std::borrow::Cow::Borrowed(self.weight.bytes())
+        match self {
+            OutTensor::Weight(w) => std::borrow::Cow::Borrowed(w.bytes()),
+            OutTensor::Raw(r) => std::borrow::Cow::Borrowed(&r.bytes),
+        }
     }
     fn data_len(&self) -> usize {
-        self.weight.nbytes()
+        self.nbytes()
     }
+}
+
+/// Writes these weights in the compressed-tensors `sparse-bitmask` layout: `<p>.shape` (int64),
+/// `<p>.compressed` (non-zeros, row-major, original dtype), `<p>.bitmask` (uint8 `[rows,
+/// ceil(cols/8)]`, LSB first, rows padded separately) and `<p>.row_offsets` (int64).
+#[derive(Clone, Debug, Default)]
+pub struct BitmaskOptions {
+    /// Full tensor names (`model.layers.0.mlp.down_proj.weight`).
+    pub targets: Vec<String>,
+}
+
+/// The four tensors of one weight in `sparse-bitmask` form.
+fn compress_bitmask<'a>(prefix: &str, w: &Weight, path_hint: &Path) -> Result<Vec<(String, OutTensor<'a>)>> {
+    let [rows, cols] = w.dims2()?;
+    let bad = |e: lacuna_kernels::KernelError| st_err(path_hint, format!("{prefix}: {e}"));
+    let (bitmask, values, offsets) = match w.data() {
+        Data::F32(s) => {
+            let (b, v, o) = BitmaskMatrix::from_dense(s.as_slice(), rows, cols).map_err(bad)?.into_parts();
+            (b, Data::F32(Storage::Owned(v)), o)
+        }
+        Data::BF16(s) => {
+            let (b, v, o) = BitmaskMatrix::from_dense(s.as_slice(), rows, cols).map_err(bad)?.into_parts();
+            (b, Data::BF16(Storage::Owned(v)), o)
+        }
+        Data::F16(_) => {
+            return Err(Error::Unsupported(format!("{prefix}: sparse-bitmask from f16 (convert to bf16 or f32)")));
+        }
+    };
+    let nnz = match &values {
+        Data::F32(s) => s.as_slice().len(),
+        Data::BF16(s) => s.as_slice().len(),
+        Data::F16(s) => s.as_slice().len(),
+    };
+    let le = |v: &[i64]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    Ok(vec![
+        (
+            format!("{prefix}.shape"),
+            OutTensor::Raw(RawTensor { dtype: StDtype::I64, shape: vec![2], bytes: le(&[rows as i64, cols as i64]) }),
+        ),
+        (format!("{prefix}.compressed"), OutTensor::Weight(std::borrow::Cow::Owned(Weight::new(vec![nnz], values)?))),
+        (
+            format!("{prefix}.bitmask"),
+            OutTensor::Raw(RawTensor { dtype: StDtype::U8, shape: vec![rows, cols.div_ceil(8)], bytes: bitmask }),
+        ),
+        (
+            format!("{prefix}.row_offsets"),
+            OutTensor::Raw(RawTensor { dtype: StDtype::I64, shape: vec![rows], bytes: le(&offsets) }),
+        ),
+    ])
 }
 
 /// Writes `tensors` (HF names, in order) with `config` and `tokenizer` as a checkpoint directory.
@@ -207,26 +367,27 @@ fn write_contents(
     tokenizer: Option<&Tokenizer>,
     opts: &SaveOptions,
 ) -> Result<()> {
-    let out: Vec<(String, OutTensor)> = tensors
-        .iter()
-        .map(|(n, w)| {
-            let weight = match opts.dtype {
-                Some(d) if d != w.dtype() => std::borrow::Cow::Owned(w.to_dtype(d)),
-                _ => std::borrow::Cow::Borrowed(*w),
-            };
-            (n.clone(), OutTensor { weight })
-        })
-        .collect();
-    let dtype = opts
-        .dtype
-        .or_else(|| out.iter().map(|(_, t)| t.weight.dtype()).find(|d| *d != Dtype::F32))
-        .unwrap_or(Dtype::F32);
+    let dtype =
+        opts.dtype.or_else(|| tensors.iter().map(|(_, w)| w.dtype()).find(|d| *d != Dtype::F32)).unwrap_or(Dtype::F32);
+    let mut out: Vec<(String, OutTensor)> = Vec::new();
+    for (n, w) in tensors {
+        let weight = match opts.dtype {
+            Some(d) if d != w.dtype() => std::borrow::Cow::Owned(w.to_dtype(d)),
+            _ => std::borrow::Cow::Borrowed(*w),
+        };
+        let compress = opts.bitmask.as_ref().is_some_and(|b| b.targets.iter().any(|t| t == n));
+        match (compress, n.strip_suffix(".weight")) {
+            (true, Some(prefix)) => out.extend(compress_bitmask(prefix, &weight, tmp)?),
+            (true, None) => return Err(Error::Invalid(format!("{n}: only `.weight` tensors can be compressed"))),
+            _ => out.push((n.clone(), OutTensor::Weight(weight))),
+        }
+    }
 
     // Greedy sharding in the given order, as transformers' `split_torch_state_dict_into_shards`.
     let mut shards: Vec<Vec<usize>> = vec![Vec::new()];
     let mut cur = 0u64;
     for (i, (_, t)) in out.iter().enumerate() {
-        let b = t.weight.nbytes() as u64;
+        let b = t.nbytes() as u64;
         if cur > 0 && cur + b > opts.max_shard_bytes {
             shards.push(Vec::new());
             cur = 0;
@@ -234,7 +395,7 @@ fn write_contents(
         shards.last_mut().expect("non-empty").push(i);
         cur += b;
     }
-    let total: u64 = out.iter().map(|(_, t)| t.weight.nbytes() as u64).sum();
+    let total: u64 = out.iter().map(|(_, t)| t.nbytes() as u64).sum();
     let n = shards.len();
     let mut weight_map = serde_json::Map::new();
     for (si, idx) in shards.iter().enumerate() {

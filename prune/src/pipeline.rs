@@ -426,8 +426,8 @@ impl Checkpoint {
     fn save(&self, state: &State, block: usize, weights: &[(String, Weight)], xs: &[Vec<f32>]) -> Result<()> {
         std::fs::create_dir_all(&self.dir).map_err(|e| Error::Checkpoint(format!("{}: {e}", self.dir.display())))?;
         let block_path = self.dir.join(format!("block-{block:03}.safetensors"));
-        let bytes = lacuna_model::hf::serialize_tensors(weights.iter().map(|(n, w)| (n.as_str(), w)))
-            .map_err(Error::model)?;
+        let bytes =
+            lacuna_model::hf::serialize_tensors(weights.iter().map(|(n, w)| (n.as_str(), w))).map_err(Error::model)?;
         atomic_write(&block_path, |f| f.write_all(&bytes))?;
         atomic_write(&self.dir.join("activations.f32"), |f| {
             let mut w = std::io::BufWriter::new(f);
@@ -456,7 +456,9 @@ impl Checkpoint {
         let mut off = 0;
         for s in calib {
             let n = s.len() * hidden * 4;
-            out.push(bytes[off..off + n].chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect());
+            out.push(
+                bytes[off..off + n].chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            );
             off += n;
         }
         Ok(out)
