@@ -5,5 +5,6 @@ mod gguf;
 mod hf;
 mod hf_python;
 mod prune;
+mod prune_model;
 mod reference;
 mod tokenizer;
