@@ -57,7 +57,9 @@ pub fn model_fetch(a: ModelFetchArgs) -> Result<()> {
         })?;
     }
     if a.json.json {
-        return print_json(&m);
+        let mut v = serde_json::to_value(&m)?;
+        v["path"] = serde_json::json!(m.path);
+        return print_json(&v);
     }
     println!("{}  {}  sha256 {}  from {} ({})", m.name, m.path.display(), m.sha256, m.source, m.licence);
     Ok(())

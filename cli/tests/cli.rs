@@ -107,3 +107,75 @@ fn bad_inputs_fail_cleanly() {
     // Usage errors are clap's exit code 2.
     assert_eq!(lacuna(&["generate"]).status.code(), Some(2));
 }
+
+/// `kill -9` in the middle of `lacuna prune`, then the same command again: it resumes from the
+/// last finished block and writes exactly the weights of an uninterrupted run.
+#[test]
+fn prune_killed_mid_run_resumes_to_identical_weights() {
+    let gguf = smollm2_gguf();
+    let dir = tempfile::tempdir().unwrap();
+    let args = |out: &std::path::Path| -> Vec<String> {
+        [
+            "prune",
+            "--model",
+            gguf.to_str().unwrap(),
+            "--method",
+            "sparsegpt",
+            "--sparsity",
+            "0.5",
+            "--calibration",
+            "wiki:4x64",
+            "--out",
+            out.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let reference = dir.path().join("whole");
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_lacuna")).args(args(&reference)).env("LACUNA_THREADS", "2").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let target = dir.path().join("killed");
+    let state = dir.path().join("killed.checkpoint/state.json");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lacuna"))
+        .args(args(&target))
+        .env("LACUNA_THREADS", "2")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    loop {
+        let done = std::fs::read_to_string(&state)
+            .ok()
+            .and_then(|s| serde_json::from_str::<Value>(&s).ok())
+            .and_then(|v| v["next_block"].as_u64())
+            .unwrap_or(0);
+        if done >= 2 {
+            break;
+        }
+        assert!(child.try_wait().unwrap().is_none(), "the run finished before it could be killed");
+        assert!(started.elapsed().as_secs() < 600, "no checkpoint appeared");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(!target.exists(), "a killed run must not leave an output that looks finished");
+
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_lacuna")).args(args(&target)).env("LACUNA_THREADS", "2").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("resumed at block"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    for f in ["model.safetensors"] {
+        let a = std::fs::read(reference.join(f)).unwrap();
+        let b = std::fs::read(target.join(f)).unwrap();
+        assert!(a == b, "{f} differs between the uninterrupted and the resumed run");
+    }
+    assert!(!dir.path().join("killed.checkpoint").exists(), "the checkpoint is removed after success");
+}

@@ -292,14 +292,7 @@ mod avx2 {
         _mm256_permutevar8x32_ps(v, idx)
     }
 
-    #[target_feature(enable = "avx2,fma,f16c,popcnt")]
-    #[inline]
-    fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps::<0b01>(s, s));
-        _mm_cvtss_f32(s)
-    }
+    use crate::dense::avx2::hsum;
 
     macro_rules! kernels {
         ($t:ty, $load:ident, $gemv:ident, $expand:ident) => {

@@ -92,7 +92,7 @@ element_impl!(bf16, "bf16", dot_bf16, |v: bf16| v.to_f32(), not_f32);
 element_impl!(f16, "f16", dot_f16, |v: f16| v.to_f32(), not_f32);
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+pub(crate) mod avx2 {
     use half::{bf16, f16};
     use std::arch::x86_64::*;
 
@@ -118,9 +118,10 @@ mod avx2 {
         _mm256_cvtph_ps(h)
     }
 
+    /// Horizontal sum of 8 lanes (shared with the bitmask kernels).
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    fn hsum(v: __m256) -> f32 {
+    pub(crate) fn hsum(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_shuffle_ps::<0b01>(s, s));
@@ -251,6 +252,15 @@ pub fn matmul_on<T: Element>(isa: Isa, w: &DenseMatrix<'_, T>, x: &[f32], n: usi
         });
         return Ok(());
     }
+    if n > GEMV_MAX_N
+        && isa != Isa::Scalar
+        && let Some(wf) = T::as_f32(w.data)
+    {
+        // f32 weights need no widening: one multithreaded GEMM packs the activations once instead
+        // of once per panel.
+        gemm_whole(x, n, cols, wf, rows, y);
+        return Ok(());
+    }
     // Transposed output [rows, n] so that row ranges are contiguous and tasks write disjoint chunks.
     let mut yt = vec![0f32; rows * n];
     if n <= GEMV_MAX_N || isa == Isa::Scalar {
@@ -296,26 +306,49 @@ fn with_widened<T: Element, R>(src: &[T], f: impl FnOnce(&[f32]) -> R) -> R {
     })
 }
 
+/// `y[i, j] = Σ_k x[i, k] · w[j, k]` over the rayon pool (`y` is `[n, rows]` row-major).
+fn gemm_whole(x: &[f32], n: usize, k: usize, w: &[f32], rows: usize, y: &mut [f32]) {
+    gemm_xwt(x, n, k, w, rows, y, false, gemm::Parallelism::Rayon(cpu::threads()));
+}
+
 /// `out[j, i] = Σ_k x[i, k] · panel[j, k]` for a panel of `pr` weight rows (out is `[pr, n]`).
 pub(crate) fn gemm_panel(x: &[f32], n: usize, k: usize, panel: &[f32], pr: usize, out: &mut [f32]) {
-    debug_assert!(x.len() == n * k && panel.len() == pr * k && out.len() == pr * n);
-    // SAFETY: dst is `out` viewed as [n, pr] with (row stride 1, col stride n): max index
-    // (n-1) + (pr-1)·n < pr·n = out.len(). lhs is `x` as [n, k] (row stride k, col stride 1): max
-    // index < n·k. rhs is `panel` as [k, pr] (row stride 1, col stride k): max index < pr·k. The
-    // three slices are distinct borrows, so dst does not alias the inputs.
+    gemm_xwt(x, n, k, panel, pr, out, true, gemm::Parallelism::None);
+}
+
+/// `x[n, k] · w[rows, k]ᵀ` into `dst`, stored `[n, rows]` row-major or, with `transposed`,
+/// `[rows, n]`.
+#[allow(clippy::too_many_arguments)]
+fn gemm_xwt(
+    x: &[f32],
+    n: usize,
+    k: usize,
+    w: &[f32],
+    rows: usize,
+    dst: &mut [f32],
+    transposed: bool,
+    par: gemm::Parallelism,
+) {
+    assert!(x.len() == n * k && w.len() == rows * k && dst.len() == n * rows, "gemm_xwt: shapes checked by callers");
+    // (row stride, col stride) of dst viewed as [n, rows].
+    let (rs, cs) = if transposed { (1, n as isize) } else { (rows as isize, 1) };
+    // SAFETY: dst viewed as [n, rows] with these strides touches indices < n·rows = dst.len() (the
+    // assert above); lhs is `x` as [n, k] (row stride k, col stride 1), max index < n·k; rhs is
+    // `w` read as [k, rows] (row stride 1, col stride k), max index < rows·k. `dst` is a unique
+    // borrow distinct from both inputs.
     unsafe {
         gemm::gemm(
             n,
-            pr,
+            rows,
             k,
-            out.as_mut_ptr(),
-            n as isize,
-            1,
+            dst.as_mut_ptr(),
+            cs,
+            rs,
             false,
             x.as_ptr(),
             1,
             k as isize,
-            panel.as_ptr(),
+            w.as_ptr(),
             k as isize,
             1,
             0.0f32,
@@ -323,7 +356,7 @@ pub(crate) fn gemm_panel(x: &[f32], n: usize, k: usize, panel: &[f32], pr: usize
             false,
             false,
             false,
-            gemm::Parallelism::None,
+            par,
         )
     }
 }

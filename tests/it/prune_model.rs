@@ -108,7 +108,8 @@ fn bad_recipes_fail_before_any_work() {
     let m = model();
     let e = pipeline::preflight(&m, &recipe("method: wanda\nsparsity: 0.5\ntargets: ['^nothing$']\n")).unwrap_err();
     assert!(e.to_string().contains("match no layer"), "{e}");
-    let e = pipeline::preflight(&m, &recipe("method: wanda\nsparsity: 0.5\ncalibration: {seqLen: 100000}\n")).unwrap_err();
+    let e =
+        pipeline::preflight(&m, &recipe("method: wanda\nsparsity: 0.5\ncalibration: {seqLen: 100000}\n")).unwrap_err();
     assert!(e.to_string().contains("exceeds the model's context"), "{e}");
     let r: PruneRecipe = lacuna_api::from_yaml("method: wanda\nsparsity: 1.5\n").unwrap();
     assert!(pipeline::preflight(&m, &r).unwrap_err().to_string().contains("sparsity"));
