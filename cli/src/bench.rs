@@ -38,7 +38,8 @@ struct BenchReport {
     prefill_tokens_per_second: f64,
     decode_tokens: usize,
     decode_tokens_per_second: f64,
-    /// Bytes of weights a decode step streams from memory (every linear layer and the LM head).
+    /// Bytes of weights a decode step streams from memory (every linear layer as stored, dense or
+    /// bitmask, and the LM head).
     weight_bytes_per_token: u64,
     /// weight_bytes_per_token × decode tok/s.
     decode_weight_gb_per_second: f64,
@@ -82,13 +83,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         logits = ck.model.forward_last_logits(&[next], &mut cache)?;
     }
     let decode = t.elapsed().as_secs_f64();
-    let weight_bytes_per_token: u64 = ck
-        .model
-        .tensors()
-        .iter()
-        .filter(|(n, w)| w.shape().len() == 2 && (n != "model.embed_tokens.weight" || cfg.tie_word_embeddings))
-        .map(|(_, w)| w.nbytes() as u64)
-        .sum();
+    let weight_bytes_per_token = ck.model.weight_bytes_per_token() as u64;
     let dtps = a.decode_tokens as f64 / decode.max(1e-12);
     let r = BenchReport {
         model: ck.path.display().to_string(),

@@ -58,8 +58,34 @@ pub struct Checkpoint {
     pub path: PathBuf,
 }
 
+/// How a checkpoint's weights are held in memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Kernels {
+    /// Sparse enough linear layers in `sparse-bitmask` form (what the engine serves).
+    #[default]
+    Auto,
+    /// Every weight dense (the reference path).
+    Dense,
+}
+
 impl Checkpoint {
+    /// Opens with [`Kernels::Auto`].
     pub fn open(path: &Path) -> Result<Self> {
+        Self::open_with(path, Kernels::Auto)
+    }
+
+    pub fn open_with(path: &Path, kernels: Kernels) -> Result<Self> {
+        let mut ck = Self::open_dense_or_stored(path)?;
+        match kernels {
+            Kernels::Auto => {
+                ck.model.prefer_bitmask()?;
+            }
+            Kernels::Dense => ck.model.densify(),
+        }
+        Ok(ck)
+    }
+
+    fn open_dense_or_stored(path: &Path) -> Result<Self> {
         let format = detect(path)?;
         let (model, tokenizer) = match format {
             Format::Gguf => {
@@ -127,6 +153,7 @@ pub fn gguf_tensors(file: &GgufFile, config: &LlamaConfig) -> Result<BTreeMap<St
                     Data::BF16(s) => {
                         Data::BF16(Storage::Owned(unpermute_qk(s.as_slice(), *rows, *cols, nh).map_err(err)?))
                     }
+                    other => other,
                 }
             }
             _ => data,

@@ -163,14 +163,14 @@ fn decompress_bitmask(
             Data::F32(v) => {
                 let m = BitmaskMatrix::from_parts(rows, cols, bitmask.bytes, v.as_slice().to_vec(), offsets)
                     .map_err(|e| bad(e.to_string()))?;
-                Data::F32(Storage::Owned(m.to_dense()))
+                Data::BitmaskF32(Arc::new(m))
             }
             Data::BF16(v) => {
                 let m = BitmaskMatrix::from_parts(rows, cols, bitmask.bytes, v.as_slice().to_vec(), offsets)
                     .map_err(|e| bad(e.to_string()))?;
-                Data::BF16(Storage::Owned(m.to_dense()))
+                Data::BitmaskBF16(Arc::new(m))
             }
-            Data::F16(_) => return Err(bad("f16 values are not supported in sparse-bitmask form (f32, bf16)".into())),
+            _ => return Err(bad("`.compressed` must hold f32 or bf16 values".into())),
         };
         let name = format!("{p}.weight");
         if out.contains_key(&name) {
@@ -252,7 +252,7 @@ impl View for &OutTensor<'_> {
     }
     fn data(&self) -> std::borrow::Cow<'_, [u8]> {
         match self {
-            OutTensor::Weight(w) => std::borrow::Cow::Borrowed(w.bytes()),
+            OutTensor::Weight(w) => w.bytes(),
             OutTensor::Raw(r) => std::borrow::Cow::Borrowed(&r.bytes),
         }
     }
@@ -275,6 +275,14 @@ fn compress_bitmask<'a>(prefix: &str, w: &Weight, path_hint: &Path) -> Result<Ve
     let [rows, cols] = w.dims2()?;
     let bad = |e: lacuna_kernels::KernelError| st_err(path_hint, format!("{prefix}: {e}"));
     let (bitmask, values, offsets) = match w.data() {
+        Data::BitmaskF32(m) => {
+            let (b, v, o) = (**m).clone().into_parts();
+            (b, Data::F32(Storage::Owned(v)), o)
+        }
+        Data::BitmaskBF16(m) => {
+            let (b, v, o) = (**m).clone().into_parts();
+            (b, Data::BF16(Storage::Owned(v)), o)
+        }
         Data::F32(s) => {
             let (b, v, o) = BitmaskMatrix::from_dense(s.as_slice(), rows, cols).map_err(bad)?.into_parts();
             (b, Data::F32(Storage::Owned(v)), o)
@@ -287,11 +295,8 @@ fn compress_bitmask<'a>(prefix: &str, w: &Weight, path_hint: &Path) -> Result<Ve
             return Err(Error::Unsupported(format!("{prefix}: sparse-bitmask from f16 (convert to bf16 or f32)")));
         }
     };
-    let nnz = match &values {
-        Data::F32(s) => s.as_slice().len(),
-        Data::BF16(s) => s.as_slice().len(),
-        Data::F16(s) => s.as_slice().len(),
-    };
+    // Validated bitmasks: one set bit per stored value.
+    let nnz: usize = bitmask.iter().map(|b| b.count_ones() as usize).sum();
     let le = |v: &[i64]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
     Ok(vec![
         (

@@ -18,7 +18,7 @@ pub mod sampling;
 pub mod tokenizer;
 pub mod weights;
 
-pub use checkpoint::{Checkpoint, Format};
+pub use checkpoint::{Checkpoint, Format, Kernels};
 pub use config::LlamaConfig;
 pub use llama::{KvCache, LinearInput, LinearKind, Llama};
 

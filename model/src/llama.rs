@@ -38,6 +38,12 @@ struct DecoderLayer {
     down_proj: Weight,
 }
 
+impl DecoderLayer {
+    fn linears(&self) -> [&Weight; 7] {
+        [&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj, &self.gate_proj, &self.up_proj, &self.down_proj]
+    }
+}
+
 pub struct Llama {
     config: LlamaConfig,
     embed_tokens: Weight,
@@ -414,6 +420,59 @@ impl Llama {
         }
         *slot = w;
         Ok(())
+    }
+
+    /// Stores every decoder linear in `sparse-bitmask` form where that streams at most
+    /// [`crate::weights::BITMASK_MAX_BYTE_RATIO`] of its dense bytes, and densifies the bitmask
+    /// ones where it does not; returns how many are bitmask afterwards.
+    pub fn prefer_bitmask(&mut self) -> Result<usize> {
+        let mut n = 0;
+        for l in &mut self.layers {
+            for w in [
+                &mut l.q_proj,
+                &mut l.k_proj,
+                &mut l.v_proj,
+                &mut l.o_proj,
+                &mut l.gate_proj,
+                &mut l.up_proj,
+                &mut l.down_proj,
+            ] {
+                match w.to_bitmask_if_smaller()? {
+                    Some(b) => {
+                        *w = b;
+                        n += 1;
+                    }
+                    None if w.is_bitmask() => *w = w.densify(),
+                    None => {}
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    /// Every weight dense (the reference path).
+    pub fn densify(&mut self) {
+        for l in &mut self.layers {
+            for w in [
+                &mut l.q_proj,
+                &mut l.k_proj,
+                &mut l.v_proj,
+                &mut l.o_proj,
+                &mut l.gate_proj,
+                &mut l.up_proj,
+                &mut l.down_proj,
+            ] {
+                if w.is_bitmask() {
+                    *w = w.densify();
+                }
+            }
+        }
+    }
+
+    /// Bytes of weights one decode step streams: every decoder linear as stored and the LM head.
+    pub fn weight_bytes_per_token(&self) -> usize {
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens).stored_bytes();
+        head + self.layers.iter().flat_map(|l| l.linears()).map(|w| w.stored_bytes()).sum::<usize>()
     }
 
     /// One decoder layer over `n` new positions starting at `pos0`, keys/values written into

@@ -3,7 +3,10 @@
 
 use std::sync::Arc;
 
+use std::borrow::Cow;
+
 use half::{bf16, f16};
+use lacuna_kernels::bitmask::{self, BitmaskMatrix, BitmaskValue};
 use lacuna_kernels::dense::{self, DenseMatrix, Element};
 use lacuna_kernels::mmap::Mmap;
 
@@ -95,7 +98,15 @@ pub enum Data {
     F32(Storage<f32>),
     F16(Storage<f16>),
     BF16(Storage<bf16>),
+    /// A matrix in the compressed-tensors `sparse-bitmask` form: the kernels expand its
+    /// non-zeros in registers, so a decode step streams only the bitmask and the non-zeros.
+    BitmaskF32(Arc<BitmaskMatrix<f32>>),
+    BitmaskBF16(Arc<BitmaskMatrix<bf16>>),
 }
+
+/// Keep a matrix in bitmask form only when that streams at most this share of its dense bytes:
+/// a layer too dense to gain stays dense.
+pub const BITMASK_MAX_BYTE_RATIO: f64 = 0.75;
 
 /// A named-by-its-owner weight: shape (outermost first) and data.
 #[derive(Clone)]
@@ -125,11 +136,23 @@ impl Weight {
     pub fn shape(&self) -> &[usize] {
         &self.shape
     }
+    /// The element type (of the non-zeros, for a bitmask matrix).
     pub fn dtype(&self) -> Dtype {
         match self.data {
-            Data::F32(_) => Dtype::F32,
+            Data::F32(_) | Data::BitmaskF32(_) => Dtype::F32,
             Data::F16(_) => Dtype::F16,
-            Data::BF16(_) => Dtype::BF16,
+            Data::BF16(_) | Data::BitmaskBF16(_) => Dtype::BF16,
+        }
+    }
+    pub fn is_bitmask(&self) -> bool {
+        matches!(self.data, Data::BitmaskF32(_) | Data::BitmaskBF16(_))
+    }
+    /// Bytes a full read of this weight streams (bitmask + non-zeros + row offsets when sparse).
+    pub fn stored_bytes(&self) -> usize {
+        match &self.data {
+            Data::BitmaskF32(m) => m.nbytes(),
+            Data::BitmaskBF16(m) => m.nbytes(),
+            _ => self.nbytes(),
         }
     }
     pub fn data(&self) -> &Data {
@@ -140,6 +163,8 @@ impl Weight {
             Data::F32(s) => s.as_slice().len(),
             Data::F16(s) => s.as_slice().len(),
             Data::BF16(s) => s.as_slice().len(),
+            Data::BitmaskF32(m) => m.rows() * m.cols(),
+            Data::BitmaskBF16(m) => m.rows() * m.cols(),
         }
     }
     pub fn is_empty(&self) -> bool {
@@ -148,12 +173,15 @@ impl Weight {
     pub fn nbytes(&self) -> usize {
         self.len() * self.dtype().size()
     }
-    /// Raw little-endian bytes (what a safetensors file stores).
-    pub fn bytes(&self) -> &[u8] {
+    /// Raw little-endian bytes of the dense tensor (what a safetensors file stores); a bitmask
+    /// matrix is expanded.
+    pub fn bytes(&self) -> Cow<'_, [u8]> {
         match &self.data {
-            Data::F32(s) => bytemuck::cast_slice(s.as_slice()),
-            Data::F16(s) => bytemuck::cast_slice(s.as_slice()),
-            Data::BF16(s) => bytemuck::cast_slice(s.as_slice()),
+            Data::F32(s) => Cow::Borrowed(bytemuck::cast_slice(s.as_slice())),
+            Data::F16(s) => Cow::Borrowed(bytemuck::cast_slice(s.as_slice())),
+            Data::BF16(s) => Cow::Borrowed(bytemuck::cast_slice(s.as_slice())),
+            Data::BitmaskF32(m) => Cow::Owned(bytemuck::cast_slice(&m.to_dense()).to_vec()),
+            Data::BitmaskBF16(m) => Cow::Owned(bytemuck::cast_slice(&m.to_dense()).to_vec()),
         }
     }
     pub fn is_mapped(&self) -> bool {
@@ -161,6 +189,7 @@ impl Weight {
             Data::F32(s) => s.is_mapped(),
             Data::F16(s) => s.is_mapped(),
             Data::BF16(s) => s.is_mapped(),
+            Data::BitmaskF32(_) | Data::BitmaskBF16(_) => false,
         }
     }
     /// All elements as f32 (a copy).
@@ -172,6 +201,8 @@ impl Weight {
             Data::F32(s) => s.as_slice().to_vec(),
             Data::F16(s) => widen(s.as_slice()),
             Data::BF16(s) => widen(s.as_slice()),
+            Data::BitmaskF32(m) => m.to_dense(),
+            Data::BitmaskBF16(m) => widen(&m.to_dense()),
         }
     }
     /// Row `r` of a 2-D weight widened into `out`.
@@ -185,11 +216,26 @@ impl Weight {
                 *o = v.to_f32();
             }
         }
+        fn expand<T: BitmaskValue>(m: &BitmaskMatrix<T>, r: usize, out: &mut [f32]) {
+            let stride = m.cols().div_ceil(8);
+            let bits = &m.bitmask()[r * stride..(r + 1) * stride];
+            let mut k = m.row_offsets()[r] as usize;
+            for (c, o) in out.iter_mut().enumerate() {
+                *o = if bits[c / 8] >> (c % 8) & 1 == 1 {
+                    k += 1;
+                    m.values()[k - 1].to_f32()
+                } else {
+                    0.0
+                };
+            }
+        }
         let range = r * cols..(r + 1) * cols;
         match &self.data {
             Data::F32(s) => out.copy_from_slice(&s.as_slice()[range]),
             Data::F16(s) => copy(&s.as_slice()[range], out),
             Data::BF16(s) => copy(&s.as_slice()[range], out),
+            Data::BitmaskF32(m) => expand(m, r, out),
+            Data::BitmaskBF16(m) => expand(m, r, out),
         }
         Ok(())
     }
@@ -199,6 +245,10 @@ impl Weight {
             Data::F32(s) => s.as_slice().iter().filter(|v| **v == 0.0).count(),
             Data::F16(s) => s.as_slice().iter().filter(|v| (v.to_bits() & 0x7fff) == 0).count(),
             Data::BF16(s) => s.as_slice().iter().filter(|v| (v.to_bits() & 0x7fff) == 0).count(),
+            Data::BitmaskF32(m) => self.len() - m.nnz() + m.values().iter().filter(|v| **v == 0.0).count(),
+            Data::BitmaskBF16(m) => {
+                self.len() - m.nnz() + m.values().iter().filter(|v| (v.to_bits() & 0x7fff) == 0).count()
+            }
         }
     }
     pub fn dims2(&self) -> Result<[usize; 2]> {
@@ -207,9 +257,10 @@ impl Weight {
             s => Err(Error::Invalid(format!("expected a matrix, got shape {s:?}"))),
         }
     }
-    /// Converts to another dtype (a copy unless it already is that dtype).
+    /// Converts to another dtype (a copy unless it already is that dtype); a bitmask matrix
+    /// becomes dense.
     pub fn to_dtype(&self, dtype: Dtype) -> Weight {
-        if dtype == self.dtype() {
+        if dtype == self.dtype() && !self.is_bitmask() {
             return self.clone();
         }
         let v = self.to_f32_vec();
@@ -228,7 +279,33 @@ impl Weight {
             Data::F32(s) => dense::matmul(&DenseMatrix::new(s.as_slice(), rows, cols)?, x, n, y)?,
             Data::F16(s) => dense::matmul(&DenseMatrix::new(s.as_slice(), rows, cols)?, x, n, y)?,
             Data::BF16(s) => dense::matmul(&DenseMatrix::new(s.as_slice(), rows, cols)?, x, n, y)?,
+            Data::BitmaskF32(m) => bitmask::matmul(&m.view(), x, n, y)?,
+            Data::BitmaskBF16(m) => bitmask::matmul(&m.view(), x, n, y)?,
         }
         Ok(())
+    }
+
+    /// The dense form (a copy for a bitmask matrix, a clone otherwise).
+    pub fn densify(&self) -> Weight {
+        if self.is_bitmask() { self.to_dtype(self.dtype()) } else { self.clone() }
+    }
+
+    /// The `sparse-bitmask` form of a 2-D f32/bf16 weight, if it streams at most
+    /// [`BITMASK_MAX_BYTE_RATIO`] of the dense bytes; `None` when it would not pay.
+    pub fn to_bitmask_if_smaller(&self) -> Result<Option<Weight>> {
+        if self.is_bitmask() {
+            return Ok(Some(self.clone()));
+        }
+        let [rows, cols] = match self.shape.as_slice() {
+            [r, c] => [*r, *c],
+            _ => return Ok(None),
+        };
+        let data = match &self.data {
+            Data::F32(s) => Data::BitmaskF32(Arc::new(BitmaskMatrix::from_dense(s.as_slice(), rows, cols)?)),
+            Data::BF16(s) => Data::BitmaskBF16(Arc::new(BitmaskMatrix::from_dense(s.as_slice(), rows, cols)?)),
+            _ => return Ok(None),
+        };
+        let w = Weight { shape: self.shape.clone(), data };
+        Ok((w.stored_bytes() as f64 <= BITMASK_MAX_BYTE_RATIO * self.nbytes() as f64).then_some(w))
     }
 }

@@ -94,7 +94,7 @@ fn fingerprint(model: &Llama, recipe: &PruneRecipe, calib: &[Vec<u32>]) -> Resul
     }
     for (name, w) in model.tensors() {
         h.update(name.as_bytes());
-        h.update(w.bytes());
+        h.update(&*w.bytes());
     }
     Ok(hex::encode(h.finalize()))
 }
