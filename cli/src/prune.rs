@@ -176,27 +176,17 @@ pub fn run(a: PruneArgs) -> Result<()> {
         .with_context(|| format!("writing {}", a.out.display()))?;
     pb.set_message(format!("writing {}", bitmask_out.display()));
     let targets: Vec<String> = summary.layers.iter().map(|l| format!("{}.weight", l.name)).collect();
-    let sparsity_config = serde_json::json!({
-        "format": "sparse-bitmask",
-        "global_sparsity": summary.sparsity,
-        "sparsity_structure": recipe.structure.to_string(),
-        "targets": recipe.targets.iter().map(|t| format!("re:{t}")).collect::<Vec<_>>(),
-        "ignore": recipe.ignore,
-        "registry_requires_subclass": false,
-    });
+    // compressed-tensors counts kept weights (`2:4`: two of every four survive); recipes count pruned ones.
+    let structure = match recipe.structure {
+        SparsityStructure::NM { n, m } => format!("{}:{m}", m.saturating_sub(n)),
+        SparsityStructure::Unstructured => "unstructured".to_owned(),
+    };
+    let quantization_config =
+        hf::sparse_bitmask_quantization_config(summary.sparsity, &structure, &recipe.targets, &recipe.ignore);
     let opts = SaveOptions {
         overwrite: a.overwrite,
         bitmask: Some(hf::BitmaskOptions { targets }),
-        extra_config: [(
-            "quantization_config".to_owned(),
-            serde_json::json!({
-                "quant_method": "compressed-tensors",
-                "format": "dense",
-                "config_groups": {},
-                "sparsity_config": sparsity_config,
-            }),
-        )]
-        .into(),
+        extra_config: [("quantization_config".to_owned(), quantization_config)].into(),
         ..Default::default()
     };
     hf::save_dir(&bitmask_out, ck.model.config(), &tensors, Some(&ck.tokenizer), &opts)

@@ -270,6 +270,37 @@ pub struct BitmaskOptions {
     pub targets: Vec<String>,
 }
 
+/// The `config.json` `quantization_config` of a checkpoint written with [`BitmaskOptions`]: what
+/// compressed-tensors' `ModelCompressor.from_pretrained` reads to pick its `sparse-bitmask`
+/// decompressor (no quantization: `format: dense`, no config groups).
+///
+/// `targets` and `ignore` are layer-name regexes searched anywhere in the name, as the pruning
+/// recipe matches them; compressed-tensors (and vLLM) `re.match` a `re:` target from the start of
+/// the name, so each is written as `re:.*?(?:<regex>)`, which selects the same layers there.
+/// `sparsity_structure` is compressed-tensors' notation (`unstructured`, or `2:4` for two kept
+/// weights in every four).
+pub fn sparse_bitmask_quantization_config(
+    global_sparsity: f64,
+    sparsity_structure: &str,
+    targets: &[String],
+    ignore: &[String],
+) -> Value {
+    let search = |l: &[String]| l.iter().map(|t| format!("re:.*?(?:{t})")).collect::<Vec<_>>();
+    json!({
+        "quant_method": "compressed-tensors",
+        "format": "dense",
+        "config_groups": {},
+        "sparsity_config": {
+            "format": "sparse-bitmask",
+            "global_sparsity": global_sparsity,
+            "sparsity_structure": sparsity_structure,
+            "targets": search(targets),
+            "ignore": search(ignore),
+            "registry_requires_subclass": false,
+        },
+    })
+}
+
 /// The four tensors of one weight in `sparse-bitmask` form.
 fn compress_bitmask<'a>(prefix: &str, w: &Weight, path_hint: &Path) -> Result<Vec<(String, OutTensor<'a>)>> {
     let [rows, cols] = w.dims2()?;

@@ -1,5 +1,6 @@
 //! Lacuna's integration tests: one binary, one module per topic.
 
+mod compressed_tensors;
 mod data;
 mod gguf;
 mod hf;
