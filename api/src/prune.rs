@@ -155,10 +155,12 @@ impl JsonSchema for SparsityStructure {
     }
 }
 
-/// Calibration data: samples of `seq_len` tokens from a corpus's calibration split.
+/// Calibration data: samples of `seq_len` tokens from corpora's calibration splits.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CalibrationSpec {
+    /// A corpus, or several joined by `+` (`wiki+python`): the samples are then split evenly
+    /// between them, so a model meant for prose and code is calibrated on both.
     #[serde(default = "default_dataset")]
     pub dataset: String,
     #[serde(default = "default_samples")]
@@ -180,6 +182,19 @@ fn default_seq_len() -> usize {
 impl Default for CalibrationSpec {
     fn default() -> Self {
         Self { dataset: default_dataset(), samples: default_samples(), seq_len: default_seq_len() }
+    }
+}
+
+impl CalibrationSpec {
+    /// The corpora named by `dataset`.
+    pub fn datasets(&self) -> Vec<&str> {
+        self.dataset.split('+').map(str::trim).collect()
+    }
+
+    /// How many of the samples come from each corpus (evenly, the first ones taking the remainder).
+    pub fn samples_per_dataset(&self) -> Vec<usize> {
+        let k = self.datasets().len().max(1);
+        (0..k).map(|i| self.samples / k + usize::from(i < self.samples % k)).collect()
     }
 }
 
@@ -298,6 +313,12 @@ impl PruneRecipe {
         if self.calibration.samples == 0 && self.method != PruneMethod::Magnitude {
             return Err(RecipeError::invalid("calibration.samples", "must be positive"));
         }
+        if self.calibration.datasets().iter().any(|d| d.is_empty()) {
+            return Err(RecipeError::invalid(
+                "calibration.dataset",
+                format!("{:?} has an empty corpus name", self.calibration.dataset),
+            ));
+        }
         if self.calibration.seq_len < 2 {
             return Err(RecipeError::invalid("calibration.seqLen", "must be at least 2"));
         }
@@ -381,6 +402,9 @@ mod tests {
             CalibrationSpec { dataset: "sotu".into(), samples: 64, seq_len: 256 }
         );
         assert!("wiki:128".parse::<CalibrationSpec>().is_err());
+        let mix = "wiki+python:5x64".parse::<CalibrationSpec>().unwrap();
+        assert_eq!(mix.datasets(), ["wiki", "python"]);
+        assert_eq!(mix.samples_per_dataset(), [3, 2]);
     }
 
     #[test]

@@ -136,21 +136,27 @@ pub fn run(a: PruneArgs) -> Result<()> {
         Vec::new()
     } else {
         let spec = &recipe.calibration;
-        let name: DatasetName = spec.dataset.parse().context("calibration.dataset")?;
         let cache = Cache::from_env()?;
-        let pb = spinner(&format!("fetching {name}"));
-        lacuna_data::fetch_dataset(&cache, name, &|s| pb.set_message(s.to_owned()))?;
-        pb.set_message("tokenizing the calibration split");
-        let docs = lacuna_data::load_split(&cache, name, Split::Calibration)?;
-        // Documents joined by EOS into one stream, as pretraining data is packed.
-        let sep = ck.tokenizer.eos_ids().first().copied();
-        let mut stream = Vec::new();
-        for d in docs {
-            stream.extend(ck.tokenizer.encode(&d.text, false)?);
-            stream.extend(sep);
+        let mut calib = Vec::new();
+        for (i, (corpus, samples)) in spec.datasets().into_iter().zip(spec.samples_per_dataset()).enumerate() {
+            let name: DatasetName = corpus.parse().context("calibration.dataset")?;
+            let pb = spinner(&format!("fetching {name}"));
+            lacuna_data::fetch_dataset(&cache, name, &|s| pb.set_message(s.to_owned()))?;
+            pb.set_message(format!("tokenizing the {name} calibration split"));
+            let docs = lacuna_data::load_split(&cache, name, Split::Calibration)?;
+            // Documents joined by EOS into one stream, as pretraining data is packed.
+            let sep = ck.tokenizer.eos_ids().first().copied();
+            let mut stream = Vec::new();
+            for d in docs {
+                stream.extend(ck.tokenizer.encode(&d.text, false)?);
+                stream.extend(sep);
+            }
+            pb.finish_and_clear();
+            // Each corpus gets its own seeded stream of windows.
+            let seed = recipe.seed.wrapping_add(i as u64);
+            calib.extend(pipeline::calibration_windows(&stream, samples, spec.seq_len, seed)?);
         }
-        pb.finish_and_clear();
-        pipeline::calibration_windows(&stream, spec.samples, spec.seq_len, recipe.seed)?
+        calib
     };
 
     let ckpt_dir = a.checkpoint_dir.clone().unwrap_or_else(|| sibling(&a.out, ".checkpoint"));
