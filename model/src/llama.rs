@@ -42,6 +42,17 @@ impl DecoderLayer {
     fn linears(&self) -> [&Weight; 7] {
         [&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj, &self.gate_proj, &self.up_proj, &self.down_proj]
     }
+    fn linears_mut(&mut self) -> [&mut Weight; 7] {
+        [
+            &mut self.q_proj,
+            &mut self.k_proj,
+            &mut self.v_proj,
+            &mut self.o_proj,
+            &mut self.gate_proj,
+            &mut self.up_proj,
+            &mut self.down_proj,
+        ]
+    }
 }
 
 pub struct Llama {
@@ -428,15 +439,7 @@ impl Llama {
     pub fn prefer_bitmask(&mut self) -> Result<usize> {
         let mut n = 0;
         for l in &mut self.layers {
-            for w in [
-                &mut l.q_proj,
-                &mut l.k_proj,
-                &mut l.v_proj,
-                &mut l.o_proj,
-                &mut l.gate_proj,
-                &mut l.up_proj,
-                &mut l.down_proj,
-            ] {
+            for w in l.linears_mut() {
                 match w.to_bitmask_if_smaller()? {
                     Some(b) => {
                         *w = b;
@@ -453,15 +456,7 @@ impl Llama {
     /// Every weight dense (the reference path).
     pub fn densify(&mut self) {
         for l in &mut self.layers {
-            for w in [
-                &mut l.q_proj,
-                &mut l.k_proj,
-                &mut l.v_proj,
-                &mut l.o_proj,
-                &mut l.gate_proj,
-                &mut l.up_proj,
-                &mut l.down_proj,
-            ] {
+            for w in l.linears_mut() {
                 if w.is_bitmask() {
                     *w = w.densify();
                 }
