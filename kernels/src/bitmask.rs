@@ -13,8 +13,6 @@
 //!
 //! Products use the dense convention: `y[n, rows] = x[n, cols] · Wᵀ` with f32 activations.
 
-use std::cell::RefCell;
-
 use half::bf16;
 use rayon::prelude::*;
 
@@ -974,10 +972,6 @@ impl<T: BitmaskValue> BitmaskMatrix<T> {
     }
 }
 
-thread_local! {
-    static PANEL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-}
-
 /// `y[n, rows] = x[n, cols] · Wᵀ` (overwrites `y`).
 pub fn matmul<T: BitmaskValue>(w: &BitmaskView<'_, T>, x: &[f32], n: usize, y: &mut [f32]) -> Result<()> {
     matmul_on(cpu::isa(), w, x, n, y)
@@ -986,20 +980,7 @@ pub fn matmul<T: BitmaskValue>(w: &BitmaskView<'_, T>, x: &[f32], n: usize, y: &
 /// [`matmul`] on an explicit path (tests and benches compare the paths).
 pub fn matmul_on<T: BitmaskValue>(isa: Isa, w: &BitmaskView<'_, T>, x: &[f32], n: usize, y: &mut [f32]) -> Result<()> {
     let (rows, cols) = (w.rows, w.cols);
-    if !cpu::supports(isa) {
-        return Err(KernelError::Unsupported(format!("the {} kernels on this CPU", isa.name())));
-    }
-    let want_x = n.checked_mul(cols).ok_or_else(|| KernelError::Shape(format!("[{n}, {cols}] overflows")))?;
-    if x.len() != want_x {
-        return Err(KernelError::Shape(format!(
-            "activations: expected [{n}, {cols}] = {want_x} values, got {}",
-            x.len()
-        )));
-    }
-    let want_y = n.checked_mul(rows).ok_or_else(|| KernelError::Shape(format!("[{n}, {rows}] overflows")))?;
-    if y.len() != want_y {
-        return Err(KernelError::Shape(format!("output: expected [{n}, {rows}] = {want_y} values, got {}", y.len())));
-    }
+    dense::check_product(isa, rows, cols, n, x, y)?;
     if n == 0 || rows == 0 {
         return Ok(());
     }
@@ -1030,9 +1011,7 @@ pub fn matmul_on<T: BitmaskValue>(isa: Isa, w: &BitmaskView<'_, T>, x: &[f32], n
         yt.par_chunks_mut(dense::PANEL_ROWS * n).enumerate().for_each(|(p, out)| {
             let r0 = p * dense::PANEL_ROWS;
             let pr = out.len() / n;
-            PANEL.with(|cell| {
-                let mut panel = cell.borrow_mut();
-                panel.resize(pr * cols, 0.0);
+            dense::with_scratch(pr * cols, |panel| {
                 if cols > 0 {
                     for (j, dst) in panel.chunks_exact_mut(cols).enumerate() {
                         let (mask, vals) = w.row_parts(r0 + j);
@@ -1040,15 +1019,11 @@ pub fn matmul_on<T: BitmaskValue>(isa: Isa, w: &BitmaskView<'_, T>, x: &[f32], n
                         unsafe { T::expand_row(isa, mask, vals, cols, dst) };
                     }
                 }
-                dense::gemm_panel(x, n, cols, &panel, pr, out);
+                dense::gemm_panel(x, n, cols, panel, pr, out);
             });
         });
     }
-    for (r, col) in yt.chunks(n).enumerate() {
-        for (i, v) in col.iter().enumerate() {
-            y[i * rows + r] = *v;
-        }
-    }
+    dense::scatter_transposed(&yt, n, rows, y);
     Ok(())
 }
 

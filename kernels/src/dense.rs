@@ -223,23 +223,7 @@ pub fn matmul<T: Element>(w: &DenseMatrix<'_, T>, x: &[f32], n: usize, y: &mut [
 /// [`matmul`] on an explicit path (tests and benches compare the paths).
 pub fn matmul_on<T: Element>(isa: Isa, w: &DenseMatrix<'_, T>, x: &[f32], n: usize, y: &mut [f32]) -> Result<()> {
     let (rows, cols) = (w.rows, w.cols);
-    if !cpu::supports(isa) {
-        return Err(KernelError::Unsupported(format!("the {} kernels on this CPU", isa.name())));
-    }
-    if x.len() != n * cols {
-        return Err(KernelError::Shape(format!(
-            "activations: expected [{n}, {cols}] = {} values, got {}",
-            n * cols,
-            x.len()
-        )));
-    }
-    if y.len() != n * rows {
-        return Err(KernelError::Shape(format!(
-            "output: expected [{n}, {rows}] = {} values, got {}",
-            n * rows,
-            y.len()
-        )));
-    }
+    check_product(isa, rows, cols, n, x, y)?;
     if n == 0 || rows == 0 {
         return Ok(());
     }
@@ -281,12 +265,46 @@ pub fn matmul_on<T: Element>(isa: Isa, w: &DenseMatrix<'_, T>, x: &[f32], n: usi
             with_widened(src, |panel| gemm_panel(x, n, cols, panel, pr, out));
         });
     }
+    scatter_transposed(&yt, n, rows, y);
+    Ok(())
+}
+
+/// The checks every `y[n, rows] = x[n, cols] · Wᵀ` kernel makes before touching memory: the path
+/// runs on this CPU and the buffers have exactly the product's sizes (overflow-checked).
+pub(crate) fn check_product(isa: Isa, rows: usize, cols: usize, n: usize, x: &[f32], y: &[f32]) -> Result<()> {
+    if !cpu::supports(isa) {
+        return Err(KernelError::Unsupported(format!("the {} kernels on this CPU", isa.name())));
+    }
+    let want_x = n.checked_mul(cols).ok_or_else(|| KernelError::Shape(format!("[{n}, {cols}] overflows")))?;
+    if x.len() != want_x {
+        return Err(KernelError::Shape(format!(
+            "activations: expected [{n}, {cols}] = {want_x} values, got {}",
+            x.len()
+        )));
+    }
+    let want_y = n.checked_mul(rows).ok_or_else(|| KernelError::Shape(format!("[{n}, {rows}] overflows")))?;
+    if y.len() != want_y {
+        return Err(KernelError::Shape(format!("output: expected [{n}, {rows}] = {want_y} values, got {}", y.len())));
+    }
+    Ok(())
+}
+
+/// Writes `yt` (`[rows, n]`, what row-parallel tasks produce) into `y` (`[n, rows]`).
+pub(crate) fn scatter_transposed(yt: &[f32], n: usize, rows: usize, y: &mut [f32]) {
     for (r, col) in yt.chunks(n).enumerate() {
         for (i, v) in col.iter().enumerate() {
             y[i * rows + r] = *v;
         }
     }
-    Ok(())
+}
+
+/// Runs `f` on this thread's reusable f32 scratch buffer, sized to `len` (a GEMM panel).
+pub(crate) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    PANEL.with(|cell| {
+        let mut buf = cell.borrow_mut();
+        buf.resize(len, 0.0);
+        f(&mut buf)
+    })
 }
 
 thread_local! {
@@ -298,11 +316,9 @@ fn with_widened<T: Element, R>(src: &[T], f: impl FnOnce(&[f32]) -> R) -> R {
     if let Some(s) = T::as_f32(src) {
         return f(s);
     }
-    PANEL.with(|cell| {
-        let mut buf = cell.borrow_mut();
-        buf.resize(src.len(), 0.0);
-        T::widen(src, &mut buf);
-        f(&buf)
+    with_scratch(src.len(), |buf| {
+        T::widen(src, buf);
+        f(buf)
     })
 }
 
