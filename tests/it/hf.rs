@@ -100,58 +100,72 @@ fn tiny_dir(root: &Path) -> std::path::PathBuf {
     dir
 }
 
-#[test]
-fn bad_hf_inputs_are_named_errors() {
+/// A copy of a valid tiny directory, and the error opening it gives after `corrupt`.
+fn open_corrupted(name: &str, corrupt: impl FnOnce(&Path)) -> (tempfile::TempDir, std::path::PathBuf, String) {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tiny_dir(tmp.path());
-    let err = |d: &Path| match Checkpoint::open(d) {
+    let d = tmp.path().join(name);
+    copy_dir(&dir, &d);
+    corrupt(&d);
+    let e = match Checkpoint::open(&d) {
         Ok(_) => panic!("{} should not load", d.display()),
         Err(e) => e.to_string(),
     };
+    (tmp, d, e)
+}
 
-    // A shard listed in the index is missing.
-    let d1 = tmp.path().join("missing-shard");
-    copy_dir(&dir, &d1);
-    let shards = hf::shard_files(&d1).unwrap();
-    std::fs::remove_file(&shards[1]).unwrap();
-    let e = err(&d1);
-    let shard_name = shards[1].file_name().unwrap().to_string_lossy().to_string();
-    assert!(e.contains(hf::INDEX_FILE) && e.contains(&shard_name) && e.contains("missing"), "{e}");
+fn edit_config(d: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let p = d.join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    edit(&mut cfg);
+    std::fs::write(&p, cfg.to_string()).unwrap();
+}
 
-    // A safetensors header whose offsets run past the end of the file.
-    let d2 = tmp.path().join("bad-offsets");
-    copy_dir(&dir, &d2);
-    let shard = hf::shard_files(&d2).unwrap()[0].clone();
-    let bytes = std::fs::read(&shard).unwrap();
-    std::fs::write(&shard, &bytes[..bytes.len() - 1000]).unwrap();
-    let e = err(&d2);
-    assert!(
-        e.contains(&shard.file_name().unwrap().to_string_lossy().to_string()) && e.contains("invalid safetensors"),
-        "{e}"
-    );
+#[test]
+fn missing_shard_is_named() {
+    let mut shard = String::new();
+    let (_t, _d, e) = open_corrupted("missing-shard", |d| {
+        let shards = hf::shard_files(d).unwrap();
+        shard = shards[1].file_name().unwrap().to_string_lossy().to_string();
+        std::fs::remove_file(&shards[1]).unwrap();
+    });
+    assert!(e.contains(hf::INDEX_FILE) && e.contains(&shard) && e.contains("missing"), "{e}");
+}
 
-    // A config missing a required key.
-    let d3 = tmp.path().join("bad-config");
-    copy_dir(&dir, &d3);
-    let cfg_path = d3.join("config.json");
-    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
-    cfg.as_object_mut().unwrap().remove("hidden_size");
-    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
-    let e = err(&d3);
+#[test]
+fn safetensors_offsets_past_the_file_are_named() {
+    let mut shard = String::new();
+    let (_t, _d, e) = open_corrupted("bad-offsets", |d| {
+        let p = hf::shard_files(d).unwrap()[0].clone();
+        shard = p.file_name().unwrap().to_string_lossy().to_string();
+        let bytes = std::fs::read(&p).unwrap();
+        // The header still promises the full data section; the file now ends 1000 bytes early.
+        std::fs::write(&p, &bytes[..bytes.len() - 1000]).unwrap();
+    });
+    assert!(e.contains(&shard) && e.contains("invalid safetensors"), "{e}");
+}
+
+#[test]
+fn config_missing_a_required_key_is_named() {
+    let (_t, _d, e) = open_corrupted("bad-config", |d| {
+        edit_config(d, |c| {
+            c.as_object_mut().unwrap().remove("hidden_size");
+        })
+    });
     assert!(e.contains("config.json") && e.contains("hidden_size"), "{e}");
+}
 
-    // A config that disagrees with the tensors.
-    let d4 = tmp.path().join("wrong-shape");
-    copy_dir(&dir, &d4);
-    let cfg_path = d4.join("config.json");
-    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
-    cfg["intermediate_size"] = serde_json::json!(1000);
-    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
-    let e = err(&d4);
+#[test]
+fn config_disagreeing_with_the_tensors_is_named() {
+    let (_t, _d, e) =
+        open_corrupted("wrong-shape", |d| edit_config(d, |c| c["intermediate_size"] = serde_json::json!(1000)));
     assert!(e.contains("mlp.gate_proj.weight") && e.contains("shape"), "{e}");
+}
 
-    // A directory that is not a checkpoint at all.
-    let e = err(tmp.path());
+#[test]
+fn a_directory_without_a_config_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let e = Checkpoint::open(tmp.path()).err().expect("an empty directory is no checkpoint").to_string();
     assert!(e.contains("config.json"), "{e}");
 }
 
