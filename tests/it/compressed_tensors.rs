@@ -23,22 +23,6 @@ const MISSING_PACKAGE: i32 = 3;
 const TARGETS: &str = r"^model\.layers\.\d+\.(self_attn|mlp)\.[a-z_]+_proj$";
 const PROMPT: &str = "The quick brown fox jumps over the lazy dog, and then";
 
-fn venv_dir() -> PathBuf {
-    let cache = match std::env::var_os("LACUNA_CACHE") {
-        Some(c) if !c.is_empty() => PathBuf::from(c),
-        _ => PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache/lacuna"),
-    };
-    cache.join("venvs/compressed-tensors")
-}
-
-fn install_hint() -> String {
-    let venv = venv_dir();
-    format!(
-        "python3 -m venv {v} && {v}/bin/python -m pip install -r tests/fixtures/requirements-compressed-tensors.txt",
-        v = venv.display()
-    )
-}
-
 /// A pruned copy of SmolLM2: every decoder linear pruned by magnitude with `cfg`, in `dtype`.
 /// Returns the tensors and the layer names that were pruned.
 fn pruned_smollm2(cfg: &PruneConfig, dtype: Dtype) -> (Vec<(String, Weight)>, Vec<String>) {
@@ -162,16 +146,20 @@ fn read_header(bytes: &[u8]) -> (serde_json::Value, usize) {
 
 /// Runs the checker; returns whether it passed, its stdout and its stderr.
 fn python_check(bitmask: &Path, dense: &Path) -> (bool, String, String) {
-    let python = venv_dir().join("bin/python");
+    let python = lacuna_tests::torch_python();
     let script = fixtures_dir().join("check_compressed_tensors.py");
     let out = match Command::new(&python).arg(&script).arg(bitmask).arg(dense).env("HF_HUB_OFFLINE", "1").output() {
         Ok(out) => out,
-        Err(e) => panic!("cannot run {} ({e}): create the virtualenv with `{}`", python.display(), install_hint()),
+        Err(e) => panic!(
+            "cannot run {} ({e}): create the virtualenv with `{}`",
+            python.display(),
+            lacuna_tests::torch_python_hint()
+        ),
     };
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     if out.status.code() == Some(MISSING_PACKAGE) {
-        panic!("{} lacks a Python package; run `{}`\n{stderr}", python.display(), install_hint());
+        panic!("{} lacks a Python package; run `{}`\n{stderr}", python.display(), lacuna_tests::torch_python_hint());
     }
     (out.status.success(), stdout, stderr)
 }

@@ -97,3 +97,27 @@ fn shards_are_as_readable_as_the_config() {
         assert_eq!(mode(&shard), config_mode, "{}", shard.display());
     }
 }
+
+/// transformers' own `LlamaForCausalLM` (torch, in the compressed-tensors virtualenv) loads the
+/// sharded directory unchanged and reproduces the independent reference logits.
+#[test]
+fn transformers_llama_loads_the_directory_and_reproduces_reference_logits() {
+    let ck = smollm2();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("smollm2-hf");
+    let opts = SaveOptions { max_shard_bytes: 200_000_000, ..Default::default() };
+    hf::save_dir(&dir, ck.model.config(), &ck.model.tensors(), Some(&ck.tokenizer), &opts).unwrap();
+    let python = lacuna_tests::torch_python();
+    let script = fixtures_dir().join("check_hf_transformers.py");
+    let out =
+        Command::new(&python).arg(&script).arg(&dir).env("HF_HUB_OFFLINE", "1").output().unwrap_or_else(|e| {
+            panic!("cannot run {} ({e}): run {}", python.display(), lacuna_tests::torch_python_hint())
+        });
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if out.status.code() == Some(MISSING_PACKAGE) {
+        panic!("{} lacks a package; run {}\n{stderr}", python.display(), lacuna_tests::torch_python_hint());
+    }
+    assert!(out.status.success(), "transformers rejected {}: {}\n{stdout}\n{stderr}", dir.display(), out.status);
+    assert!(max_logit_error(&stdout) < 1e-3, "{stdout}");
+}

@@ -40,3 +40,18 @@ pub fn read_f32(path: &std::path::Path) -> Vec<f32> {
     assert_eq!(bytes.len() % 4, 0, "{}: not a whole number of f32", path.display());
     bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
 }
+
+/// The Python of the virtualenv that holds torch, transformers < 5 and compressed-tensors
+/// (`scripts/test-deps.sh` creates it at `${LACUNA_CACHE:-$HOME/.cache/lacuna}/venvs/compressed-tensors`).
+pub fn torch_python() -> PathBuf {
+    let cache = match std::env::var_os("LACUNA_CACHE") {
+        Some(c) if !c.is_empty() => PathBuf::from(c),
+        _ => PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache/lacuna"),
+    };
+    cache.join("venvs/compressed-tensors/bin/python")
+}
+
+/// What to run when [`torch_python`] is missing or lacks a package.
+pub fn torch_python_hint() -> String {
+    "scripts/test-deps.sh (creates the virtualenv from tests/fixtures/requirements-compressed-tensors.txt)".to_owned()
+}
