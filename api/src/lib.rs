@@ -5,9 +5,16 @@
 //! recipe is an error before any work starts, never a silently ignored setting.
 
 pub mod prune;
+pub mod quantize;
+pub mod train;
 
 pub use prune::{
     CalibrationSpec, OwlParams, PruneMethod, PruneRecipe, SparseGptParams, SparsityProfile, SparsityStructure,
+};
+pub use quantize::{QuantScheme, QuantizeRecipe};
+pub use train::{
+    DataMixture, DataSource, Distillation, FinetuneRecipe, InstructionData, OptimizerSpec, Pathway, PretrainRecipe,
+    TrainDtype, TrainingSchedule,
 };
 
 /// A recipe that cannot run, with the offending field named.
