@@ -92,7 +92,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     // Peak RSS of the model's work, before the bandwidth probe's buffer adds to it.
     let peak_rss = peak_rss_bytes();
     // 512 MiB: well past any last-level cache, small enough for every machine this runs on.
-    let bandwidth = lacuna_kernels::cpu::measure_read_bandwidth(512 << 20);
+    let bandwidth = lacuna_kernels::cpu::measure_read_bandwidth(lacuna_kernels::cpu::beyond_cache_bytes());
     let achieved = weight_bytes_per_token as f64 * dtps / 1e9;
     let r = BenchReport {
         model: ck.path.display().to_string(),

@@ -110,18 +110,18 @@ macro_rules! sealed_impl {
                 match isa {
                     #[cfg(target_arch = "x86_64")]
                     // SAFETY: the caller's contract is the kernels' contract; `isa` is supported.
-                    // Rows per step: 4 while `R · (N + 1)` accumulators and expanded rows fit the
-                    // 32 zmm registers, else 2.
+                    // Accumulator sets per N: enough independent FMA chains per 16-column word
+                    // (4 for N <= 2, 2 for N <= 4; from N = 5 the N FMAs cover FMA latency).
                     Isa::Avx512 => unsafe {
                         match n {
                             1 => avx512::$avx512_gemv::<1, 4>(a.0, a.1, a.2, a.3, a.4, a.5),
                             2 => avx512::$avx512_gemv::<2, 4>(a.0, a.1, a.2, a.3, a.4, a.5),
-                            3 => avx512::$avx512_gemv::<3, 4>(a.0, a.1, a.2, a.3, a.4, a.5),
-                            4 => avx512::$avx512_gemv::<4, 4>(a.0, a.1, a.2, a.3, a.4, a.5),
-                            5 => avx512::$avx512_gemv::<5, 2>(a.0, a.1, a.2, a.3, a.4, a.5),
-                            6 => avx512::$avx512_gemv::<6, 2>(a.0, a.1, a.2, a.3, a.4, a.5),
-                            7 => avx512::$avx512_gemv::<7, 2>(a.0, a.1, a.2, a.3, a.4, a.5),
-                            _ => avx512::$avx512_gemv::<8, 2>(a.0, a.1, a.2, a.3, a.4, a.5),
+                            3 => avx512::$avx512_gemv::<3, 2>(a.0, a.1, a.2, a.3, a.4, a.5),
+                            4 => avx512::$avx512_gemv::<4, 2>(a.0, a.1, a.2, a.3, a.4, a.5),
+                            5 => avx512::$avx512_gemv::<5, 1>(a.0, a.1, a.2, a.3, a.4, a.5),
+                            6 => avx512::$avx512_gemv::<6, 1>(a.0, a.1, a.2, a.3, a.4, a.5),
+                            7 => avx512::$avx512_gemv::<7, 1>(a.0, a.1, a.2, a.3, a.4, a.5),
+                            _ => avx512::$avx512_gemv::<8, 1>(a.0, a.1, a.2, a.3, a.4, a.5),
                         }
                     },
                     #[cfg(target_arch = "x86_64")]
@@ -430,15 +430,21 @@ mod avx2 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    //! 16 lanes per 16-bit mask word: a masked load of the word's popcount of packed values
-    //! (widened to f32 for bf16) and a register-form `vexpandps` under the word.
+    //! 16 lanes per 16-bit mask word. f32: `vexpandps` from memory (a load and one shuffle on
+    //! Intel cores); bf16: a masked load of the word's values widened to f32, then a register
+    //! `vexpandps`; on VBMI2 CPUs bf16 goes through `gemv_bf16_vbmi2` (32 columns per step).
     //!
-    //! Measured on Zen 4 (f32, 70 % sparsity, 1024 × 1024 so that the weight sits in cache, one
-    //! thread): the memory form `_mm512_maskz_expandloadu_ps` took 2.4 ns per 16 columns, the
-    //! masked load + register-form expand used here 1.4 ns, so the register form is used for
-    //! every type. bf16 on VBMI2 CPUs goes through `gemv_bf16_vbmi2` (32 columns per step).
+    //! Measured on an Emerald Rapids core pair (f32, 91840 × 8192, twice the LLC): at 70 %
+    //! sparsity the memory-form expand streamed 22.8 GiB/s with a 2 KiB prefetch distance, the
+    //! masked load + register expand 18.6 GiB/s (its two extra mask moves compete with the expand
+    //! for the shuffle port); without software prefetch both stayed near 15. (An earlier Zen 4
+    //! measurement in cache, one thread, favoured the register form: 1.4 vs 2.4 ns a word.)
     use half::bf16;
     use std::arch::x86_64::*;
+
+    /// How far ahead of the packed values the kernels prefetch: on a memory-bound GEMV one core
+    /// cannot keep enough misses in flight on demand loads alone.
+    const PREFETCH_BYTES: usize = 2048;
 
     #[inline(always)]
     fn first_lanes(k: usize) -> u16 {
@@ -461,17 +467,45 @@ mod avx512 {
         _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
     }
 
+    /// One 16-column word of f32 weights: `vexpandps` from memory, which on Intel cores is a load
+    /// plus one shuffle (the masked load + register expand costs two more mask moves on the
+    /// shuffle port, which bounds the loop at 70 % sparsity).
+    ///
+    /// # Safety
+    /// popcount(m) values are readable at `p`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c,popcnt")]
+    #[inline]
+    unsafe fn word_f32(m: u16, p: *const f32) -> __m512 {
+        // SAFETY: expand-load reads exactly popcount(m) consecutive values (caller).
+        unsafe { _mm512_maskz_expandloadu_ps(m, p) }
+    }
+    /// One 16-column word of bf16 weights: masked load of its values, widened, then expanded.
+    ///
+    /// # Safety
+    /// popcount(m) values are readable at `p`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c,popcnt")]
+    #[inline]
+    unsafe fn word_bf16(m: u16, p: *const bf16) -> __m512 {
+        // SAFETY: the masked load reads popcount(m) values (caller).
+        _mm512_maskz_expand_ps(m, unsafe { load_bf16(p, m.count_ones() as usize) })
+    }
+
     macro_rules! kernels {
-        ($t:ty, $load:ident, $gemv:ident, $expand:ident) => {
-            /// A block's rows, `R` at a time, against `N` activation rows: the `R` rows share every
-            /// x load (loads, not arithmetic, limit this loop on Zen 4) and their `R · N`
-            /// accumulators are independent FMA chains.
+        ($t:ty, $load:ident, $word:ident, $gemv:ident, $expand:ident) => {
+            /// A block's rows against `N` activation rows, one row at a time with its mask word,
+            /// packed-value pointer and accumulators in registers. Consecutive 16-column words
+            /// rotate over `U` sets of `N` accumulators so that an accumulator's next FMA never
+            /// waits on its previous one: a single FMA chain per accumulator bounds the loop by
+            /// FMA latency (4 cycles a word), far below memory speed. `U · N + 2 ≤ 32` zmm.
+            ///
+            /// (Rows are not interleaved: with several rows' pointers in arrays, LLVM kept them
+            /// and the expanded words on the stack, and the loop ran at half the bandwidth.)
             ///
             /// # Safety
             /// The contract of `Sealed::gemv_block` with `out.len() == offsets.len() * N`.
-            #[allow(clippy::needless_range_loop)] // parallel arrays indexed by the same row
+            #[allow(clippy::needless_range_loop)] // accumulators indexed by activation row
             #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c,popcnt")]
-            pub(super) unsafe fn $gemv<const N: usize, const R: usize>(
+            pub(super) unsafe fn $gemv<const N: usize, const U: usize>(
                 mask: &[u8],
                 vals: &[$t],
                 offsets: &[i64],
@@ -479,73 +513,79 @@ mod avx512 {
                 x: &[f32],
                 out: &mut [f32],
             ) {
-                let rows = offsets.len();
                 let (mb, full, rem) = (cols.div_ceil(8), cols / 16, cols % 16);
                 let xp = x.as_ptr();
-                let mut r = 0;
-                while r + R <= rows {
-                    let mut mp = [mask.as_ptr(); R];
-                    let mut p = [vals.as_ptr(); R];
-                    for k in 0..R {
-                        // SAFETY: row r + k < rows owns mask bytes (r + k) mb .. (r + k + 1) mb;
-                        // its offset lies within vals (contract).
-                        unsafe {
-                            mp[k] = mask.as_ptr().add((r + k) * mb);
-                            p[k] = vals.as_ptr().add(offsets[r + k] as usize);
+                for (r, &offset) in offsets.iter().enumerate() {
+                    // SAFETY: row r owns mask bytes r mb .. (r + 1) mb; its offset lies within
+                    // vals (contract).
+                    let mp = unsafe { mask.as_ptr().add(r * mb) };
+                    // SAFETY: as above.
+                    let mut p = unsafe { vals.as_ptr().add(offset as usize) };
+                    let zero = _mm512_setzero_ps();
+                    let (mut a0, mut a1, mut a2, mut a3) = ([zero; N], [zero; N], [zero; N], [zero; N]);
+                    let mut j = 0;
+                    // One 16-column word into accumulator set `$acc`.
+                    macro_rules! word {
+                        ($acc:ident) => {
+                            // SAFETY: bytes 2j, 2j + 1 < 2 full <= mb of row r; the set bits read
+                            // so far count the values consumed, which the contract bounds by what
+                            // vals holds from the row's offset on; x row i has cols >= 16 (j + 1).
+                            unsafe {
+                                let m = (mp.add(2 * j) as *const u16).read_unaligned();
+                                // The row's packed values a kilobyte ahead (prefetches never fault).
+                                _mm_prefetch::<_MM_HINT_T0>((p as *const i8).wrapping_add(PREFETCH_BYTES));
+                                let w = $word(m, p);
+                                p = p.add(m.count_ones() as usize);
+                                for i in 0..N {
+                                    let xv = _mm512_loadu_ps(xp.add(i * cols + 16 * j));
+                                    $acc[i] = _mm512_fmadd_ps(w, xv, $acc[i]);
+                                }
+                            }
+                            j += 1;
+                        };
+                    }
+                    while j + 4 <= full {
+                        word!(a0);
+                        if U >= 2 {
+                            word!(a1);
+                        } else {
+                            word!(a0);
+                        }
+                        if U >= 3 {
+                            word!(a2);
+                        } else {
+                            word!(a0);
+                        }
+                        if U >= 4 {
+                            word!(a3);
+                        } else if U >= 2 {
+                            word!(a1);
+                        } else {
+                            word!(a0);
                         }
                     }
-                    let mut acc = [[_mm512_setzero_ps(); N]; R];
-                    for j in 0..full {
-                        let mut w = [_mm512_setzero_ps(); R];
-                        for k in 0..R {
-                            // SAFETY: bytes 2j, 2j + 1 < 2 full <= mb of row r + k; the set bits
-                            // read so far count the values consumed, which the contract bounds by
-                            // what vals holds from the row's offset on.
-                            unsafe {
-                                let m = (mp[k].add(2 * j) as *const u16).read_unaligned();
-                                let pc = m.count_ones() as usize;
-                                w[k] = _mm512_maskz_expand_ps(m, $load(p[k], pc));
-                                p[k] = p[k].add(pc);
-                            }
-                        }
-                        for i in 0..N {
-                            // SAFETY: x row i has cols >= 16 (j + 1) columns.
-                            let xv = unsafe { _mm512_loadu_ps(xp.add(i * cols + 16 * j)) };
-                            for k in 0..R {
-                                acc[k][i] = _mm512_fmadd_ps(w[k], xv, acc[k][i]);
-                            }
-                        }
+                    while j < full {
+                        word!(a0);
                     }
                     if rem > 0 {
-                        let mut w = [_mm512_setzero_ps(); R];
-                        for k in 0..R {
-                            // SAFETY: the row has 2 full + 1 (rem <= 8) or + 2 bytes; padding bits
-                            // are zero so the word's set bits are the row's remaining values.
-                            unsafe {
-                                let lo = *mp[k].add(2 * full) as u16;
-                                let hi = if rem > 8 { *mp[k].add(2 * full + 1) as u16 } else { 0 };
-                                let m = lo | (hi << 8);
-                                w[k] = _mm512_maskz_expand_ps(m, $load(p[k], m.count_ones() as usize));
-                            }
-                        }
-                        for i in 0..N {
-                            // SAFETY: the masked load reads only the `rem` columns left in x row i.
-                            let xv = unsafe { _mm512_maskz_loadu_ps(first_lanes(rem), xp.add(i * cols + 16 * full)) };
-                            for k in 0..R {
-                                acc[k][i] = _mm512_fmadd_ps(w[k], xv, acc[k][i]);
+                        // SAFETY: the row has 2 full + 1 (rem <= 8) or + 2 bytes; padding bits
+                        // are zero so the word's set bits are the row's remaining values; the
+                        // masked x load reads only the `rem` columns left in each x row.
+                        unsafe {
+                            let lo = *mp.add(2 * full) as u16;
+                            let hi = if rem > 8 { *mp.add(2 * full + 1) as u16 } else { 0 };
+                            let m = lo | (hi << 8);
+                            let w = _mm512_maskz_expand_ps(m, $load(p, m.count_ones() as usize));
+                            for i in 0..N {
+                                let xv = _mm512_maskz_loadu_ps(first_lanes(rem), xp.add(i * cols + 16 * full));
+                                a0[i] = _mm512_fmadd_ps(w, xv, a0[i]);
                             }
                         }
                     }
-                    for k in 0..R {
-                        for i in 0..N {
-                            out[(r + k) * N + i] = _mm512_reduce_add_ps(acc[k][i]);
-                        }
+                    for i in 0..N {
+                        let s = _mm512_add_ps(_mm512_add_ps(a0[i], a1[i]), _mm512_add_ps(a2[i], a3[i]));
+                        out[r * N + i] = _mm512_reduce_add_ps(s);
                     }
-                    r += R;
-                }
-                if r < rows && R > 1 {
-                    // SAFETY: the remaining rows are a block satisfying the same contract.
-                    unsafe { $gemv::<N, 1>(&mask[r * mb..], vals, &offsets[r..], cols, x, &mut out[r * N..]) };
                 }
             }
 
@@ -579,8 +619,8 @@ mod avx512 {
             }
         };
     }
-    kernels!(f32, load_f32, gemv_f32, expand_f32);
-    kernels!(bf16, load_bf16, gemv_bf16, expand_bf16);
+    kernels!(f32, load_f32, word_f32, gemv_f32, expand_f32);
+    kernels!(bf16, load_bf16, word_bf16, gemv_bf16, expand_bf16);
 
     /// The first `len < 4` bytes at `p` as a little-endian word. Caller: `len` bytes readable.
     #[inline(always)]
@@ -612,12 +652,12 @@ mod avx512 {
     }
 
     /// bf16 blocks: the VBMI2 kernel where the CPU has it (Ice Lake, Zen 4 and later), else the
-    /// 16-lane one. `R` is the caller's choice for the 16-lane kernel.
+    /// 16-lane one. `U` is the caller's choice of accumulator sets for the 16-lane kernel.
     ///
     /// # Safety
     /// The contract of `Sealed::gemv_block` with `out.len() == offsets.len() * N`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c,popcnt")]
-    pub(super) unsafe fn gemv_bf16_any<const N: usize, const R: usize>(
+    pub(super) unsafe fn gemv_bf16_any<const N: usize, const U: usize>(
         mask: &[u8],
         vals: &[bf16],
         offsets: &[i64],
@@ -627,16 +667,16 @@ mod avx512 {
     ) {
         if !has_vbmi2() {
             // SAFETY: same contract.
-            return unsafe { gemv_bf16::<N, R>(mask, vals, offsets, cols, x, out) };
+            return unsafe { gemv_bf16::<N, U>(mask, vals, offsets, cols, x, out) };
         }
-        // SAFETY: same contract; AVX512-VBMI2 was detected. Rows per step keep the 2 · R · N
-        // accumulators, 2 R expanded halves and 2 x vectors within 32 zmm registers.
+        // SAFETY: same contract; AVX512-VBMI2 was detected. Two accumulator sets while their
+        // 4 N accumulators, 2 expanded halves and 2 x vectors fit 32 zmm registers.
         unsafe {
             match N {
-                1 => gemv_bf16_vbmi2::<1, 4>(mask, vals, offsets, cols, x, out),
-                2 => gemv_bf16_vbmi2::<2, 4>(mask, vals, offsets, cols, x, out),
+                1 => gemv_bf16_vbmi2::<1, 2>(mask, vals, offsets, cols, x, out),
+                2 => gemv_bf16_vbmi2::<2, 2>(mask, vals, offsets, cols, x, out),
                 3 => gemv_bf16_vbmi2::<3, 2>(mask, vals, offsets, cols, x, out),
-                4 => gemv_bf16_vbmi2::<4, 2>(mask, vals, offsets, cols, x, out),
+                4 => gemv_bf16_vbmi2::<4, 1>(mask, vals, offsets, cols, x, out),
                 5 => gemv_bf16_vbmi2::<5, 1>(mask, vals, offsets, cols, x, out),
                 6 => gemv_bf16_vbmi2::<6, 1>(mask, vals, offsets, cols, x, out),
                 7 => gemv_bf16_vbmi2::<7, 1>(mask, vals, offsets, cols, x, out),
@@ -656,7 +696,7 @@ mod avx512 {
     /// has AVX512-VBMI2.
     #[allow(clippy::needless_range_loop)] // parallel arrays indexed by the same row
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi2,avx2,fma,f16c,popcnt")]
-    unsafe fn gemv_bf16_vbmi2<const N: usize, const R: usize>(
+    unsafe fn gemv_bf16_vbmi2<const N: usize, const U: usize>(
         mask: &[u8],
         vals: &[bf16],
         offsets: &[i64],
@@ -664,7 +704,6 @@ mod avx512 {
         x: &[f32],
         out: &mut [f32],
     ) {
-        let rows = offsets.len();
         let mb = cols.div_ceil(8);
         let chunks = cols.div_ceil(32);
         let c32 = chunks * 32;
@@ -685,62 +724,58 @@ mod avx512 {
             }
         }
         let xp = xs.as_ptr();
-        let mut r = 0;
-        while r + R <= rows {
-            let mut mp = [mask.as_ptr(); R];
-            let mut p = [vals.as_ptr(); R];
-            for k in 0..R {
-                // SAFETY: row r + k < rows owns mask bytes (r + k) mb .. (r + k + 1) mb; its
-                // offset lies within vals (contract).
-                unsafe {
-                    mp[k] = mask.as_ptr().add((r + k) * mb);
-                    p[k] = vals.as_ptr().add(offsets[r + k] as usize);
-                }
-            }
-            let mut lo = [[_mm512_setzero_ps(); N]; R];
-            let mut hi = [[_mm512_setzero_ps(); N]; R];
-            // Whole 4-byte mask words, then the row's last partial word if any (a branch per
-            // word to assemble it would make LLVM spill the row state).
-            let whole = mb / 4;
-            for b in 0..chunks {
-                let mut wl = [_mm512_setzero_ps(); R];
-                let mut wh = [_mm512_setzero_ps(); R];
-                for k in 0..R {
+        // Whole 4-byte mask words, then the row's last partial word if any.
+        let whole = mb / 4;
+        for (r, &offset) in offsets.iter().enumerate() {
+            // SAFETY: row r owns mask bytes r mb .. (r + 1) mb; its offset lies within vals.
+            let mp = unsafe { mask.as_ptr().add(r * mb) };
+            // SAFETY: as above.
+            let mut p = unsafe { vals.as_ptr().add(offset as usize) };
+            let zero = _mm512_setzero_ps();
+            // Two accumulator sets (lo/hi halves each) alternating over chunks when `U >= 2`.
+            let (mut lo0, mut hi0, mut lo1, mut hi1) = ([zero; N], [zero; N], [zero; N], [zero; N]);
+            macro_rules! chunk {
+                ($b:expr, $lo:ident, $hi:ident) => {
+                    let b = $b;
                     // SAFETY: bytes 4b .. 4b + 4 <= mb for b < whole, else only bytes below mb
                     // are read; padding bits are zero, so the set bits read so far count the
                     // values consumed, bounded by what vals holds from the row's offset on
-                    // (contract).
+                    // (contract); xs is [N, c32] and 32 (b + 1) <= c32.
                     unsafe {
                         let m = if b < whole {
-                            (mp[k].add(4 * b) as *const u32).read_unaligned()
+                            (mp.add(4 * b) as *const u32).read_unaligned()
                         } else {
-                            tail_word(mp[k].add(4 * b), mb - 4 * b)
+                            tail_word(mp.add(4 * b), mb - 4 * b)
                         };
-                        (wl[k], wh[k]) = expand32(m, p[k]);
-                        p[k] = p[k].add(m.count_ones() as usize);
+                        _mm_prefetch::<_MM_HINT_T0>((p as *const i8).wrapping_add(PREFETCH_BYTES));
+                        let (wl, wh) = expand32(m, p);
+                        p = p.add(m.count_ones() as usize);
+                        for i in 0..N {
+                            let xl = _mm512_loadu_ps(xp.add(i * c32 + 32 * b));
+                            let xh = _mm512_loadu_ps(xp.add(i * c32 + 32 * b + 16));
+                            $lo[i] = _mm512_fmadd_ps(wl, xl, $lo[i]);
+                            $hi[i] = _mm512_fmadd_ps(wh, xh, $hi[i]);
+                        }
                     }
-                }
-                for i in 0..N {
-                    // SAFETY: xs is [N, c32] and 32 (b + 1) <= c32.
-                    let (xl, xh) = unsafe {
-                        (_mm512_loadu_ps(xp.add(i * c32 + 32 * b)), _mm512_loadu_ps(xp.add(i * c32 + 32 * b + 16)))
-                    };
-                    for k in 0..R {
-                        lo[k][i] = _mm512_fmadd_ps(wl[k], xl, lo[k][i]);
-                        hi[k][i] = _mm512_fmadd_ps(wh[k], xh, hi[k][i]);
-                    }
-                }
+                };
             }
-            for k in 0..R {
-                for i in 0..N {
-                    out[(r + k) * N + i] = _mm512_reduce_add_ps(_mm512_add_ps(lo[k][i], hi[k][i]));
+            let mut b = 0;
+            while b + 2 <= chunks {
+                chunk!(b, lo0, hi0);
+                if U >= 2 {
+                    chunk!(b + 1, lo1, hi1);
+                } else {
+                    chunk!(b + 1, lo0, hi0);
                 }
+                b += 2;
             }
-            r += R;
-        }
-        if r < rows && R > 1 {
-            // SAFETY: the remaining rows are a block satisfying the same contract.
-            unsafe { gemv_bf16_vbmi2::<N, 1>(&mask[r * mb..], vals, &offsets[r..], cols, x, &mut out[r * N..]) };
+            if b < chunks {
+                chunk!(b, lo0, hi0);
+            }
+            for i in 0..N {
+                let s = _mm512_add_ps(_mm512_add_ps(lo0[i], hi0[i]), _mm512_add_ps(lo1[i], hi1[i]));
+                out[r * N + i] = _mm512_reduce_add_ps(s);
+            }
         }
     }
 }
@@ -1065,7 +1100,7 @@ mod tests {
                     assert_eq!(m.to_dense(), dense);
                     let v = m.view();
                     let dm = DenseMatrix::new(&dense, rows, cols).unwrap();
-                    for &n in &[1usize, 2, 8, 9, 33] {
+                    for &n in &[1usize, 2, 3, 4, 5, 7, 8, 9, 33] {
                         let x: Vec<f32> = (0..n * cols).map(|_| rng.random_range(-1.0f32..1.0)).collect();
                         let want = dense::matmul_reference(&dm, &x, n);
                         // f32 rounding error of a sum grows with the sum of |terms|.

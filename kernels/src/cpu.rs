@@ -89,44 +89,59 @@ pub fn threads() -> usize {
     rayon::current_num_threads()
 }
 
+/// Size of the last-level cache in bytes (Linux sysfs), if the system says: benches size their
+/// buffers beyond it so that they measure memory, not cache.
+pub fn last_level_cache_bytes() -> Option<usize> {
+    let dir = std::fs::read_dir("/sys/devices/system/cpu/cpu0/cache").ok()?;
+    dir.filter_map(|e| {
+        let p = e.ok()?.path();
+        let level: u32 = std::fs::read_to_string(p.join("level")).ok()?.trim().parse().ok()?;
+        let size = std::fs::read_to_string(p.join("size")).ok()?;
+        let size = size.trim();
+        let bytes = match size.strip_suffix('K') {
+            Some(k) => k.parse::<usize>().ok()? << 10,
+            None => match size.strip_suffix('M') {
+                Some(m) => m.parse::<usize>().ok()? << 20,
+                None => size.parse().ok()?,
+            },
+        };
+        Some((level, bytes))
+    })
+    .max()
+    .map(|(_, bytes)| bytes)
+}
+
+/// A buffer size that measures memory rather than cache: 4 × the last-level cache, at least
+/// 512 MiB, at most 2 GiB.
+pub fn beyond_cache_bytes() -> usize {
+    last_level_cache_bytes().map_or(512 << 20, |llc| (4 * llc).clamp(512 << 20, 2 << 30))
+}
+
 /// Sustained read bandwidth of this machine in GB/s (10⁹ bytes per second): every rayon thread
-/// streams its share of a `bytes`-long buffer (pass one well beyond the last-level cache, e.g.
-/// 512 MiB) through a sum; the best of a few passes is reported. This is the ceiling a
+/// streams its share of a `bytes`-long buffer (pass [`beyond_cache_bytes`]) through a sum with the
+/// loads and prefetches of the GEMV kernels; the best of a few passes is reported. This is the ceiling a
 /// memory-bound kernel (GEMV during decoding) can reach, so benches report their bytes per second
 /// against it.
 pub fn measure_read_bandwidth(bytes: usize) -> f64 {
     use rayon::prelude::*;
-    let words = (bytes / 8).max(1);
+    let len = (bytes / 4).max(1);
     // Filled in parallel so that first-touch places pages near the threads that will read them.
-    let mut buf = vec![0u64; words];
-    let per = words.div_ceil(threads() * 4).max(1);
+    let mut buf = vec![0f32; len];
+    let per = len.div_ceil(threads() * 4).max(1);
     buf.par_chunks_mut(per).enumerate().for_each(|(t, c)| {
         for (i, w) in c.iter_mut().enumerate() {
-            *w = (t * per + i) as u64;
+            *w = ((t * per + i) % 7) as f32;
         }
     });
+    let isa = isa();
     let mut best = 0f64;
     for _ in 0..5 {
         let start = std::time::Instant::now();
-        let sum = buf
-            .par_chunks(per)
-            .map(|c| {
-                // Eight independent lanes keep the adds off the critical path so the loop is bound
-                // by loads alone.
-                let mut acc = [0u64; 8];
-                let mut it = c.chunks_exact(8);
-                for w in &mut it {
-                    for (a, v) in acc.iter_mut().zip(w) {
-                        *a = a.wrapping_add(*v);
-                    }
-                }
-                it.remainder().iter().chain(&acc).fold(0u64, |s, v| s.wrapping_add(*v))
-            })
-            .reduce(|| 0, u64::wrapping_add);
+        let sum: f32 = buf.par_chunks(per).map(|c| crate::dense::stream_sum(isa, c)).sum();
         std::hint::black_box(sum);
         let secs = start.elapsed().as_secs_f64();
         if secs > 0.0 {
-            best = best.max((words * 8) as f64 / secs / 1e9);
+            best = best.max((len * 4) as f64 / secs / 1e9);
         }
     }
     best

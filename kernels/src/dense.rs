@@ -128,6 +128,9 @@ pub(crate) mod avx2 {
         _mm_cvtss_f32(s)
     }
 
+    /// Elements ahead of the current position the dot kernels prefetch (2 KiB of f32): one core
+    /// cannot keep enough cache misses in flight on demand loads alone to saturate memory.
+    const PREFETCH: usize = 512;
     macro_rules! dot {
         ($name:ident, $t:ty, $load:ident) => {
             /// Dot product of equally long slices.
@@ -143,6 +146,10 @@ pub(crate) mod avx2 {
                 let mut a3 = _mm256_setzero_ps();
                 let mut i = 0;
                 while i + 32 <= n {
+                    // The weight stream PREFETCH elements ahead (past the row end that is the next
+                    // row, which is contiguous; prefetches never fault).
+                    _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(i + PREFETCH) as *const i8);
+                    _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(i + PREFETCH + 16) as *const i8);
                     // SAFETY: i + 32 <= n, so elements i..i+32 are in bounds of both slices.
                     unsafe {
                         a0 = _mm256_fmadd_ps($load(wp.add(i)), load_f32(xp.add(i)), a0);
@@ -169,8 +176,41 @@ pub(crate) mod avx2 {
         };
     }
     dot!(dot_f32, f32, load_f32);
+
+    /// Sum of a slice read the way the dot kernels read weights (same loads, same prefetch): the
+    /// bandwidth probe, so that the ceiling decode is compared with is what such a loop can reach.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(crate) fn stream_sum(w: &[f32]) -> f32 {
+        let (n, wp) = (w.len(), w.as_ptr());
+        let (mut a0, mut a1, mut a2, mut a3) =
+            (_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut i = 0;
+        while i + 32 <= n {
+            _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(i + PREFETCH) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(i + PREFETCH + 16) as *const i8);
+            // SAFETY: i + 32 <= n.
+            unsafe {
+                a0 = _mm256_add_ps(load_f32(wp.add(i)), a0);
+                a1 = _mm256_add_ps(load_f32(wp.add(i + 8)), a1);
+                a2 = _mm256_add_ps(load_f32(wp.add(i + 16)), a2);
+                a3 = _mm256_add_ps(load_f32(wp.add(i + 24)), a3);
+            }
+            i += 32;
+        }
+        hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3))) + w[i..].iter().sum::<f32>()
+    }
     dot!(dot_bf16, bf16, load_bf16);
     dot!(dot_f16, f16, load_f16);
+}
+
+/// `Σ v` streamed as the GEMV kernels stream weights (the read-bandwidth probe's loop).
+pub(crate) fn stream_sum(isa: Isa, v: &[f32]) -> f32 {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Isa::Avx2`/`Avx512` come from `cpu` only after AVX2, FMA and F16C were detected.
+        Isa::Avx2 | Isa::Avx512 => unsafe { avx2::stream_sum(v) },
+        _ => v.iter().sum(),
+    }
 }
 
 /// A borrowed row-major `[rows, cols]` weight matrix.
