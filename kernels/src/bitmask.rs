@@ -1012,6 +1012,30 @@ pub fn matmul<T: BitmaskValue>(w: &BitmaskView<'_, T>, x: &[f32], n: usize, y: &
     matmul_on(cpu::isa(), w, x, n, y)
 }
 
+/// Rows `r0 .. r0 + out.len() / n` of the product on this thread, `out` transposed (`[rows, n]`).
+/// Callers have checked the product's shapes ([`dense::check_product`]) and that `isa` runs here.
+pub(crate) fn rows_into<T: BitmaskValue>(
+    isa: Isa,
+    w: &BitmaskView<'_, T>,
+    x: &[f32],
+    n: usize,
+    r0: usize,
+    out: &mut [f32],
+) {
+    let mb = w.mask_bytes();
+    let r1 = r0 + out.len() / n;
+    let (mask, offsets) = (&w.bitmask[r0 * mb..r1 * mb], &w.row_offsets[r0..r1]);
+    if isa == Isa::Scalar || n > dense::GEMV_MAX_N {
+        gemv_block_scalar(mask, w.values, offsets, w.cols, x, out);
+    } else {
+        // SAFETY: the view was validated (mask length, zero padding bits, offsets in range with
+        // enough values from each), x is [n, cols] and out [r1 - r0, n] (the caller's checked
+        // shapes; the slicing above panics rather than reads out of bounds), 1 <= n <= 8, and
+        // `isa` is supported (caller).
+        unsafe { T::gemv_block(isa, mask, w.values, offsets, w.cols, x, out) };
+    }
+}
+
 /// [`matmul`] on an explicit path (tests and benches compare the paths).
 pub fn matmul_on<T: BitmaskValue>(isa: Isa, w: &BitmaskView<'_, T>, x: &[f32], n: usize, y: &mut [f32]) -> Result<()> {
     let (rows, cols) = (w.rows, w.cols);
@@ -1020,47 +1044,41 @@ pub fn matmul_on<T: BitmaskValue>(isa: Isa, w: &BitmaskView<'_, T>, x: &[f32], n
         return Ok(());
     }
     let per = dense::rows_per_task(rows);
-    let mb = w.mask_bytes();
     // One task: rows t·per .. into `out` ([rows, n]).
-    let gemv = |t: usize, out: &mut [f32]| {
-        let (r0, r1) = (t * per, t * per + out.len() / n);
-        let (mask, offsets) = (&w.bitmask[r0 * mb..r1 * mb], &w.row_offsets[r0..r1]);
-        if isa == Isa::Scalar || n > dense::GEMV_MAX_N {
-            gemv_block_scalar(mask, w.values, offsets, cols, x, out);
-        } else {
-            // SAFETY: the view was validated (mask length, zero padding bits, offsets in range
-            // with enough values from each), x is [n, cols] and out [r1 - r0, n] (checked above
-            // and by the chunking), 1 <= n <= 8, and `isa` is supported (checked above).
-            unsafe { T::gemv_block(isa, mask, w.values, offsets, cols, x, out) };
-        }
-    };
+    let gemv = |t: usize, out: &mut [f32]| rows_into(isa, w, x, n, t * per, out);
     if n == 1 {
         y.par_chunks_mut(per).enumerate().for_each(|(t, out)| gemv(t, out));
         return Ok(());
     }
+    if n > dense::GEMV_MAX_N && isa != Isa::Scalar {
+        // Prefill is compute-bound: expand blocks of rows to dense f32 (in parallel; a few MiB
+        // each) and run the same multithreaded GEMM as dense f32 weights. Expanding costs one
+        // write per weight against 2n flops per weight of the product.
+        let block = (PREFILL_BLOCK_BYTES / (4 * cols.max(1))).clamp(1, rows);
+        let mut panel = vec![0f32; block * cols];
+        for r0 in (0..rows).step_by(block) {
+            let br = block.min(rows - r0);
+            let dst = &mut panel[..br * cols];
+            if cols > 0 {
+                dst.par_chunks_mut(cols).enumerate().for_each(|(j, d)| {
+                    let (mask, vals) = w.row_parts(r0 + j);
+                    // SAFETY: the view was validated; d.len() == cols; `isa` is supported.
+                    unsafe { T::expand_row(isa, mask, vals, cols, d) };
+                });
+            }
+            dense::gemm_into_columns(x, n, cols, dst, br, y, rows, r0);
+        }
+        return Ok(());
+    }
     // Transposed output [rows, n] so that row ranges are contiguous and tasks write disjoint chunks.
     let mut yt = vec![0f32; rows * n];
-    if n <= dense::GEMV_MAX_N || isa == Isa::Scalar {
-        yt.par_chunks_mut(per * n).enumerate().for_each(|(t, out)| gemv(t, out));
-    } else {
-        yt.par_chunks_mut(dense::PANEL_ROWS * n).enumerate().for_each(|(p, out)| {
-            let r0 = p * dense::PANEL_ROWS;
-            let pr = out.len() / n;
-            dense::with_scratch(pr * cols, |panel| {
-                if cols > 0 {
-                    for (j, dst) in panel.chunks_exact_mut(cols).enumerate() {
-                        let (mask, vals) = w.row_parts(r0 + j);
-                        // SAFETY: as above, with dst.len() == cols.
-                        unsafe { T::expand_row(isa, mask, vals, cols, dst) };
-                    }
-                }
-                dense::gemm_panel(x, n, cols, panel, pr, out);
-            });
-        });
-    }
+    yt.par_chunks_mut(per * n).enumerate().for_each(|(t, out)| gemv(t, out));
     dense::scatter_transposed(&yt, n, rows, y);
     Ok(())
 }
+
+/// Dense f32 rows expanded per prefill GEMM block.
+const PREFILL_BLOCK_BYTES: usize = 8 << 20;
 
 #[cfg(test)]
 mod tests {

@@ -269,11 +269,7 @@ pub fn matmul_on<T: Element>(isa: Isa, w: &DenseMatrix<'_, T>, x: &[f32], n: usi
     }
     if n == 1 {
         let per = rows_per_task(rows);
-        y.par_chunks_mut(per).enumerate().for_each(|(t, out)| {
-            for (j, o) in out.iter_mut().enumerate() {
-                *o = T::dot(isa, w.row(t * per + j), x);
-            }
-        });
+        y.par_chunks_mut(per).enumerate().for_each(|(t, out)| rows_into(isa, w, x, 1, t * per, out));
         return Ok(());
     }
     if n > GEMV_MAX_N
@@ -289,14 +285,7 @@ pub fn matmul_on<T: Element>(isa: Isa, w: &DenseMatrix<'_, T>, x: &[f32], n: usi
     let mut yt = vec![0f32; rows * n];
     if n <= GEMV_MAX_N || isa == Isa::Scalar {
         let per = rows_per_task(rows);
-        yt.par_chunks_mut(per * n).enumerate().for_each(|(t, out)| {
-            for (j, o) in out.chunks_mut(n).enumerate() {
-                let wr = w.row(t * per + j);
-                for (i, oi) in o.iter_mut().enumerate() {
-                    *oi = T::dot(isa, wr, &x[i * cols..(i + 1) * cols]);
-                }
-            }
-        });
+        yt.par_chunks_mut(per * n).enumerate().for_each(|(t, out)| rows_into(isa, w, x, n, t * per, out));
     } else {
         yt.par_chunks_mut(PANEL_ROWS * n).enumerate().for_each(|(p, out)| {
             let r0 = p * PANEL_ROWS;
@@ -307,6 +296,18 @@ pub fn matmul_on<T: Element>(isa: Isa, w: &DenseMatrix<'_, T>, x: &[f32], n: usi
     }
     scatter_transposed(&yt, n, rows, y);
     Ok(())
+}
+
+/// Rows `r0 .. r0 + out.len() / n` of the product on this thread, transposed: `out` is
+/// `[rows, n]` (for `n == 1` simply the outputs). Shapes are the caller's (checked) invariant.
+pub(crate) fn rows_into<T: Element>(isa: Isa, w: &DenseMatrix<'_, T>, x: &[f32], n: usize, r0: usize, out: &mut [f32]) {
+    let cols = w.cols;
+    for (j, o) in out.chunks_mut(n).enumerate() {
+        let wr = w.row(r0 + j);
+        for (i, oi) in o.iter_mut().enumerate() {
+            *oi = T::dot(isa, wr, &x[i * cols..(i + 1) * cols]);
+        }
+    }
 }
 
 /// The checks every `y[n, rows] = x[n, cols] · Wᵀ` kernel makes before touching memory: the path
@@ -365,6 +366,52 @@ fn with_widened<T: Element, R>(src: &[T], f: impl FnOnce(&[f32]) -> R) -> R {
 /// `y[i, j] = Σ_k x[i, k] · w[j, k]` over the rayon pool (`y` is `[n, rows]` row-major).
 fn gemm_whole(x: &[f32], n: usize, k: usize, w: &[f32], rows: usize, y: &mut [f32]) {
     gemm_xwt(x, n, k, w, rows, y, false, gemm::Parallelism::Rayon(cpu::threads()));
+}
+
+/// `y[i, c0 + j] = Σ_k x[i, k] · w[j, k]` for a block of `block_rows` weight rows, over the rayon
+/// pool: `y` is `[n, rows]` and the block fills its columns `c0 .. c0 + block_rows`.
+#[allow(clippy::too_many_arguments)] // a GEMM: three shapes, three buffers, where the block lands
+pub(crate) fn gemm_into_columns(
+    x: &[f32],
+    n: usize,
+    k: usize,
+    w: &[f32],
+    block_rows: usize,
+    y: &mut [f32],
+    rows: usize,
+    c0: usize,
+) {
+    assert!(
+        x.len() == n * k && w.len() == block_rows * k && y.len() == n * rows && c0 + block_rows <= rows,
+        "gemm_into_columns: shapes checked by callers"
+    );
+    // SAFETY: dst viewed as [n, block_rows] starting at column c0 with row stride `rows` touches
+    // indices c0 + i·rows + j < (n − 1)·rows + rows = y.len() (the assert above); lhs is `x` as
+    // [n, k], rhs `w` read as [k, block_rows] (row stride 1, col stride k), both in bounds; `y` is
+    // a unique borrow distinct from both inputs.
+    unsafe {
+        gemm::gemm(
+            n,
+            block_rows,
+            k,
+            y.as_mut_ptr().add(c0),
+            1,
+            rows as isize,
+            false,
+            x.as_ptr(),
+            1,
+            k as isize,
+            w.as_ptr(),
+            k as isize,
+            1,
+            0.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            gemm::Parallelism::Rayon(cpu::threads()),
+        )
+    }
 }
 
 /// `out[j, i] = Σ_k x[i, k] · panel[j, k]` for a panel of `pr` weight rows (out is `[pr, n]`).

@@ -8,6 +8,7 @@ pub mod bitmask;
 pub mod cpu;
 pub mod dense;
 pub mod ggml;
+pub mod matrix;
 pub mod mmap;
 
 /// Errors raised by kernels and format conversions: always a caller's shape or data problem.

@@ -6,8 +6,9 @@ use std::sync::Arc;
 use std::borrow::Cow;
 
 use half::{bf16, f16};
-use lacuna_kernels::bitmask::{self, BitmaskMatrix, BitmaskValue};
-use lacuna_kernels::dense::{self, DenseMatrix, Element};
+use lacuna_kernels::bitmask::{BitmaskMatrix, BitmaskValue};
+use lacuna_kernels::dense::{DenseMatrix, Element};
+use lacuna_kernels::matrix::Matrix;
 use lacuna_kernels::mmap::Mmap;
 
 use crate::{Error, Result};
@@ -274,15 +275,19 @@ impl Weight {
 
     /// `y[n, rows] = x[n, cols] · Wᵀ` for a 2-D weight.
     pub fn matmul(&self, x: &[f32], n: usize, y: &mut [f32]) -> Result<()> {
+        Ok(self.matrix()?.matmul(x, n, y)?)
+    }
+
+    /// The kernels' view of this 2-D weight, whatever its stored format.
+    pub fn matrix(&self) -> Result<Matrix<'_>> {
         let [rows, cols] = self.dims2()?;
-        match &self.data {
-            Data::F32(s) => dense::matmul(&DenseMatrix::new(s.as_slice(), rows, cols)?, x, n, y)?,
-            Data::F16(s) => dense::matmul(&DenseMatrix::new(s.as_slice(), rows, cols)?, x, n, y)?,
-            Data::BF16(s) => dense::matmul(&DenseMatrix::new(s.as_slice(), rows, cols)?, x, n, y)?,
-            Data::BitmaskF32(m) => bitmask::matmul(&m.view(), x, n, y)?,
-            Data::BitmaskBF16(m) => bitmask::matmul(&m.view(), x, n, y)?,
-        }
-        Ok(())
+        Ok(match &self.data {
+            Data::F32(s) => Matrix::F32(DenseMatrix::new(s.as_slice(), rows, cols)?),
+            Data::F16(s) => Matrix::F16(DenseMatrix::new(s.as_slice(), rows, cols)?),
+            Data::BF16(s) => Matrix::Bf16(DenseMatrix::new(s.as_slice(), rows, cols)?),
+            Data::BitmaskF32(m) => Matrix::BitmaskF32(m.view()),
+            Data::BitmaskBF16(m) => Matrix::BitmaskBf16(m.view()),
+        })
     }
 
     /// The dense form (a copy for a bitmask matrix, a clone otherwise).

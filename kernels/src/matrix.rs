@@ -1,0 +1,197 @@
+//! One handle over every stored weight format, and products that share one input computed in
+//! one parallel region.
+//!
+//! Decoding runs seven products per layer; run one at a time, the threads meet at the end of
+//! each (q, then k, then v …) and the slower one's tail idles the other. [`matmul_many`] runs
+//! the products that read the same activations (q/k/v; gate/up) as one set of row-range tasks
+//! under rayon's work stealing, so there is one join per group instead of one per product, and
+//! a thread that loses its core has its remaining tasks stolen instead of stalling the rest.
+
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+use crate::bitmask::{self, BitmaskView};
+use crate::cpu::{self, Isa};
+use crate::dense::{self, DenseMatrix};
+use crate::{KernelError, Result};
+
+/// A borrowed weight matrix in any stored format.
+#[derive(Clone, Copy, Debug)]
+pub enum Matrix<'a> {
+    F32(DenseMatrix<'a, f32>),
+    F16(DenseMatrix<'a, f16>),
+    Bf16(DenseMatrix<'a, bf16>),
+    BitmaskF32(BitmaskView<'a, f32>),
+    BitmaskBf16(BitmaskView<'a, bf16>),
+}
+
+impl Matrix<'_> {
+    pub fn rows(&self) -> usize {
+        match self {
+            Matrix::F32(m) => m.rows(),
+            Matrix::F16(m) => m.rows(),
+            Matrix::Bf16(m) => m.rows(),
+            Matrix::BitmaskF32(m) => m.rows(),
+            Matrix::BitmaskBf16(m) => m.rows(),
+        }
+    }
+
+    pub fn cols(&self) -> usize {
+        match self {
+            Matrix::F32(m) => m.cols(),
+            Matrix::F16(m) => m.cols(),
+            Matrix::Bf16(m) => m.cols(),
+            Matrix::BitmaskF32(m) => m.cols(),
+            Matrix::BitmaskBf16(m) => m.cols(),
+        }
+    }
+
+    /// `y[n, rows] = x[n, cols] · Wᵀ` on the process's kernel path.
+    pub fn matmul(&self, x: &[f32], n: usize, y: &mut [f32]) -> Result<()> {
+        self.matmul_on(cpu::isa(), x, n, y)
+    }
+
+    pub fn matmul_on(&self, isa: Isa, x: &[f32], n: usize, y: &mut [f32]) -> Result<()> {
+        match self {
+            Matrix::F32(m) => dense::matmul_on(isa, m, x, n, y),
+            Matrix::F16(m) => dense::matmul_on(isa, m, x, n, y),
+            Matrix::Bf16(m) => dense::matmul_on(isa, m, x, n, y),
+            Matrix::BitmaskF32(m) => bitmask::matmul_on(isa, m, x, n, y),
+            Matrix::BitmaskBf16(m) => bitmask::matmul_on(isa, m, x, n, y),
+        }
+    }
+
+    fn rows_into(&self, isa: Isa, x: &[f32], n: usize, r0: usize, out: &mut [f32]) {
+        match self {
+            Matrix::F32(m) => dense::rows_into(isa, m, x, n, r0, out),
+            Matrix::F16(m) => dense::rows_into(isa, m, x, n, r0, out),
+            Matrix::Bf16(m) => dense::rows_into(isa, m, x, n, r0, out),
+            Matrix::BitmaskF32(m) => bitmask::rows_into(isa, m, x, n, r0, out),
+            Matrix::BitmaskBf16(m) => bitmask::rows_into(isa, m, x, n, r0, out),
+        }
+    }
+}
+
+/// One product of a [`matmul_many`] group: `y[n, rows] = x · wᵀ`.
+pub struct Product<'w, 'y> {
+    pub w: Matrix<'w>,
+    pub y: &'y mut [f32],
+}
+
+/// Every product of `group` over the same activations `x` (`[n, cols]`), in one parallel
+/// region. `scratch` holds the transposed outputs when `n > 1`; it grows once and is reused, so
+/// a caller that keeps it allocates nothing per call. Beyond 8 activation rows (prefill) the
+/// products are compute-bound and run one after another, each on every thread.
+pub fn matmul_many(group: &mut [Product<'_, '_>], x: &[f32], n: usize, scratch: &mut Vec<f32>) -> Result<()> {
+    matmul_many_on(cpu::isa(), group, x, n, scratch)
+}
+
+/// [`matmul_many`] on an explicit path.
+pub fn matmul_many_on(
+    isa: Isa,
+    group: &mut [Product<'_, '_>],
+    x: &[f32],
+    n: usize,
+    scratch: &mut Vec<f32>,
+) -> Result<()> {
+    for p in group.iter() {
+        dense::check_product(isa, p.w.rows(), p.w.cols(), n, x, p.y)
+            .map_err(|e| KernelError::Shape(format!("product of a group: {e}")))?;
+    }
+    if n == 0 || group.is_empty() {
+        return Ok(());
+    }
+    if n > dense::GEMV_MAX_N {
+        for p in group.iter_mut() {
+            p.w.matmul_on(isa, x, n, p.y)?;
+        }
+        return Ok(());
+    }
+    let total: usize = group.iter().map(|p| p.w.rows() * n).sum();
+    if n > 1 && scratch.len() < total {
+        scratch.resize(total, 0.0);
+    }
+    region(isa, group, &mut scratch[..if n > 1 { total } else { 0 }], x, n);
+    if n > 1 {
+        let mut rest = &scratch[..total];
+        for p in group.iter_mut() {
+            let (yt, tail) = rest.split_at(p.w.rows() * n);
+            dense::scatter_transposed(yt, n, p.w.rows(), p.y);
+            rest = tail;
+        }
+    }
+    Ok(())
+}
+
+/// The first product's row tasks joined with the rest of the group's, recursively: one region.
+fn region(isa: Isa, group: &mut [Product<'_, '_>], scratch: &mut [f32], x: &[f32], n: usize) {
+    let Some((first, rest)) = group.split_first_mut() else { return };
+    let (mine, others) = if n == 1 {
+        (&mut *first.y, scratch)
+    } else {
+        let (a, b) = scratch.split_at_mut(first.w.rows() * n);
+        (a, b)
+    };
+    let w = first.w;
+    let run = |mine: &mut [f32]| {
+        let per = dense::rows_per_task(w.rows());
+        mine.par_chunks_mut(per * n).enumerate().for_each(|(t, out)| w.rows_into(isa, x, n, t * per, out));
+    };
+    if rest.is_empty() {
+        run(mine);
+    } else {
+        rayon::join(|| run(mine), || region(isa, rest, others, x, n));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bitmask::BitmaskMatrix;
+    use rand::{Rng, SeedableRng};
+
+    #[test]
+    fn a_group_equals_its_products_one_by_one_on_every_path() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        let cols = 65;
+        let mk = |rng: &mut rand_chacha::ChaCha8Rng, rows: usize, s: f64| -> Vec<f32> {
+            (0..rows * cols).map(|_| if rng.random_bool(s) { 0.0 } else { rng.random_range(-1.0f32..1.0) }).collect()
+        };
+        let (a, b, c) = (mk(&mut rng, 40, 0.0), mk(&mut rng, 17, 0.7), mk(&mut rng, 9, 0.5));
+        let bm = BitmaskMatrix::from_dense(&b, 17, cols).unwrap();
+        let cb: Vec<bf16> = c.iter().map(|&v| bf16::from_f32(v)).collect();
+        let cm = BitmaskMatrix::from_dense(&cb, 9, cols).unwrap();
+        let mats = [
+            Matrix::F32(DenseMatrix::new(&a, 40, cols).unwrap()),
+            Matrix::BitmaskF32(bm.view()),
+            Matrix::BitmaskBf16(cm.view()),
+        ];
+        let mut scratch = Vec::new();
+        for isa in Isa::available() {
+            for n in [1usize, 3, 8, 12] {
+                let x: Vec<f32> = (0..n * cols).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+                let mut ys: Vec<Vec<f32>> = mats.iter().map(|m| vec![f32::NAN; n * m.rows()]).collect();
+                let mut group: Vec<Product> =
+                    mats.iter().zip(ys.iter_mut()).map(|(w, y)| Product { w: *w, y: y.as_mut_slice() }).collect();
+                matmul_many_on(isa, &mut group, &x, n, &mut scratch).unwrap();
+                for (m, y) in mats.iter().zip(&ys) {
+                    let mut want = vec![0f32; n * m.rows()];
+                    m.matmul_on(Isa::Scalar, &x, n, &mut want).unwrap();
+                    for (g, w) in y.iter().zip(&want) {
+                        assert!((g - w).abs() <= 1e-4 * (1.0 + w.abs()), "{isa:?} n={n}: {g} vs {w}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_wrong_output_size_is_an_error_naming_it() {
+        let w = vec![1f32; 6];
+        let x = vec![1f32; 3];
+        let mut y = vec![0f32; 3];
+        let mut group = [Product { w: Matrix::F32(DenseMatrix::new(&w, 2, 3).unwrap()), y: &mut y }];
+        let e = matmul_many(&mut group, &x, 1, &mut Vec::new()).unwrap_err().to_string();
+        assert!(e.contains("output"), "{e}");
+    }
+}
