@@ -1,11 +1,15 @@
-//! `lacuna bench`: prefill and decode throughput, weight bytes streamed per token, peak memory.
-//! Speed is reported here (and in criterion benches), never asserted in tests.
+//! `lacuna bench`: prefill and decode throughput (batch 1 and batched), weight bytes streamed per
+//! token against the machine's measured read bandwidth, peak memory — for one model or, with
+//! `--model` repeated, for a dense baseline and its sparse versions in one run, with the ratios
+//! the sparse ones reach over the first. Speed is reported here (and in criterion benches),
+//! never asserted in tests.
 
+use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
-use lacuna_model::KvCache;
+use lacuna_model::runtime::Runtime;
 use lacuna_model::sampling::argmax;
 use serde::Serialize;
 
@@ -13,41 +17,73 @@ use crate::commands::{open_model, print_json};
 
 #[derive(Args)]
 pub struct BenchArgs {
-    /// Model: a GGUF file, a Hugging Face directory, or a known name.
-    #[arg(long, default_value = "smollm2-135m")]
-    pub model: String,
-    /// Prompt tokens for the prefill measurement.
+    /// Model: a GGUF file, a Hugging Face directory, or a known name. Repeat to compare: the
+    /// first is the baseline the others' ratios refer to.
+    #[arg(long, default_value = "smollm2-135m", num_args = 1)]
+    pub model: Vec<String>,
+    /// Prompt tokens for the time-to-first-token measurement.
     #[arg(long, default_value_t = 512)]
     pub prompt_len: usize,
-    /// Tokens decoded one at a time after the prompt.
+    /// Decode steps measured (after the prompt).
     #[arg(long, default_value_t = 128)]
     pub decode_tokens: usize,
+    /// Sequences decoded together in the batched measurement (0 skips it).
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Prompt tokens of each sequence in the batched measurement.
+    #[arg(long, default_value_t = 128)]
+    pub batch_prompt_len: usize,
     #[arg(long)]
     pub json: bool,
 }
 
 #[derive(Serialize)]
-struct BenchReport {
+struct ModelReport {
     model: String,
     format: String,
-    threads: usize,
-    kernel: &'static str,
     load_seconds: f64,
     prompt_tokens: usize,
     time_to_first_token_seconds: f64,
     prefill_tokens_per_second: f64,
     decode_tokens: usize,
+    /// One sequence, one token per step.
     decode_tokens_per_second: f64,
-    /// Bytes of weights a decode step streams from memory (every linear layer as stored, dense or
-    /// bitmask, and the LM head).
+    batch: usize,
+    /// Tokens per second summed over `batch` sequences decoded together.
+    batch_decode_tokens_per_second: Option<f64>,
+    /// Bytes of weights a decode step streams from memory (every linear layer as stored, dense
+    /// or bitmask, and the LM head).
     weight_bytes_per_token: u64,
-    /// weight_bytes_per_token × decode tok/s.
+    /// weight_bytes_per_token × batch-1 decode tok/s.
     decode_weight_gb_per_second: f64,
-    /// The machine's read bandwidth, measured by this run over a buffer far larger than the LLC.
-    memory_read_gb_per_second: f64,
-    /// decode_weight_gb_per_second ÷ memory_read_gb_per_second: how close decode is to the bytes limit.
+    /// decode_weight_gb_per_second ÷ the measured read bandwidth.
     bandwidth_ratio: f64,
+    /// Peak resident set while this model was loaded and run (Linux VmHWM, reset per model).
     peak_rss_bytes: Option<u64>,
+}
+
+/// A model against the first (dense) one.
+#[derive(Serialize)]
+struct Comparison {
+    model: String,
+    /// Baseline weight bytes per token ÷ this model's: the decode speed-up the bytes allow.
+    byte_ratio: f64,
+    decode_speedup: f64,
+    /// decode_speedup ÷ byte_ratio: how much of the byte saving became speed.
+    speedup_over_byte_ratio: f64,
+    batch_decode_speedup: Option<f64>,
+    /// Prefill tok/s ÷ the baseline's (≥ 1: not slower).
+    prefill_ratio: f64,
+}
+
+#[derive(Serialize)]
+struct BenchReport {
+    threads: usize,
+    kernel: &'static str,
+    /// The machine's read bandwidth, measured by this run (see `cpu::measure_read_bandwidth`).
+    memory_read_gb_per_second: f64,
+    models: Vec<ModelReport>,
+    comparisons: Vec<Comparison>,
 }
 
 /// Peak resident set size of this process (Linux `VmHWM`).
@@ -58,79 +94,161 @@ pub fn peak_rss_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
-pub fn run(a: BenchArgs) -> Result<()> {
-    let t = Instant::now();
-    let ck = open_model(&a.model)?;
-    let load_seconds = t.elapsed().as_secs_f64();
-    let cfg = ck.model.config().clone();
-    anyhow::ensure!(a.prompt_len > 0, "--prompt-len must be positive");
-    anyhow::ensure!(
-        a.prompt_len + a.decode_tokens <= cfg.max_position_embeddings,
-        "--prompt-len + --decode-tokens exceed the context of {}",
-        cfg.max_position_embeddings
-    );
-    // A fixed pseudo-random prompt: throughput does not depend on the text, reproducibility does.
-    let mut state = 0x9E37_79B9_7F4A_7C15u64;
-    let prompt: Vec<u32> = (0..a.prompt_len)
+/// Resets `VmHWM` to the current RSS (Linux ≥ 4.0), so the next model's peak is its own.
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// A fixed pseudo-random prompt: throughput does not depend on the text, reproducibility does.
+fn prompt(len: usize, vocab: usize, seed: u64) -> Vec<u32> {
+    let mut state = 0x9E37_79B9_7F4A_7C15u64 ^ seed.wrapping_mul(0xA24B_AED4_963E_E407);
+    (0..len)
         .map(|_| {
             state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((state >> 33) % cfg.vocab_size as u64) as u32
+            ((state >> 33) % vocab as u64) as u32
         })
-        .collect();
-    let mut cache = KvCache::new(&cfg, a.prompt_len + a.decode_tokens);
+        .collect()
+}
+
+fn bench_model(a: &BenchArgs, name: &str) -> Result<ModelReport> {
+    reset_peak_rss();
     let t = Instant::now();
-    let mut logits = ck.model.forward_last_logits(&prompt, &mut cache)?;
+    let ck = open_model(name)?;
+    let load_seconds = t.elapsed().as_secs_f64();
+    let cfg = ck.model.config().clone();
+    let (format, path) = (ck.format.name().to_owned(), ck.path.display().to_string());
+    let need = (a.prompt_len + a.decode_tokens).max(a.batch_prompt_len + a.decode_tokens);
+    anyhow::ensure!(
+        need <= cfg.max_position_embeddings,
+        "prompt + decode tokens ({need}) exceed the context of {}",
+        cfg.max_position_embeddings
+    );
+    let weight_bytes_per_token = ck.model.weight_bytes_per_token() as u64;
+    let mut rt = Runtime::new(Arc::new(ck.model), a.batch.max(1), need).context("starting the runtime")?;
+
+    // Batch 1: time to first token, then one token per step.
+    let p = prompt(a.prompt_len, cfg.vocab_size, 0);
+    let t = Instant::now();
+    let mut next = argmax(rt.prefill(0, &p)?) as u32;
     let ttft = t.elapsed().as_secs_f64();
     let t = Instant::now();
     for _ in 0..a.decode_tokens {
-        let next = argmax(&logits) as u32;
-        logits = ck.model.forward_last_logits(&[next], &mut cache)?;
+        next = argmax(rt.decode(&[(0, next)])?) as u32;
     }
-    let decode = t.elapsed().as_secs_f64();
-    let weight_bytes_per_token = ck.model.weight_bytes_per_token() as u64;
-    let dtps = a.decode_tokens as f64 / decode.max(1e-12);
-    // Peak RSS of the model's work, before the bandwidth probe's buffer adds to it.
-    let peak_rss = peak_rss_bytes();
-    // 512 MiB: well past any last-level cache, small enough for every machine this runs on.
-    let bandwidth = lacuna_kernels::cpu::measure_read_bandwidth(lacuna_kernels::cpu::beyond_cache_bytes());
-    let achieved = weight_bytes_per_token as f64 * dtps / 1e9;
-    let r = BenchReport {
-        model: ck.path.display().to_string(),
-        format: ck.format.name().to_owned(),
-        threads: lacuna_kernels::cpu::threads(),
-        kernel: lacuna_kernels::cpu::isa().name(),
+    let dtps = a.decode_tokens as f64 / t.elapsed().as_secs_f64().max(1e-12);
+    rt.release(0);
+
+    // Batch: `batch` sequences prefilled, then decoded together.
+    let batch_tps = if a.batch > 0 {
+        let mut steps: Vec<(u64, u32)> = Vec::with_capacity(a.batch);
+        for s in 0..a.batch as u64 {
+            let p = prompt(a.batch_prompt_len, cfg.vocab_size, s + 1);
+            steps.push((s, argmax(rt.prefill(s, &p)?) as u32));
+        }
+        let vocab = cfg.vocab_size;
+        let t = Instant::now();
+        for _ in 0..a.decode_tokens {
+            let logits = rt.decode(&steps)?;
+            for (i, st) in steps.iter_mut().enumerate() {
+                st.1 = argmax(&logits[i * vocab..(i + 1) * vocab]) as u32;
+            }
+        }
+        Some((a.batch * a.decode_tokens) as f64 / t.elapsed().as_secs_f64().max(1e-12))
+    } else {
+        None
+    };
+    let peak_rss_bytes = peak_rss_bytes();
+    Ok(ModelReport {
+        model: path,
+        format,
         load_seconds,
         prompt_tokens: a.prompt_len,
         time_to_first_token_seconds: ttft,
         prefill_tokens_per_second: a.prompt_len as f64 / ttft.max(1e-12),
         decode_tokens: a.decode_tokens,
         decode_tokens_per_second: dtps,
+        batch: a.batch,
+        batch_decode_tokens_per_second: batch_tps,
         weight_bytes_per_token,
-        decode_weight_gb_per_second: achieved,
+        decode_weight_gb_per_second: weight_bytes_per_token as f64 * dtps / 1e9,
+        bandwidth_ratio: 0.0,
+        peak_rss_bytes,
+    })
+}
+
+pub fn run(a: BenchArgs) -> Result<()> {
+    anyhow::ensure!(a.prompt_len > 0 && a.batch_prompt_len > 0, "prompt lengths must be positive");
+    anyhow::ensure!(a.decode_tokens > 0, "--decode-tokens must be positive");
+    let mut models = Vec::with_capacity(a.model.len());
+    for name in &a.model {
+        models.push(bench_model(&a, name).with_context(|| format!("benchmarking {name}"))?);
+    }
+    // Measured after the models, with theirs freed, over 4 × the last-level cache.
+    let bandwidth = lacuna_kernels::cpu::measure_read_bandwidth(lacuna_kernels::cpu::beyond_cache_bytes());
+    for m in &mut models {
+        m.bandwidth_ratio = m.decode_weight_gb_per_second / bandwidth.max(1e-12);
+    }
+    let base = &models[0];
+    let comparisons = models[1..]
+        .iter()
+        .map(|m| {
+            let byte_ratio = base.weight_bytes_per_token as f64 / m.weight_bytes_per_token.max(1) as f64;
+            let decode_speedup = m.decode_tokens_per_second / base.decode_tokens_per_second;
+            Comparison {
+                model: m.model.clone(),
+                byte_ratio,
+                decode_speedup,
+                speedup_over_byte_ratio: decode_speedup / byte_ratio,
+                batch_decode_speedup: m
+                    .batch_decode_tokens_per_second
+                    .zip(base.batch_decode_tokens_per_second)
+                    .map(|(s, d)| s / d),
+                prefill_ratio: m.prefill_tokens_per_second / base.prefill_tokens_per_second,
+            }
+        })
+        .collect();
+    let r = BenchReport {
+        threads: lacuna_kernels::cpu::threads(),
+        kernel: lacuna_kernels::cpu::isa().name(),
         memory_read_gb_per_second: bandwidth,
-        bandwidth_ratio: achieved / bandwidth.max(1e-12),
-        peak_rss_bytes: peak_rss,
+        models,
+        comparisons,
     };
     if a.json {
         return print_json(&r);
     }
-    println!("model            {} ({})", r.model, r.format);
-    println!("threads          {} ({} kernels)", r.threads, r.kernel);
-    println!("load             {:.2} s", r.load_seconds);
-    println!(
-        "prefill          {} tokens: TTFT {:.3} s, {:.1} tok/s",
-        r.prompt_tokens, r.time_to_first_token_seconds, r.prefill_tokens_per_second
-    );
-    println!("decode           {} tokens: {:.2} tok/s", r.decode_tokens, r.decode_tokens_per_second);
-    println!(
-        "weights/token    {:.1} MB, streamed at {:.2} GB/s = {:.0}% of the measured {:.1} GB/s read bandwidth",
-        r.weight_bytes_per_token as f64 / 1e6,
-        r.decode_weight_gb_per_second,
-        100.0 * r.bandwidth_ratio,
-        r.memory_read_gb_per_second
-    );
-    if let Some(p) = r.peak_rss_bytes {
-        println!("peak RSS         {:.1} MiB", p as f64 / (1024.0 * 1024.0));
+    println!("threads {} ({} kernels), measured read bandwidth {:.1} GB/s", r.threads, r.kernel, bandwidth);
+    for m in &r.models {
+        println!("\nmodel            {} ({})", m.model, m.format);
+        println!("load             {:.2} s", m.load_seconds);
+        println!(
+            "prefill          {} tokens: TTFT {:.3} s, {:.1} tok/s",
+            m.prompt_tokens, m.time_to_first_token_seconds, m.prefill_tokens_per_second
+        );
+        println!("decode           {:.2} tok/s (batch 1, {} steps)", m.decode_tokens_per_second, m.decode_tokens);
+        if let Some(b) = m.batch_decode_tokens_per_second {
+            println!("decode batch {:<3} {:.2} tok/s in all", m.batch, b);
+        }
+        println!(
+            "weights/token    {:.1} MB, streamed at {:.2} GB/s = {:.0}% of the measured bandwidth",
+            m.weight_bytes_per_token as f64 / 1e6,
+            m.decode_weight_gb_per_second,
+            100.0 * m.bandwidth_ratio
+        );
+        if let Some(p) = m.peak_rss_bytes {
+            println!("peak RSS         {:.1} MiB", p as f64 / (1024.0 * 1024.0));
+        }
+    }
+    for c in &r.comparisons {
+        println!("\nvs the first     {}", c.model);
+        println!(
+            "                 bytes {:.2}x fewer, decode {:.2}x faster = {:.2} of the byte ratio; prefill {:.2}x{}",
+            c.byte_ratio,
+            c.decode_speedup,
+            c.speedup_over_byte_ratio,
+            c.prefill_ratio,
+            c.batch_decode_speedup.map(|s| format!("; batched decode {s:.2}x")).unwrap_or_default()
+        );
     }
     Ok(())
 }

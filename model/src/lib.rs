@@ -14,6 +14,7 @@ pub mod gguf;
 pub mod hf;
 pub mod inspect;
 pub mod llama;
+pub mod runtime;
 pub mod sampling;
 pub mod tokenizer;
 pub mod weights;

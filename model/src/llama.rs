@@ -14,9 +14,10 @@ use crate::weights::Weight;
 use crate::{Error, Result};
 
 /// An RMSNorm weight, kept both as stored (for saving) and widened (for compute).
-struct Norm {
+#[derive(Clone)]
+pub(crate) struct Norm {
     weight: Weight,
-    w: Vec<f32>,
+    pub(crate) w: Vec<f32>,
 }
 
 impl Norm {
@@ -26,16 +27,17 @@ impl Norm {
     }
 }
 
-struct DecoderLayer {
-    input_layernorm: Norm,
-    q_proj: Weight,
-    k_proj: Weight,
-    v_proj: Weight,
-    o_proj: Weight,
-    post_attention_layernorm: Norm,
-    gate_proj: Weight,
-    up_proj: Weight,
-    down_proj: Weight,
+#[derive(Clone)]
+pub(crate) struct DecoderLayer {
+    pub(crate) input_layernorm: Norm,
+    pub(crate) q_proj: Weight,
+    pub(crate) k_proj: Weight,
+    pub(crate) v_proj: Weight,
+    pub(crate) o_proj: Weight,
+    pub(crate) post_attention_layernorm: Norm,
+    pub(crate) gate_proj: Weight,
+    pub(crate) up_proj: Weight,
+    pub(crate) down_proj: Weight,
 }
 
 impl DecoderLayer {
@@ -55,14 +57,16 @@ impl DecoderLayer {
     }
 }
 
+/// Cloning shares memory-mapped weights and copies owned ones.
+#[derive(Clone)]
 pub struct Llama {
     config: LlamaConfig,
-    embed_tokens: Weight,
-    layers: Vec<DecoderLayer>,
-    norm: Norm,
+    pub(crate) embed_tokens: Weight,
+    pub(crate) layers: Vec<DecoderLayer>,
+    pub(crate) norm: Norm,
     /// `None` when the output projection is tied to the embedding.
     lm_head: Option<Weight>,
-    inv_freq: Vec<f32>,
+    pub(crate) inv_freq: Vec<f32>,
 }
 
 /// The seven linear sublayers of a decoder layer, by their Hugging Face names.
@@ -152,9 +156,9 @@ impl LayerScratch {
 
 /// Keys and values of every layer for the positions seen so far, `[capacity, kv_dim]` per layer.
 pub struct KvCache {
-    k: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
-    len: usize,
+    pub(crate) k: Vec<Vec<f32>>,
+    pub(crate) v: Vec<Vec<f32>>,
+    pub(crate) len: usize,
     capacity: usize,
     kv_dim: usize,
 }
@@ -514,10 +518,15 @@ impl Llama {
         Ok(())
     }
 
+    /// The output projection (the embedding when tied).
+    pub(crate) fn lm_head(&self) -> &Weight {
+        self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
+    }
+
     /// Logits `[n, vocab]` of final-normed hidden states `[n, hidden]`.
     pub fn logits(&self, hidden: &[f32], n: usize) -> Result<Vec<f32>> {
         let mut out = vec![0f32; n * self.config.vocab_size];
-        self.lm_head.as_ref().unwrap_or(&self.embed_tokens).matmul(hidden, n, &mut out)?;
+        self.lm_head().matmul(hidden, n, &mut out)?;
         Ok(out)
     }
 
@@ -604,7 +613,7 @@ pub(crate) fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
 }
 
 /// Rotates the two halves of every head (Hugging Face's `rotate_half` convention).
-fn apply_rope(x: &mut [f32], n_head: usize, hd: usize, cos: &[f32], sin: &[f32]) {
+pub(crate) fn apply_rope(x: &mut [f32], n_head: usize, hd: usize, cos: &[f32], sin: &[f32]) {
     let half = hd / 2;
     for (t, row) in x.chunks_mut(n_head * hd).enumerate() {
         let (c, s) = (&cos[t * half..(t + 1) * half], &sin[t * half..(t + 1) * half]);
@@ -619,7 +628,7 @@ fn apply_rope(x: &mut [f32], n_head: usize, hd: usize, cos: &[f32], sin: &[f32])
     }
 }
 
-fn softmax_scaled(row: &mut [f32], scale: f32) {
+pub(crate) fn softmax_scaled(row: &mut [f32], scale: f32) {
     let max = row.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v)) * scale;
     let mut sum = 0f32;
     for v in row.iter_mut() {
@@ -632,13 +641,13 @@ fn softmax_scaled(row: &mut [f32], scale: f32) {
     }
 }
 
-fn silu_mul(gate: &mut [f32], up: &[f32]) {
+pub(crate) fn silu_mul(gate: &mut [f32], up: &[f32]) {
     for (g, u) in gate.iter_mut().zip(up) {
         *g = *g / (1.0 + (-*g).exp()) * u;
     }
 }
 
-fn add_into(x: &mut [f32], y: &[f32]) {
+pub(crate) fn add_into(x: &mut [f32], y: &[f32]) {
     for (a, b) in x.iter_mut().zip(y) {
         *a += b;
     }

@@ -1,0 +1,311 @@
+//! The decode runtime: what `lacuna bench` and the inference service run.
+//!
+//! One model, shared read-only; a KV cache per live sequence, taken from a pool and returned to
+//! it, so that caches are allocated once per slot, not per request; and every activation buffer
+//! sized at construction for the largest batch, so that a decode step allocates nothing.
+//!
+//! A decode step advances up to `max_batch` sequences by one token each, every sequence at its
+//! own position: the weights are streamed once per step for the whole batch (the kernels dot each
+//! weight row with every sequence's activations while it sits in L1), which is what makes
+//! batching pay on a memory-bound machine. Products that read the same activations (q/k/v,
+//! gate/up) run as one parallel region ([`matmul_many`]); RoPE tables are computed once per step,
+//! not per layer. Prefill (many tokens of one sequence) is compute-bound and runs the reference
+//! forward pass, whose products are GEMMs.
+//!
+//! Each layer runs on its weights as the checkpoint stored them: bitmask where
+//! [`Llama::prefer_bitmask`] found it streams fewer bytes, dense elsewhere.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use lacuna_kernels::matrix::{Product, matmul_many};
+use rayon::prelude::*;
+
+use crate::config::LlamaConfig;
+use crate::llama::{KvCache, Llama, add_into, apply_rope, rms_norm, silu_mul, softmax_scaled};
+use crate::{Error, Result};
+
+/// Activations of one decode step, `[max_batch, width]` each.
+struct Buffers {
+    x: Vec<f32>,
+    h: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    attn: Vec<f32>,
+    o: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    logits: Vec<f32>,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    /// Attention scores, `[max_batch · heads, max_context]`.
+    scores: Vec<f32>,
+    /// Transposed outputs of batched products (see [`matmul_many`]).
+    scratch: Vec<f32>,
+    /// Cache slot and position of each batch row.
+    slots: Vec<usize>,
+    pos: Vec<usize>,
+}
+
+pub struct Runtime {
+    model: Arc<Llama>,
+    max_batch: usize,
+    max_context: usize,
+    /// Live sequences → their slot in `caches`.
+    seqs: HashMap<u64, usize>,
+    caches: Vec<KvCache>,
+    free: Vec<usize>,
+    b: Buffers,
+}
+
+impl Runtime {
+    /// A runtime decoding up to `max_batch` sequences per step, each up to `max_context`
+    /// positions (at most the model's own context).
+    pub fn new(model: Arc<Llama>, max_batch: usize, max_context: usize) -> Result<Self> {
+        let c = model.config();
+        if max_batch == 0 {
+            return Err(Error::Invalid("max_batch must be at least 1".into()));
+        }
+        if max_context == 0 || max_context > c.max_position_embeddings {
+            return Err(Error::Invalid(format!(
+                "max_context {max_context} must be in 1..={} (the model's context)",
+                c.max_position_embeddings
+            )));
+        }
+        let (bh, bq, bkv, bf) =
+            (max_batch * c.hidden_size, max_batch * c.q_dim(), max_batch * c.kv_dim(), max_batch * c.intermediate_size);
+        let half = c.head_dim / 2;
+        let b = Buffers {
+            x: vec![0.0; bh],
+            h: vec![0.0; bh],
+            q: vec![0.0; bq],
+            k: vec![0.0; bkv],
+            v: vec![0.0; bkv],
+            attn: vec![0.0; bq],
+            o: vec![0.0; bh],
+            gate: vec![0.0; bf],
+            up: vec![0.0; bf],
+            logits: vec![0.0; max_batch * c.vocab_size],
+            cos: vec![0.0; max_batch * half],
+            sin: vec![0.0; max_batch * half],
+            scores: vec![0.0; max_batch * c.num_attention_heads * max_context],
+            scratch: Vec::with_capacity(
+                max_batch * (c.vocab_size.max(c.q_dim() + 2 * c.kv_dim()).max(2 * c.intermediate_size)),
+            ),
+            slots: Vec::with_capacity(max_batch),
+            pos: Vec::with_capacity(max_batch),
+        };
+        Ok(Self { model, max_batch, max_context, seqs: HashMap::new(), caches: Vec::new(), free: Vec::new(), b })
+    }
+
+    pub fn model(&self) -> &Llama {
+        &self.model
+    }
+    pub fn config(&self) -> &LlamaConfig {
+        self.model.config()
+    }
+    pub fn max_batch(&self) -> usize {
+        self.max_batch
+    }
+    pub fn max_context(&self) -> usize {
+        self.max_context
+    }
+    /// Positions sequence `seq` holds, if it is live.
+    pub fn seq_len(&self, seq: u64) -> Option<usize> {
+        self.seqs.get(&seq).map(|&s| self.caches[s].len())
+    }
+    /// Live sequences.
+    pub fn active(&self) -> usize {
+        self.seqs.len()
+    }
+
+    fn slot(&mut self, seq: u64) -> usize {
+        if let Some(&s) = self.seqs.get(&seq) {
+            return s;
+        }
+        let s = self.free.pop().unwrap_or_else(|| {
+            self.caches.push(KvCache::new(self.model.config(), self.max_context));
+            self.caches.len() - 1
+        });
+        self.caches[s].clear();
+        self.seqs.insert(seq, s);
+        s
+    }
+
+    /// Appends `tokens` to sequence `seq` (starting it if new) and returns the logits of the
+    /// last one (`[vocab]`). Long prompts may come in chunks: each call continues the sequence.
+    pub fn prefill(&mut self, seq: u64, tokens: &[u32]) -> Result<&[f32]> {
+        if tokens.is_empty() {
+            return Err(Error::Invalid("prefill of no tokens".into()));
+        }
+        let s = self.slot(seq);
+        let len = self.caches[s].len();
+        if len + tokens.len() > self.max_context {
+            return Err(Error::Invalid(format!(
+                "sequence {seq}: {} positions exceed the context of {}",
+                len + tokens.len(),
+                self.max_context
+            )));
+        }
+        let logits = self.model.forward_last_logits(tokens, &mut self.caches[s])?;
+        let vocab = self.config().vocab_size;
+        self.b.logits[..vocab].copy_from_slice(&logits);
+        Ok(&self.b.logits[..vocab])
+    }
+
+    /// Ends sequence `seq` and returns its cache to the pool (unknown ids are ignored).
+    pub fn release(&mut self, seq: u64) {
+        if let Some(s) = self.seqs.remove(&seq) {
+            self.free.push(s);
+        }
+    }
+
+    /// One decode step: feeds each `(sequence, token)` pair at the sequence's next position and
+    /// returns the logits, `[batch.len(), vocab]`, row `i` for `batch[i]`.
+    pub fn decode(&mut self, batch: &[(u64, u32)]) -> Result<&[f32]> {
+        let n = batch.len();
+        let model = Arc::clone(&self.model);
+        let c = model.config();
+        if n == 0 || n > self.max_batch {
+            return Err(Error::Invalid(format!("a decode step takes 1..={} sequences, got {n}", self.max_batch)));
+        }
+        let b = &mut self.b;
+        b.slots.clear();
+        b.pos.clear();
+        for (i, &(seq, tok)) in batch.iter().enumerate() {
+            let &s = self.seqs.get(&seq).ok_or_else(|| Error::Invalid(format!("sequence {seq} was not prefilled")))?;
+            if b.slots.contains(&s) {
+                return Err(Error::Invalid(format!("sequence {seq} appears twice in one decode step")));
+            }
+            let pos = self.caches[s].len();
+            if pos >= self.max_context {
+                return Err(Error::Invalid(format!("sequence {seq} is full ({} positions)", self.max_context)));
+            }
+            if tok as usize >= c.vocab_size {
+                return Err(Error::Invalid(format!("token id {tok} is outside the vocabulary of {}", c.vocab_size)));
+            }
+            let h = c.hidden_size;
+            model.embed_tokens.row_into(tok as usize, &mut b.x[i * h..(i + 1) * h])?;
+            b.slots.push(s);
+            b.pos.push(pos);
+        }
+        // RoPE angles of every row's position, once for all layers (in f64: positions reach 10⁵).
+        let half = c.head_dim / 2;
+        for (i, &p) in b.pos.iter().enumerate() {
+            for (j, f) in model.inv_freq.iter().enumerate() {
+                let a = p as f64 * *f as f64;
+                b.cos[i * half + j] = a.cos() as f32;
+                b.sin[i * half + j] = a.sin() as f32;
+            }
+        }
+        let (hs, qd, kvd, fd) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
+        let eps = c.rms_norm_eps as f32;
+        for (li, layer) in model.layers.iter().enumerate() {
+            let x = &mut b.x[..n * hs];
+            let h = &mut b.h[..n * hs];
+            rms_norm(x, &layer.input_layernorm.w, eps, h);
+            let (q, k, v) = (&mut b.q[..n * qd], &mut b.k[..n * kvd], &mut b.v[..n * kvd]);
+            matmul_many(
+                &mut [
+                    Product { w: layer.q_proj.matrix()?, y: q },
+                    Product { w: layer.k_proj.matrix()?, y: k },
+                    Product { w: layer.v_proj.matrix()?, y: v },
+                ],
+                h,
+                n,
+                &mut b.scratch,
+            )?;
+            apply_rope(q, c.num_attention_heads, c.head_dim, &b.cos, &b.sin);
+            apply_rope(k, c.num_key_value_heads, c.head_dim, &b.cos, &b.sin);
+            for (i, (&s, &p)) in b.slots.iter().zip(&b.pos).enumerate() {
+                let cache = &mut self.caches[s];
+                cache.k[li][p * kvd..(p + 1) * kvd].copy_from_slice(&k[i * kvd..(i + 1) * kvd]);
+                cache.v[li][p * kvd..(p + 1) * kvd].copy_from_slice(&v[i * kvd..(i + 1) * kvd]);
+            }
+            attend(c, &self.caches, li, &b.slots, &b.pos, q, &mut b.attn[..n * qd], &mut b.scores, self.max_context);
+            let o = &mut b.o[..n * hs];
+            matmul_many(&mut [Product { w: layer.o_proj.matrix()?, y: o }], &b.attn[..n * qd], n, &mut b.scratch)?;
+            add_into(x, o);
+            rms_norm(x, &layer.post_attention_layernorm.w, eps, h);
+            let (gate, up) = (&mut b.gate[..n * fd], &mut b.up[..n * fd]);
+            matmul_many(
+                &mut [Product { w: layer.gate_proj.matrix()?, y: gate }, Product { w: layer.up_proj.matrix()?, y: up }],
+                h,
+                n,
+                &mut b.scratch,
+            )?;
+            silu_mul(gate, up);
+            matmul_many(&mut [Product { w: layer.down_proj.matrix()?, y: o }], gate, n, &mut b.scratch)?;
+            add_into(x, o);
+        }
+        for &s in &b.slots {
+            self.caches[s].len += 1;
+        }
+        let h = &mut b.h[..n * hs];
+        rms_norm(&b.x[..n * hs], &model.norm.w, eps, h);
+        let logits = &mut b.logits[..n * c.vocab_size];
+        matmul_many(&mut [Product { w: model.lm_head().matrix()?, y: logits }], h, n, &mut b.scratch)?;
+        Ok(&b.logits[..n * c.vocab_size])
+    }
+}
+
+/// Decode attention: each batch row's query (its new position `pos[i]`, already in the cache)
+/// over positions `0..=pos[i]` of its own sequence, heads in parallel when there is enough work.
+#[allow(clippy::too_many_arguments)]
+fn attend(
+    c: &LlamaConfig,
+    caches: &[KvCache],
+    li: usize,
+    slots: &[usize],
+    pos: &[usize],
+    q: &[f32],
+    attn: &mut [f32],
+    scores: &mut [f32],
+    max_context: usize,
+) {
+    let (hd, nh, kvd) = (c.head_dim, c.num_attention_heads, c.kv_dim());
+    let group = nh / c.num_key_value_heads;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let one = |(idx, (out, sc)): (usize, (&mut [f32], &mut [f32]))| {
+        let (i, head) = (idx / nh, idx % nh);
+        let (cache, total) = (&caches[slots[i]], pos[i] + 1);
+        let (kc, vc) = (&cache.k[li], &cache.v[li]);
+        let g = head / group;
+        let qh = &q[i * nh * hd + head * hd..][..hd];
+        let sc = &mut sc[..total];
+        for (t, s) in sc.iter_mut().enumerate() {
+            *s = dot(qh, &kc[t * kvd + g * hd..][..hd]);
+        }
+        softmax_scaled(sc, scale);
+        out.fill(0.0);
+        for (t, &p) in sc.iter().enumerate() {
+            let vt = &vc[t * kvd + g * hd..][..hd];
+            for (o, v) in out.iter_mut().zip(vt) {
+                *o += p * v;
+            }
+        }
+    };
+    let rows = attn.chunks_mut(hd).zip(scores.chunks_mut(max_context)).enumerate();
+    // Below ~64k multiply-adds a fork-join costs more than it saves.
+    let work: usize = pos.iter().map(|p| (p + 1) * 2 * hd * nh).sum();
+    if work < 1 << 16 {
+        rows.for_each(one);
+    } else {
+        attn.par_chunks_mut(hd).zip(scores.par_chunks_mut(max_context)).enumerate().for_each(one);
+    }
+}
+
+/// Dot product in eight independent lanes, so that it vectorises (a plain `sum` of products is
+/// a serial chain of adds the compiler may not reorder).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ac.remainder().iter().zip(bc.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ac.zip(bc) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}

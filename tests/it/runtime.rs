@@ -1,0 +1,99 @@
+//! The decode runtime against the reference forward pass: same logits for batched sequences at
+//! different positions, on dense SmolLM2 and on a 70 %-sparse copy served from bitmask weights.
+
+use std::sync::Arc;
+
+use lacuna_model::runtime::Runtime;
+use lacuna_model::{KvCache, LinearKind, Llama};
+
+fn max_rel_diff(a: &[f32], b: &[f32]) -> f32 {
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1.0);
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+}
+
+/// Zeroes the `sparsity` smallest-magnitude weights of every row of every decoder linear.
+fn magnitude_prune(model: &mut Llama, sparsity: f64) {
+    for layer in 0..model.num_layers() {
+        for kind in LinearKind::ALL {
+            let w = model.linear(layer, kind).unwrap();
+            let [rows, cols] = [w.shape()[0], w.shape()[1]];
+            let mut v = w.to_f32_vec();
+            for row in v.chunks_mut(cols) {
+                let mut idx: Vec<usize> = (0..cols).collect();
+                idx.sort_by(|&a, &b| row[a].abs().total_cmp(&row[b].abs()));
+                for &i in &idx[..(sparsity * cols as f64) as usize] {
+                    row[i] = 0.0;
+                }
+            }
+            model
+                .set_linear(layer, kind, lacuna_model::weights::Weight::from_f32(vec![rows, cols], v).unwrap())
+                .unwrap();
+        }
+    }
+}
+
+/// Three sequences of different lengths prefilled, then decoded together (and once with one of
+/// them sitting out); every logit row must equal the reference path's for that sequence.
+fn runtime_matches_reference(served: Llama, reference: &Llama, tol: f32) {
+    let c = reference.config().clone();
+    let mut rt = Runtime::new(Arc::new(served), 4, 64).unwrap();
+    let prompts: [&[u32]; 3] = [&[1, 504, 3458, 314, 260], &[1, 9690, 30, 2221, 314, 1838, 28, 1005, 29], &[1, 28]];
+    let mut refs: Vec<KvCache> = prompts.iter().map(|_| KvCache::new(&c, 64)).collect();
+    let mut next = Vec::new();
+    for (s, p) in prompts.iter().enumerate() {
+        let got = rt.prefill(s as u64, p).unwrap().to_vec();
+        let want = reference.forward_last_logits(p, &mut refs[s]).unwrap();
+        let d = max_rel_diff(&got, &want);
+        assert!(d < tol, "prefill of sequence {s}: logits differ by {d}");
+        next.push(lacuna_model::sampling::argmax(&want) as u32);
+    }
+    for step in 0..5 {
+        // Step 2 leaves sequence 1 out: sequences advance independently.
+        let active: Vec<usize> = if step == 2 { vec![0, 2] } else { vec![0, 1, 2] };
+        let batch: Vec<(u64, u32)> = active.iter().map(|&s| (s as u64, next[s])).collect();
+        let got = rt.decode(&batch).unwrap().to_vec();
+        for (row, &s) in active.iter().enumerate() {
+            let want = reference.forward_last_logits(&[next[s]], &mut refs[s]).unwrap();
+            let d = max_rel_diff(&got[row * c.vocab_size..(row + 1) * c.vocab_size], &want);
+            assert!(d < tol, "step {step}, sequence {s}: logits differ by {d}");
+            next[s] = lacuna_model::sampling::argmax(&want) as u32;
+        }
+    }
+    for (s, p) in prompts.iter().enumerate() {
+        let decoded = if s == 1 { 4 } else { 5 };
+        assert_eq!(rt.seq_len(s as u64), Some(p.len() + decoded));
+    }
+}
+
+#[test]
+fn batched_decode_equals_the_reference_on_dense_smollm2() {
+    let model = lacuna_tests::smollm2().model.clone();
+    runtime_matches_reference(model, &lacuna_tests::smollm2().model, 1e-4);
+}
+
+#[test]
+fn batched_decode_on_bitmask_weights_equals_the_dense_reference() {
+    let mut dense = lacuna_tests::smollm2().model.clone();
+    magnitude_prune(&mut dense, 0.7);
+    let mut sparse = dense.clone();
+    let n = sparse.prefer_bitmask().unwrap();
+    assert_eq!(n, 7 * sparse.num_layers(), "every 70 %-sparse linear is served from its bitmask");
+    assert!(sparse.weight_bytes_per_token() < dense.weight_bytes_per_token() / 2 + 120_000_000);
+    runtime_matches_reference(sparse, &dense, 1e-4);
+}
+
+#[test]
+fn bad_decode_steps_are_refused_with_the_reason() {
+    let model = lacuna_tests::smollm2().model.clone();
+    let mut rt = Runtime::new(Arc::new(model), 2, 8).unwrap();
+    let err = |r: lacuna_model::Result<&[f32]>| r.map(|_| ()).unwrap_err().to_string();
+    assert!(err(rt.decode(&[(7, 1)])).contains("not prefilled"));
+    rt.prefill(1, &[1, 2, 3]).unwrap();
+    assert!(err(rt.decode(&[(1, 5), (1, 6)])).contains("twice"));
+    assert!(err(rt.decode(&[(1, 5), (1, 6), (1, 7)])).contains("1..=2"));
+    assert!(err(rt.decode(&[(1, u32::MAX)])).contains("vocabulary"));
+    assert!(err(rt.prefill(1, &[1; 6])).contains("context"));
+    rt.release(1);
+    assert_eq!(rt.seq_len(1), None);
+    assert!(Runtime::new(Arc::new(lacuna_tests::smollm2().model.clone()), 0, 8).is_err());
+}
