@@ -164,6 +164,15 @@ impl Runtime {
     /// One decode step: feeds each `(sequence, token)` pair at the sequence's next position and
     /// returns the logits, `[batch.len(), vocab]`, row `i` for `batch[i]`.
     pub fn decode(&mut self, batch: &[(u64, u32)]) -> Result<&[f32]> {
+        // The whole step runs on a pool thread: its parallel regions are then forked from a
+        // worker, which takes part in them, instead of from a thread that sleeps on a latch and
+        // must be woken after every product (a futex round trip, ~150 times a token).
+        let n = rayon::scope(|_| self.step(batch))?;
+        let vocab = self.config().vocab_size;
+        Ok(&self.b.logits[..n * vocab])
+    }
+
+    fn step(&mut self, batch: &[(u64, u32)]) -> Result<usize> {
         let n = batch.len();
         let model = Arc::clone(&self.model);
         let c = model.config();
@@ -246,7 +255,7 @@ impl Runtime {
         rms_norm(&b.x[..n * hs], &model.norm.w, eps, h);
         let logits = &mut b.logits[..n * c.vocab_size];
         matmul_many(&mut [Product { w: model.lm_head().matrix()?, y: logits }], h, n, &mut b.scratch)?;
-        Ok(&b.logits[..n * c.vocab_size])
+        Ok(n)
     }
 }
 
