@@ -709,74 +709,82 @@ mod avx512 {
         let c32 = chunks * 32;
         // x in unpack order, zero-padded to whole chunks: within chunk b, the low vector's lane
         // 4L + t holds column 32b + 8L + t and the high vector's column 32b + 8L + 4 + t.
-        let mut xs = vec![0f32; N * c32];
-        for i in 0..N {
-            for b in 0..chunks {
-                for l in 0..16 {
-                    let (lane, t) = (l / 4, l % 4);
-                    for (h, half) in [0usize, 4].into_iter().enumerate() {
-                        let c = 32 * b + 8 * lane + half + t;
-                        if c < cols {
-                            xs[i * c32 + 32 * b + 16 * h + l] = x[i * cols + c];
-                        }
-                    }
-                }
-            }
-        }
-        let xp = xs.as_ptr();
-        // Whole 4-byte mask words, then the row's last partial word if any.
-        let whole = mb / 4;
-        for (r, &offset) in offsets.iter().enumerate() {
-            // SAFETY: row r owns mask bytes r mb .. (r + 1) mb; its offset lies within vals.
-            let mp = unsafe { mask.as_ptr().add(r * mb) };
-            // SAFETY: as above.
-            let mut p = unsafe { vals.as_ptr().add(offset as usize) };
-            let zero = _mm512_setzero_ps();
-            // Two accumulator sets (lo/hi halves each) alternating over chunks when `U >= 2`.
-            let (mut lo0, mut hi0, mut lo1, mut hi1) = ([zero; N], [zero; N], [zero; N], [zero; N]);
-            macro_rules! chunk {
-                ($b:expr, $lo:ident, $hi:ident) => {
-                    let b = $b;
-                    // SAFETY: bytes 4b .. 4b + 4 <= mb for b < whole, else only bytes below mb
-                    // are read; padding bits are zero, so the set bits read so far count the
-                    // values consumed, bounded by what vals holds from the row's offset on
-                    // (contract); xs is [N, c32] and 32 (b + 1) <= c32.
-                    unsafe {
-                        let m = if b < whole {
-                            (mp.add(4 * b) as *const u32).read_unaligned()
-                        } else {
-                            tail_word(mp.add(4 * b), mb - 4 * b)
-                        };
-                        _mm_prefetch::<_MM_HINT_T0>((p as *const i8).wrapping_add(PREFETCH_BYTES));
-                        let (wl, wh) = expand32(m, p);
-                        p = p.add(m.count_ones() as usize);
-                        for i in 0..N {
-                            let xl = _mm512_loadu_ps(xp.add(i * c32 + 32 * b));
-                            let xh = _mm512_loadu_ps(xp.add(i * c32 + 32 * b + 16));
-                            $lo[i] = _mm512_fmadd_ps(wl, xl, $lo[i]);
-                            $hi[i] = _mm512_fmadd_ps(wh, xh, $hi[i]);
-                        }
-                    }
-                };
-            }
-            let mut b = 0;
-            while b + 2 <= chunks {
-                chunk!(b, lo0, hi0);
-                if U >= 2 {
-                    chunk!(b + 1, lo1, hi1);
-                } else {
-                    chunk!(b + 1, lo0, hi0);
-                }
-                b += 2;
-            }
-            if b < chunks {
-                chunk!(b, lo0, hi0);
-            }
+        // Per-thread buffer, reused: decode allocates nothing per product.
+        XS.with_borrow_mut(|xs| {
+            xs.clear();
+            xs.resize(N * c32, 0.0);
             for i in 0..N {
-                let s = _mm512_add_ps(_mm512_add_ps(lo0[i], hi0[i]), _mm512_add_ps(lo1[i], hi1[i]));
-                out[r * N + i] = _mm512_reduce_add_ps(s);
+                for b in 0..chunks {
+                    for l in 0..16 {
+                        let (lane, t) = (l / 4, l % 4);
+                        for (h, half) in [0usize, 4].into_iter().enumerate() {
+                            let c = 32 * b + 8 * lane + half + t;
+                            if c < cols {
+                                xs[i * c32 + 32 * b + 16 * h + l] = x[i * cols + c];
+                            }
+                        }
+                    }
+                }
             }
-        }
+            let xp = xs.as_ptr();
+            // Whole 4-byte mask words, then the row's last partial word if any.
+            let whole = mb / 4;
+            for (r, &offset) in offsets.iter().enumerate() {
+                // SAFETY: row r owns mask bytes r mb .. (r + 1) mb; its offset lies within vals.
+                let mp = unsafe { mask.as_ptr().add(r * mb) };
+                // SAFETY: as above.
+                let mut p = unsafe { vals.as_ptr().add(offset as usize) };
+                let zero = _mm512_setzero_ps();
+                // Two accumulator sets (lo/hi halves each) alternating over chunks when `U >= 2`.
+                let (mut lo0, mut hi0, mut lo1, mut hi1) = ([zero; N], [zero; N], [zero; N], [zero; N]);
+                macro_rules! chunk {
+                    ($b:expr, $lo:ident, $hi:ident) => {
+                        let b = $b;
+                        // SAFETY: bytes 4b .. 4b + 4 <= mb for b < whole, else only bytes below mb
+                        // are read; padding bits are zero, so the set bits read so far count the
+                        // values consumed, bounded by what vals holds from the row's offset on
+                        // (contract); xs is [N, c32] and 32 (b + 1) <= c32.
+                        unsafe {
+                            let m = if b < whole {
+                                (mp.add(4 * b) as *const u32).read_unaligned()
+                            } else {
+                                tail_word(mp.add(4 * b), mb - 4 * b)
+                            };
+                            _mm_prefetch::<_MM_HINT_T0>((p as *const i8).wrapping_add(PREFETCH_BYTES));
+                            let (wl, wh) = expand32(m, p);
+                            p = p.add(m.count_ones() as usize);
+                            for i in 0..N {
+                                let xl = _mm512_loadu_ps(xp.add(i * c32 + 32 * b));
+                                let xh = _mm512_loadu_ps(xp.add(i * c32 + 32 * b + 16));
+                                $lo[i] = _mm512_fmadd_ps(wl, xl, $lo[i]);
+                                $hi[i] = _mm512_fmadd_ps(wh, xh, $hi[i]);
+                            }
+                        }
+                    };
+                }
+                let mut b = 0;
+                while b + 2 <= chunks {
+                    chunk!(b, lo0, hi0);
+                    if U >= 2 {
+                        chunk!(b + 1, lo1, hi1);
+                    } else {
+                        chunk!(b + 1, lo0, hi0);
+                    }
+                    b += 2;
+                }
+                if b < chunks {
+                    chunk!(b, lo0, hi0);
+                }
+                for i in 0..N {
+                    let s = _mm512_add_ps(_mm512_add_ps(lo0[i], hi0[i]), _mm512_add_ps(lo1[i], hi1[i]));
+                    out[r * N + i] = _mm512_reduce_add_ps(s);
+                }
+            }
+        });
+    }
+
+    thread_local! {
+        static XS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     }
 }
 
