@@ -203,6 +203,11 @@ pub(crate) mod avx2 {
     dot!(dot_f16, f16, load_f16);
 }
 
+/// `Σ a[i]·b[i]` on the process's kernel path (attention scores); `None` when the lengths differ.
+pub fn dot(a: &[f32], b: &[f32]) -> Option<f32> {
+    (a.len() == b.len()).then(|| f32::dot(cpu::isa(), a, b))
+}
+
 /// `Σ v` streamed as the GEMV kernels stream weights (the read-bandwidth probe's loop).
 pub(crate) fn stream_sum(isa: Isa, v: &[f32]) -> f32 {
     match isa {

@@ -284,7 +284,7 @@ fn attend(
         let qh = &q[i * nh * hd + head * hd..][..hd];
         let sc = &mut sc[..total];
         for (t, s) in sc.iter_mut().enumerate() {
-            *s = dot(qh, &kc[t * kvd + g * hd..][..hd]);
+            *s = lacuna_kernels::dense::dot(qh, &kc[t * kvd + g * hd..][..hd]).unwrap_or(f32::NAN);
         }
         softmax_scaled(sc, scale);
         out.fill(0.0);
@@ -303,18 +303,4 @@ fn attend(
     } else {
         attn.par_chunks_mut(hd).zip(scores.par_chunks_mut(max_context)).enumerate().for_each(one);
     }
-}
-
-/// Dot product in eight independent lanes, so that it vectorises (a plain `sum` of products is
-/// a serial chain of adds the compiler may not reorder).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ac.remainder().iter().zip(bc.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in ac.zip(bc) {
-        for l in 0..8 {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
