@@ -4,15 +4,15 @@
 //! Decoding runs seven products per layer; run one at a time, the threads meet at the end of
 //! each (q, then k, then v …) and the slower one's tail idles the other. [`matmul_many`] runs
 //! the products that read the same activations (q/k/v; gate/up) as one set of row-range tasks
-//! under rayon's work stealing, so there is one join per group instead of one per product, and
-//! a thread that loses its core has its remaining tasks stolen instead of stalling the rest.
+//! on the decode [`Team`], so there is one region per group instead of one per product, and
+//! tasks are claimed one by one, so a thread that loses its core stalls nobody.
 
 use half::{bf16, f16};
-use rayon::prelude::*;
 
 use crate::bitmask::{self, BitmaskView};
 use crate::cpu::{self, Isa};
 use crate::dense::{self, DenseMatrix};
+use crate::team::Team;
 use crate::{KernelError, Result};
 
 /// A borrowed weight matrix in any stored format.
@@ -107,11 +107,36 @@ pub fn matmul_many_on(
         }
         return Ok(());
     }
+    if group.len() > MAX_GROUP {
+        return Err(KernelError::Shape(format!("a group holds at most {MAX_GROUP} products, got {}", group.len())));
+    }
     let total: usize = group.iter().map(|p| p.w.rows() * n).sum();
     if n > 1 && scratch.len() < total {
         scratch.resize(total, 0.0);
     }
-    region(isa, group, &mut scratch[..if n > 1 { total } else { 0 }], x, n);
+    // Each product's output (transposed `[rows, n]` in `scratch` when n > 1) and task split.
+    let mut parts = [None; MAX_GROUP];
+    let (mut tasks, mut offset) = (0, 0);
+    for (slot, p) in parts.iter_mut().zip(group.iter_mut()) {
+        let rows = p.w.rows();
+        let out = if n == 1 { p.y.as_mut_ptr() } else { scratch[offset..].as_mut_ptr() };
+        offset += rows * n;
+        let per = rows_per_task(&p.w);
+        *slot = Some(Part { w: p.w, out: OutPtr(out), rows, per, first: tasks });
+        tasks += rows.div_ceil(per);
+    }
+    let parts = &parts[..group.len()];
+    Team::global().run(tasks, &|t| {
+        // The product this task belongs to: the last whose first task is <= t.
+        let Some(part) = parts.iter().flatten().rev().find(|p| p.first <= t) else { return };
+        let r0 = (t - part.first) * part.per;
+        let r1 = (r0 + part.per).min(part.rows);
+        // SAFETY: `out` addresses `rows · n` floats (a checked output, or its share of `scratch`,
+        // which was sized to the total), task t alone writes rows r0..r1 of this product, and the
+        // buffers outlive `run`, which returns only after every task finished.
+        let out = unsafe { std::slice::from_raw_parts_mut(part.out.0.add(r0 * n), (r1 - r0) * n) };
+        part.w.rows_into(isa, x, n, r0, out);
+    });
     if n > 1 {
         let mut rest = &scratch[..total];
         for p in group.iter_mut() {
@@ -123,25 +148,39 @@ pub fn matmul_many_on(
     Ok(())
 }
 
-/// The first product's row tasks joined with the rest of the group's, recursively: one region.
-fn region(isa: Isa, group: &mut [Product<'_, '_>], scratch: &mut [f32], x: &[f32], n: usize) {
-    let Some((first, rest)) = group.split_first_mut() else { return };
-    let (mine, others) = if n == 1 {
-        (&mut *first.y, scratch)
-    } else {
-        let (a, b) = scratch.split_at_mut(first.w.rows() * n);
-        (a, b)
+/// Products per [`matmul_many`] group (q/k/v is the largest Llama needs).
+pub const MAX_GROUP: usize = 4;
+
+/// Weight bytes per decode task: small enough that a thread that loses its core holds little
+/// work, large enough that each task streams a long contiguous run for the prefetchers.
+const TASK_BYTES: usize = 256 << 10;
+
+fn rows_per_task(w: &Matrix<'_>) -> usize {
+    let rows = w.rows().max(1);
+    let bytes = match w {
+        Matrix::F32(m) => 4 * m.cols() * rows,
+        Matrix::F16(m) => 2 * m.cols() * rows,
+        Matrix::Bf16(m) => 2 * m.cols() * rows,
+        Matrix::BitmaskF32(m) => m.nbytes(),
+        Matrix::BitmaskBf16(m) => m.nbytes(),
     };
-    let w = first.w;
-    let run = |mine: &mut [f32]| {
-        let per = dense::rows_per_task(w.rows());
-        mine.par_chunks_mut(per * n).enumerate().for_each(|(t, out)| w.rows_into(isa, x, n, t * per, out));
-    };
-    if rest.is_empty() {
-        run(mine);
-    } else {
-        rayon::join(|| run(mine), || region(isa, rest, others, x, n));
-    }
+    (TASK_BYTES * rows / bytes.max(1)).clamp(8, rows.max(8))
+}
+
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: tasks write disjoint row ranges through it (see `matmul_many_on`).
+unsafe impl Sync for OutPtr {}
+// SAFETY: as above.
+unsafe impl Send for OutPtr {}
+
+#[derive(Clone, Copy)]
+struct Part<'w> {
+    w: Matrix<'w>,
+    out: OutPtr,
+    rows: usize,
+    per: usize,
+    first: usize,
 }
 
 #[cfg(test)]

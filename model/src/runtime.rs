@@ -8,7 +8,8 @@
 //! own position: the weights are streamed once per step for the whole batch (the kernels dot each
 //! weight row with every sequence's activations while it sits in L1), which is what makes
 //! batching pay on a memory-bound machine. Products that read the same activations (q/k/v,
-//! gate/up) run as one parallel region ([`matmul_many`]); RoPE tables are computed once per step,
+//! gate/up) run as one parallel region on the kernels' decode team ([`matmul_many`], whose
+//! helpers stay awake between the ~150 regions of a step); RoPE tables are computed once per step,
 //! not per layer. Prefill (many tokens of one sequence) is compute-bound and runs the reference
 //! forward pass, whose products are GEMMs.
 //!
@@ -19,7 +20,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use lacuna_kernels::matrix::{Product, matmul_many};
-use rayon::prelude::*;
+use lacuna_kernels::team::Team;
 
 use crate::config::LlamaConfig;
 use crate::llama::{KvCache, Llama, add_into, apply_rope, rms_norm, silu_mul, softmax_scaled};
@@ -164,10 +165,7 @@ impl Runtime {
     /// One decode step: feeds each `(sequence, token)` pair at the sequence's next position and
     /// returns the logits, `[batch.len(), vocab]`, row `i` for `batch[i]`.
     pub fn decode(&mut self, batch: &[(u64, u32)]) -> Result<&[f32]> {
-        // The whole step runs on a pool thread: its parallel regions are then forked from a
-        // worker, which takes part in them, instead of from a thread that sleeps on a latch and
-        // must be woken after every product (a futex round trip, ~150 times a token).
-        let n = rayon::scope(|_| self.step(batch))?;
+        let n = self.step(batch)?;
         let vocab = self.config().vocab_size;
         Ok(&self.b.logits[..n * vocab])
     }
@@ -276,7 +274,7 @@ fn attend(
     let (hd, nh, kvd) = (c.head_dim, c.num_attention_heads, c.kv_dim());
     let group = nh / c.num_key_value_heads;
     let scale = 1.0 / (hd as f32).sqrt();
-    let one = |(idx, (out, sc)): (usize, (&mut [f32], &mut [f32]))| {
+    let one = |idx: usize, out: &mut [f32], sc: &mut [f32]| {
         let (i, head) = (idx / nh, idx % nh);
         let (cache, total) = (&caches[slots[i]], pos[i] + 1);
         let (kc, vc) = (&cache.k[li], &cache.v[li]);
@@ -295,12 +293,13 @@ fn attend(
             }
         }
     };
-    let rows = attn.chunks_mut(hd).zip(scores.chunks_mut(max_context)).enumerate();
-    // Below ~64k multiply-adds a fork-join costs more than it saves.
+    // Below ~64k multiply-adds a region costs more than it saves.
     let work: usize = pos.iter().map(|p| (p + 1) * 2 * hd * nh).sum();
     if work < 1 << 16 {
-        rows.for_each(one);
+        for (idx, (out, sc)) in attn.chunks_mut(hd).zip(scores.chunks_mut(max_context)).enumerate() {
+            one(idx, out, sc);
+        }
     } else {
-        attn.par_chunks_mut(hd).zip(scores.par_chunks_mut(max_context)).enumerate().for_each(one);
+        Team::global().for_each_chunk_pair(attn, hd, scores, max_context, &one);
     }
 }

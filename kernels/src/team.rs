@@ -1,0 +1,244 @@
+//! The decode team: helper threads that run one parallel region of small tasks at a time, for
+//! the memory-bound products of a decode step.
+//!
+//! A decode step is ~150 short regions (one per group of products), separated by a few
+//! microseconds of serial work. A general pool puts its idle workers to sleep after a few
+//! microseconds, so every region pays a futex wake — in a virtual machine an inter-processor
+//! interrupt and tens of microseconds — and SmolLM2 lost a third of its decode time that way.
+//! Here helpers spin on an epoch counter for a short while after each region (`SPIN`) before
+//! they park, so back-to-back regions find them awake.
+//!
+//! Tasks are claimed one at a time from a shared counter by the leader (the caller) and the
+//! helpers alike, so no thread owns a fixed share: a helper that has lost its core claims
+//! nothing, and the leader runs the tasks itself. The only wait is for tasks already claimed
+//! and running, which is why tasks are small. There is no barrier that every thread must reach.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// How long an idle helper keeps spinning for the next region before it parks.
+const SPIN: Duration = Duration::from_micros(200);
+
+/// One region: `n` tasks of `f`, claimed through `next`, counted through `done`.
+struct Job {
+    /// The leader's closure, lifetime erased. Called only for a claimed task index `< n`; the
+    /// leader returns only after `done == n`, so no call outlives the borrow (see `run`).
+    f: *const (dyn Fn(usize) + Sync + 'static),
+    n: usize,
+    next: AtomicUsize,
+    done: AtomicUsize,
+}
+
+// SAFETY: `f` points to a `Sync` closure that is only called while the leader waits in `run`;
+// the counters are atomics.
+unsafe impl Send for Job {}
+// SAFETY: as above.
+unsafe impl Sync for Job {}
+
+impl Job {
+    /// Claims and runs tasks until none are left; returns how many this thread ran.
+    fn work(&self) {
+        loop {
+            let i = self.next.fetch_add(1, Ordering::AcqRel);
+            if i >= self.n {
+                return;
+            }
+            // SAFETY: task i < n was claimed by this thread alone, so the leader is still
+            // waiting in `run` for `done` to reach n and the closure's borrows are alive.
+            unsafe { (*self.f)(i) };
+            self.done.fetch_add(1, Ordering::Release);
+        }
+    }
+}
+
+struct Shared {
+    epoch: AtomicU64,
+    job: Mutex<Option<Arc<Job>>>,
+    wake: Condvar,
+}
+
+/// A team of `helpers` threads plus whichever thread calls [`Team::run`].
+pub struct Team {
+    shared: Arc<Shared>,
+    helpers: usize,
+    /// One region at a time.
+    lead: Mutex<()>,
+}
+
+impl Team {
+    /// The process's team: one helper fewer than the kernel threads (the caller is the last).
+    pub fn global() -> &'static Team {
+        static TEAM: OnceLock<Team> = OnceLock::new();
+        TEAM.get_or_init(|| Team::new(crate::cpu::threads().saturating_sub(1)))
+    }
+
+    pub fn new(helpers: usize) -> Team {
+        let shared = Arc::new(Shared { epoch: AtomicU64::new(0), job: Mutex::new(None), wake: Condvar::new() });
+        for i in 0..helpers {
+            let s = Arc::clone(&shared);
+            // A helper that cannot start only makes the team smaller: the leader runs its share.
+            let _ = thread::Builder::new().name(format!("lacuna-team-{i}")).spawn(move || helper(&s));
+        }
+        Team { shared, helpers, lead: Mutex::new(()) }
+    }
+
+    /// Threads that take part in a region (helpers and the caller).
+    pub fn size(&self) -> usize {
+        self.helpers + 1
+    }
+
+    /// Runs `f(0) … f(n - 1)`, each exactly once, across the team and the calling thread;
+    /// returns when all have finished.
+    pub fn run(&self, n: usize, f: &(dyn Fn(usize) + Sync)) {
+        if n == 0 {
+            return;
+        }
+        if self.helpers == 0 || n == 1 {
+            (0..n).for_each(f);
+            return;
+        }
+        let _lead = self.lead.lock().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: only the lifetime is erased (same fat-pointer layout). The pointer is
+        // dereferenced for claimed tasks only, and this function does not return before every
+        // claimed task has finished (`done == n` below), so `f` outlives every call.
+        let f: *const (dyn Fn(usize) + Sync + 'static) = unsafe { std::mem::transmute(f) };
+        let job = Arc::new(Job { f, n, next: AtomicUsize::new(0), done: AtomicUsize::new(0) });
+        {
+            let mut slot = self.shared.job.lock().unwrap_or_else(|e| e.into_inner());
+            *slot = Some(Arc::clone(&job));
+            self.shared.epoch.fetch_add(1, Ordering::AcqRel);
+            self.shared.wake.notify_all();
+        }
+        job.work();
+        let mut spins = 0u32;
+        while job.done.load(Ordering::Acquire) < n {
+            // Only tasks another thread claimed and is still running are left.
+            spins += 1;
+            if spins < 1 << 12 {
+                std::hint::spin_loop();
+            } else {
+                thread::yield_now();
+            }
+        }
+        // Helpers that still hold the job find no task left; drop the team's reference.
+        *self.shared.job.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+}
+
+/// A task over chunk `i` of two buffers.
+pub type ChunkPairFn<'a> = dyn Fn(usize, &mut [f32], &mut [f32]) + Sync + 'a;
+
+impl Team {
+    /// Splits `a` into chunks of `ca` and `b` into chunks of `cb` and runs `f(i, a_i, b_i)` for
+    /// every chunk index `i` below both counts, across the team.
+    pub fn for_each_chunk_pair(
+        &self,
+        a: &mut [f32],
+        ca: usize,
+        b: &mut [f32],
+        cb: usize,
+        f: &ChunkPairFn<'_>,
+    ) {
+        if ca == 0 || cb == 0 {
+            return;
+        }
+        let n = (a.len() / ca).min(b.len() / cb);
+        let (pa, pb) = (OutPtr(a.as_mut_ptr()), OutPtr(b.as_mut_ptr()));
+        self.run(n, &|i| {
+            let (pa, pb) = (pa, pb);
+            // SAFETY: i < n so chunk i lies within each slice; task i alone touches chunk i of
+            // each; both slices are borrowed mutably for the whole of `run`.
+            let (ai, bi) = unsafe {
+                (
+                    std::slice::from_raw_parts_mut(pa.0.add(i * ca), ca),
+                    std::slice::from_raw_parts_mut(pb.0.add(i * cb), cb),
+                )
+            };
+            f(i, ai, bi);
+        });
+    }
+}
+
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: tasks write disjoint chunks through it (see `for_each_chunk_pair`).
+unsafe impl Sync for OutPtr {}
+// SAFETY: as above.
+unsafe impl Send for OutPtr {}
+
+fn helper(s: &Shared) {
+    let mut seen = s.epoch.load(Ordering::Acquire);
+    loop {
+        // Spin for the next region, then park until one is published.
+        let start = Instant::now();
+        let mut polls = 0u32;
+        while s.epoch.load(Ordering::Acquire) == seen {
+            std::hint::spin_loop();
+            polls += 1;
+            if polls.is_multiple_of(64) && start.elapsed() > SPIN {
+                let mut slot = s.job.lock().unwrap_or_else(|e| e.into_inner());
+                while s.epoch.load(Ordering::Acquire) == seen {
+                    slot = s.wake.wait(slot).unwrap_or_else(|e| e.into_inner());
+                }
+                break;
+            }
+        }
+        seen = s.epoch.load(Ordering::Acquire);
+        let job = s.job.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(job) = job {
+            job.work();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU32;
+
+    #[test]
+    fn every_task_runs_exactly_once_across_many_regions() {
+        let team = Team::new(3);
+        for n in [0usize, 1, 2, 7, 64, 1000] {
+            for _ in 0..50 {
+                let hits: Vec<AtomicU32> = (0..n).map(|_| AtomicU32::new(0)).collect();
+                team.run(n, &|i| {
+                    hits[i].fetch_add(1, Ordering::Relaxed);
+                });
+                assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1), "n = {n}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_team_without_helpers_runs_everything_on_the_caller() {
+        let team = Team::new(0);
+        let sum = AtomicUsize::new(0);
+        team.run(100, &|i| {
+            sum.fetch_add(i, Ordering::Relaxed);
+        });
+        assert_eq!(sum.load(Ordering::Relaxed), 4950);
+    }
+
+    #[test]
+    fn regions_from_several_threads_are_serialised_and_complete() {
+        let team = Arc::new(Team::new(1));
+        let total = Arc::new(AtomicUsize::new(0));
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let (team, total) = (Arc::clone(&team), Arc::clone(&total));
+                thread::spawn(move || {
+                    for _ in 0..100 {
+                        team.run(10, &|_| {
+                            total.fetch_add(1, Ordering::Relaxed);
+                        });
+                    }
+                })
+            })
+            .collect();
+        threads.into_iter().for_each(|t| t.join().unwrap());
+        assert_eq!(total.load(Ordering::Relaxed), 4000);
+    }
+}
