@@ -19,6 +19,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use lacuna_kernels::dense::{Strided, gemm_strided};
 use lacuna_kernels::matrix::{Product, matmul_many};
 use lacuna_kernels::team::Team;
 
@@ -281,16 +282,14 @@ fn attend(
         let g = head / group;
         let qh = &q[i * nh * hd + head * hd..][..hd];
         let sc = &mut sc[..total];
-        for (t, s) in sc.iter_mut().enumerate() {
-            *s = lacuna_kernels::dense::dot(qh, &kc[t * kvd + g * hd..][..hd]).unwrap_or(f32::NAN);
-        }
+        // Both products on the kernels' GEMM (the cache rows of this KV head are a strided view).
+        let kh = Strided { rows: total, cols: hd, row_stride: kvd, col_stride: 1 };
+        let ok = gemm_strided(qh, Strided::row_major(1, hd), &kc[g * hd..], kh.t(), sc, Strided::row_major(1, total))
+            .is_ok();
         softmax_scaled(sc, scale);
-        out.fill(0.0);
-        for (t, &p) in sc.iter().enumerate() {
-            let vt = &vc[t * kvd + g * hd..][..hd];
-            for (o, v) in out.iter_mut().zip(vt) {
-                *o += p * v;
-            }
+        if !ok || gemm_strided(sc, Strided::row_major(1, total), &vc[g * hd..], kh, out, Strided::row_major(1, hd)).is_err()
+        {
+            out.fill(f32::NAN);
         }
     };
     // Below ~64k multiply-adds a region costs more than it saves.
