@@ -133,14 +133,7 @@ pub type ChunkPairFn<'a> = dyn Fn(usize, &mut [f32], &mut [f32]) + Sync + 'a;
 impl Team {
     /// Splits `a` into chunks of `ca` and `b` into chunks of `cb` and runs `f(i, a_i, b_i)` for
     /// every chunk index `i` below both counts, across the team.
-    pub fn for_each_chunk_pair(
-        &self,
-        a: &mut [f32],
-        ca: usize,
-        b: &mut [f32],
-        cb: usize,
-        f: &ChunkPairFn<'_>,
-    ) {
+    pub fn for_each_chunk_pair(&self, a: &mut [f32], ca: usize, b: &mut [f32], cb: usize, f: &ChunkPairFn<'_>) {
         if ca == 0 || cb == 0 {
             return;
         }

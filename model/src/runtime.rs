@@ -19,12 +19,12 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use lacuna_kernels::dense::{Strided, gemm_strided};
+use lacuna_kernels::attention::{self, HeadCache};
 use lacuna_kernels::matrix::{Product, matmul_many};
 use lacuna_kernels::team::Team;
 
 use crate::config::LlamaConfig;
-use crate::llama::{KvCache, Llama, add_into, apply_rope, rms_norm, silu_mul, softmax_scaled};
+use crate::llama::{KvCache, Llama, add_into, apply_rope, rms_norm, silu_mul};
 use crate::{Error, Result};
 
 /// Activations of one decode step, `[max_batch, width]` each.
@@ -281,14 +281,9 @@ fn attend(
         let (kc, vc) = (&cache.k[li], &cache.v[li]);
         let g = head / group;
         let qh = &q[i * nh * hd + head * hd..][..hd];
-        let sc = &mut sc[..total];
-        // Both products on the kernels' GEMM (the cache rows of this KV head are a strided view).
-        let kh = Strided { rows: total, cols: hd, row_stride: kvd, col_stride: 1 };
-        let ok = gemm_strided(qh, Strided::row_major(1, hd), &kc[g * hd..], kh.t(), sc, Strided::row_major(1, total))
-            .is_ok();
-        softmax_scaled(sc, scale);
-        if !ok || gemm_strided(sc, Strided::row_major(1, total), &vc[g * hd..], kh, out, Strided::row_major(1, hd)).is_err()
-        {
+        let view = |data| HeadCache { data, stride: kvd, offset: g * hd, len: total };
+        if attention::decode_head(qh, view(kc), view(vc), scale, sc, out).is_err() {
+            // Unreachable with the buffers sized in `new`; poison rather than panic.
             out.fill(f32::NAN);
         }
     };
