@@ -153,7 +153,7 @@ pub const MAX_GROUP: usize = 4;
 
 /// Weight bytes per decode task: small enough that a thread that loses its core holds little
 /// work, large enough that each task streams a long contiguous run for the prefetchers.
-const TASK_BYTES: usize = 256 << 10;
+const TASK_BYTES: usize = 128 << 10;
 
 fn rows_per_task(w: &Matrix<'_>) -> usize {
     let rows = w.rows().max(1);

@@ -275,25 +275,28 @@ fn attend(
     let (hd, nh, kvd) = (c.head_dim, c.num_attention_heads, c.kv_dim());
     let group = nh / c.num_key_value_heads;
     let scale = 1.0 / (hd as f32).sqrt();
+    // One task per (sequence, KV head): the query heads that share a KV head read its keys and
+    // values once.
+    let kvh = c.num_key_value_heads;
     let one = |idx: usize, out: &mut [f32], sc: &mut [f32]| {
-        let (i, head) = (idx / nh, idx % nh);
+        let (i, g) = (idx / kvh, idx % kvh);
         let (cache, total) = (&caches[slots[i]], pos[i] + 1);
-        let (kc, vc) = (&cache.k[li], &cache.v[li]);
-        let g = head / group;
-        let qh = &q[i * nh * hd + head * hd..][..hd];
+        let qg = &q[i * nh * hd + g * group * hd..][..group * hd];
         let view = |data| HeadCache { data, stride: kvd, offset: g * hd, len: total };
-        if attention::decode_head(qh, view(kc), view(vc), scale, sc, out).is_err() {
+        let sc = &mut sc[..group * total];
+        if attention::decode_group(qg, group, view(&cache.k[li]), view(&cache.v[li]), scale, sc, out).is_err() {
             // Unreachable with the buffers sized in `new`; poison rather than panic.
             out.fill(f32::NAN);
         }
     };
     // Below ~64k multiply-adds a region costs more than it saves.
     let work: usize = pos.iter().map(|p| (p + 1) * 2 * hd * nh).sum();
+    let (oc, sc) = (group * hd, group * max_context);
     if work < 1 << 16 {
-        for (idx, (out, sc)) in attn.chunks_mut(hd).zip(scores.chunks_mut(max_context)).enumerate() {
-            one(idx, out, sc);
+        for (idx, (out, s)) in attn.chunks_mut(oc).zip(scores.chunks_mut(sc)).enumerate() {
+            one(idx, out, s);
         }
     } else {
-        Team::global().for_each_chunk_pair(attn, hd, scores, max_context, &one);
+        Team::global().for_each_chunk_pair(attn, oc, scores, sc, &one);
     }
 }
