@@ -1,8 +1,9 @@
 //! The decode runtime: what `lacuna bench` and the inference service run.
 //!
 //! One model, shared read-only; a KV cache per live sequence, taken from a pool and returned to
-//! it, so that caches are allocated once per slot, not per request; and every activation buffer
-//! sized at construction for the largest batch, so that a decode step allocates nothing.
+//! it, so that caches are allocated once per slot, not per request (they double when a sequence
+//! outgrows them, up to `max_context`); and every activation buffer sized at construction for
+//! the largest batch, so that a decode step allocates nothing.
 //!
 //! A decode step advances up to `max_batch` sequences by one token each, every sequence at its
 //! own position: the weights are streamed once per step for the whole batch (the kernels dot each
@@ -26,6 +27,9 @@ use lacuna_kernels::team::Team;
 use crate::config::LlamaConfig;
 use crate::llama::{KvCache, Llama, add_into, apply_rope, rms_norm, silu_mul};
 use crate::{Error, Result};
+
+/// Positions a new sequence's cache holds before it first grows.
+const INITIAL_POSITIONS: usize = 256;
 
 /// Activations of one decode step, `[max_batch, width]` each.
 struct Buffers {
@@ -127,7 +131,9 @@ impl Runtime {
             return s;
         }
         let s = self.free.pop().unwrap_or_else(|| {
-            self.caches.push(KvCache::new(self.model.config(), self.max_context));
+            // Caches start small and double as their sequence grows (up to `max_context`), so
+            // memory follows the tokens held, not the longest context allowed.
+            self.caches.push(KvCache::new(self.model.config(), INITIAL_POSITIONS.min(self.max_context)));
             self.caches.len() - 1
         });
         self.caches[s].clear();
@@ -150,6 +156,7 @@ impl Runtime {
                 self.max_context
             )));
         }
+        self.caches[s].reserve((len + tokens.len()).max(INITIAL_POSITIONS).min(self.max_context));
         let logits = self.model.forward_last_logits(tokens, &mut self.caches[s])?;
         let vocab = self.config().vocab_size;
         self.b.logits[..vocab].copy_from_slice(&logits);
@@ -187,6 +194,10 @@ impl Runtime {
                 return Err(Error::Invalid(format!("sequence {seq} appears twice in one decode step")));
             }
             let pos = self.caches[s].len();
+            if pos < self.max_context {
+                // Amortised: allocates only when the cache doubles.
+                self.caches[s].reserve((pos + 1).next_power_of_two().min(self.max_context));
+            }
             if pos >= self.max_context {
                 return Err(Error::Invalid(format!("sequence {seq} is full ({} positions)", self.max_context)));
             }

@@ -97,3 +97,25 @@ fn bad_decode_steps_are_refused_with_the_reason() {
     assert_eq!(rt.seq_len(1), None);
     assert!(Runtime::new(Arc::new(lacuna_tests::smollm2().model.clone()), 0, 8).is_err());
 }
+
+#[test]
+fn caches_grow_past_their_first_size_without_changing_the_logits() {
+    // 250 prompt tokens, then decode across position 256, where a cache first doubles.
+    let reference = &lacuna_tests::smollm2().model;
+    let c = reference.config().clone();
+    let mut rt = Runtime::new(Arc::new(reference.clone()), 1, 300).unwrap();
+    let prompt: Vec<u32> = (0..250u32).map(|i| 1 + (i * 7919) % 40000).collect();
+    let mut cache = KvCache::new(&c, 300);
+    let got = rt.prefill(9, &prompt).unwrap().to_vec();
+    let want = reference.forward_last_logits(&prompt, &mut cache).unwrap();
+    assert!(max_rel_diff(&got, &want) < 1e-4);
+    let mut next = lacuna_model::sampling::argmax(&want) as u32;
+    for step in 0..10 {
+        let got = rt.decode(&[(9, next)]).unwrap().to_vec();
+        let want = reference.forward_last_logits(&[next], &mut cache).unwrap();
+        let d = max_rel_diff(&got, &want);
+        assert!(d < 1e-4, "step {step} (position {}): logits differ by {d}", 250 + step);
+        next = lacuna_model::sampling::argmax(&want) as u32;
+    }
+    assert_eq!(rt.seq_len(9), Some(260));
+}
