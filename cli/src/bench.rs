@@ -1,7 +1,7 @@
 //! `lacuna bench`: prefill and decode throughput (batch 1 and batched), weight bytes streamed per
 //! token against the machine's measured read bandwidth, peak memory — for one model or, with
 //! `--model` repeated, for a dense baseline and its sparse versions in one run, with the ratios
-//! the sparse ones reach over the first. Speed is reported here (and in criterion benches),
+//! the sparse ones reach over the first, measured in alternating rounds. Speed is reported here (and in criterion benches),
 //! never asserted in tests.
 
 use std::sync::Arc;
@@ -33,6 +33,9 @@ pub struct BenchArgs {
     /// Prompt tokens of each sequence in the batched measurement.
     #[arg(long, default_value_t = 128)]
     pub batch_prompt_len: usize,
+    /// Measurement rounds; they alternate over the models and each model reports its median.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
     #[arg(long)]
     pub json: bool,
 }
@@ -46,8 +49,9 @@ struct ModelReport {
     time_to_first_token_seconds: f64,
     prefill_tokens_per_second: f64,
     decode_tokens: usize,
-    /// One sequence, one token per step.
+    /// One sequence, one token per step (median round).
     decode_tokens_per_second: f64,
+    decode_tokens_per_second_rounds: Vec<f64>,
     batch: usize,
     /// Tokens per second summed over `batch` sequences decoded together.
     batch_decode_tokens_per_second: Option<f64>,
@@ -58,8 +62,8 @@ struct ModelReport {
     decode_weight_gb_per_second: f64,
     /// decode_weight_gb_per_second ÷ the measured read bandwidth.
     bandwidth_ratio: f64,
-    /// Peak resident set while this model was loaded and run (Linux VmHWM, reset per model).
-    peak_rss_bytes: Option<u64>,
+    /// Resident memory the model added when it was loaded (weights, tokenizer, runtime buffers).
+    resident_bytes: Option<u64>,
 }
 
 /// A model against the first (dense) one.
@@ -82,6 +86,9 @@ struct BenchReport {
     kernel: &'static str,
     /// The machine's read bandwidth, measured by this run (see `cpu::measure_read_bandwidth`).
     memory_read_gb_per_second: f64,
+    rounds: usize,
+    /// Peak resident set of the whole run (every model loaded at once), before the bandwidth probe.
+    peak_rss_bytes: Option<u64>,
     models: Vec<ModelReport>,
     comparisons: Vec<Comparison>,
 }
@@ -92,11 +99,6 @@ pub fn peak_rss_bytes() -> Option<u64> {
     let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
-}
-
-/// Resets `VmHWM` to the current RSS (Linux ≥ 4.0), so the next model's peak is its own.
-fn reset_peak_rss() {
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
 /// A fixed pseudo-random prompt: throughput does not depend on the text, reproducibility does.
@@ -110,42 +112,81 @@ fn prompt(len: usize, vocab: usize, seed: u64) -> Vec<u32> {
         .collect()
 }
 
-fn bench_model(a: &BenchArgs, name: &str) -> Result<ModelReport> {
-    reset_peak_rss();
+/// Current resident set size of this process (Linux `VmRSS`).
+fn rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// A loaded model and its measurements over the rounds.
+struct Subject {
+    name: String,
+    format: String,
+    load_seconds: f64,
+    weight_bytes_per_token: u64,
+    resident_bytes: Option<u64>,
+    rt: Runtime,
+    ttft: Vec<f64>,
+    decode: Vec<f64>,
+    batch: Vec<f64>,
+}
+
+fn load(a: &BenchArgs, name: &str) -> Result<Subject> {
+    let before = rss_bytes();
     let t = Instant::now();
     let ck = open_model(name)?;
     let load_seconds = t.elapsed().as_secs_f64();
     let cfg = ck.model.config().clone();
-    let (format, path) = (ck.format.name().to_owned(), ck.path.display().to_string());
     let need = (a.prompt_len + a.decode_tokens).max(a.batch_prompt_len + a.decode_tokens);
     anyhow::ensure!(
         need <= cfg.max_position_embeddings,
         "prompt + decode tokens ({need}) exceed the context of {}",
         cfg.max_position_embeddings
     );
+    let (format, path) = (ck.format.name().to_owned(), ck.path.display().to_string());
     let weight_bytes_per_token = ck.model.weight_bytes_per_token() as u64;
-    let mut rt = Runtime::new(Arc::new(ck.model), a.batch.max(1), need).context("starting the runtime")?;
+    let rt = Runtime::new(Arc::new(ck.model), a.batch.max(1), need).context("starting the runtime")?;
+    let resident_bytes = rss_bytes().zip(before).map(|(a, b)| a.saturating_sub(b));
+    Ok(Subject {
+        name: path,
+        format,
+        load_seconds,
+        weight_bytes_per_token,
+        resident_bytes,
+        rt,
+        ttft: Vec::new(),
+        decode: Vec::new(),
+        batch: Vec::new(),
+    })
+}
 
-    // Batch 1: time to first token, then one token per step.
-    let p = prompt(a.prompt_len, cfg.vocab_size, 0);
+/// One round on one model: TTFT of the prompt, batch-1 decode, then the batched decode.
+fn round(a: &BenchArgs, s: &mut Subject) -> Result<()> {
+    let rt = &mut s.rt;
+    let vocab = rt.config().vocab_size;
+    let p = prompt(a.prompt_len, vocab, 0);
     let t = Instant::now();
     let mut next = argmax(rt.prefill(0, &p)?) as u32;
-    let ttft = t.elapsed().as_secs_f64();
+    s.ttft.push(t.elapsed().as_secs_f64());
     let t = Instant::now();
     for _ in 0..a.decode_tokens {
         next = argmax(rt.decode(&[(0, next)])?) as u32;
     }
-    let dtps = a.decode_tokens as f64 / t.elapsed().as_secs_f64().max(1e-12);
+    s.decode.push(a.decode_tokens as f64 / t.elapsed().as_secs_f64().max(1e-12));
     rt.release(0);
-
-    // Batch: `batch` sequences prefilled, then decoded together.
-    let batch_tps = if a.batch > 0 {
+    if a.batch > 0 {
         let mut steps: Vec<(u64, u32)> = Vec::with_capacity(a.batch);
-        for s in 0..a.batch as u64 {
-            let p = prompt(a.batch_prompt_len, cfg.vocab_size, s + 1);
-            steps.push((s, argmax(rt.prefill(s, &p)?) as u32));
+        for q in 0..a.batch as u64 {
+            let p = prompt(a.batch_prompt_len, vocab, q + 1);
+            steps.push((q, argmax(rt.prefill(q, &p)?) as u32));
         }
-        let vocab = cfg.vocab_size;
         let t = Instant::now();
         for _ in 0..a.decode_tokens {
             let logits = rt.decode(&steps)?;
@@ -153,37 +194,55 @@ fn bench_model(a: &BenchArgs, name: &str) -> Result<ModelReport> {
                 st.1 = argmax(&logits[i * vocab..(i + 1) * vocab]) as u32;
             }
         }
-        Some((a.batch * a.decode_tokens) as f64 / t.elapsed().as_secs_f64().max(1e-12))
-    } else {
-        None
-    };
-    let peak_rss_bytes = peak_rss_bytes();
-    Ok(ModelReport {
-        model: path,
-        format,
-        load_seconds,
+        s.batch.push((a.batch * a.decode_tokens) as f64 / t.elapsed().as_secs_f64().max(1e-12));
+        for (q, _) in steps {
+            rt.release(q);
+        }
+    }
+    Ok(())
+}
+
+fn report(a: &BenchArgs, mut s: Subject) -> ModelReport {
+    let ttft = median(&mut s.ttft);
+    let dtps = median(&mut s.decode);
+    ModelReport {
+        model: s.name,
+        format: s.format,
+        load_seconds: s.load_seconds,
         prompt_tokens: a.prompt_len,
         time_to_first_token_seconds: ttft,
         prefill_tokens_per_second: a.prompt_len as f64 / ttft.max(1e-12),
         decode_tokens: a.decode_tokens,
         decode_tokens_per_second: dtps,
+        decode_tokens_per_second_rounds: s.decode.clone(),
         batch: a.batch,
-        batch_decode_tokens_per_second: batch_tps,
-        weight_bytes_per_token,
-        decode_weight_gb_per_second: weight_bytes_per_token as f64 * dtps / 1e9,
+        batch_decode_tokens_per_second: (!s.batch.is_empty()).then(|| median(&mut s.batch)),
+        weight_bytes_per_token: s.weight_bytes_per_token,
+        decode_weight_gb_per_second: s.weight_bytes_per_token as f64 * dtps / 1e9,
         bandwidth_ratio: 0.0,
-        peak_rss_bytes,
-    })
+        resident_bytes: s.resident_bytes,
+    }
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
     anyhow::ensure!(a.prompt_len > 0 && a.batch_prompt_len > 0, "prompt lengths must be positive");
     anyhow::ensure!(a.decode_tokens > 0, "--decode-tokens must be positive");
-    let mut models = Vec::with_capacity(a.model.len());
+    anyhow::ensure!(a.rounds > 0, "--rounds must be positive");
+    let mut subjects = Vec::with_capacity(a.model.len());
     for name in &a.model {
-        models.push(bench_model(&a, name).with_context(|| format!("benchmarking {name}"))?);
+        subjects.push(load(&a, name).with_context(|| format!("loading {name}"))?);
     }
-    // Measured after the models, with theirs freed, over 4 × the last-level cache.
+    // Rounds alternate over the models, so that a slow spell of a shared machine falls on all of
+    // them rather than on one; each model reports its median round.
+    for _ in 0..a.rounds {
+        for s in &mut subjects {
+            let name = s.name.clone();
+            round(&a, s).with_context(|| format!("benchmarking {name}"))?;
+        }
+    }
+    let peak_rss = peak_rss_bytes();
+    let mut models: Vec<ModelReport> = subjects.into_iter().map(|s| report(&a, s)).collect();
+    // Measured after the models, over 4 × the last-level cache.
     let bandwidth = lacuna_kernels::cpu::measure_read_bandwidth(lacuna_kernels::cpu::beyond_cache_bytes());
     for m in &mut models {
         m.bandwidth_ratio = m.decode_weight_gb_per_second / bandwidth.max(1e-12);
@@ -211,13 +270,22 @@ pub fn run(a: BenchArgs) -> Result<()> {
         threads: lacuna_kernels::cpu::threads(),
         kernel: lacuna_kernels::cpu::isa().name(),
         memory_read_gb_per_second: bandwidth,
+        rounds: a.rounds,
+        peak_rss_bytes: peak_rss,
         models,
         comparisons,
     };
     if a.json {
         return print_json(&r);
     }
-    println!("threads {} ({} kernels), measured read bandwidth {:.1} GB/s", r.threads, r.kernel, bandwidth);
+    println!(
+        "threads {} ({} kernels), measured read bandwidth {:.1} GB/s, median of {} rounds{}",
+        r.threads,
+        r.kernel,
+        bandwidth,
+        r.rounds,
+        r.peak_rss_bytes.map(|p| format!(", peak RSS {:.1} MiB", p as f64 / (1024.0 * 1024.0))).unwrap_or_default()
+    );
     for m in &r.models {
         println!("\nmodel            {} ({})", m.model, m.format);
         println!("load             {:.2} s", m.load_seconds);
@@ -225,7 +293,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
             "prefill          {} tokens: TTFT {:.3} s, {:.1} tok/s",
             m.prompt_tokens, m.time_to_first_token_seconds, m.prefill_tokens_per_second
         );
-        println!("decode           {:.2} tok/s (batch 1, {} steps)", m.decode_tokens_per_second, m.decode_tokens);
+        println!(
+            "decode           {:.2} tok/s (batch 1, {} steps; rounds {})",
+            m.decode_tokens_per_second,
+            m.decode_tokens,
+            m.decode_tokens_per_second_rounds.iter().map(|v| format!("{v:.1}")).collect::<Vec<_>>().join(" ")
+        );
         if let Some(b) = m.batch_decode_tokens_per_second {
             println!("decode batch {:<3} {:.2} tok/s in all", m.batch, b);
         }
@@ -235,8 +308,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
             m.decode_weight_gb_per_second,
             100.0 * m.bandwidth_ratio
         );
-        if let Some(p) = m.peak_rss_bytes {
-            println!("peak RSS         {:.1} MiB", p as f64 / (1024.0 * 1024.0));
+        if let Some(p) = m.resident_bytes {
+            println!("resident         {:.1} MiB added by loading it", p as f64 / (1024.0 * 1024.0));
         }
     }
     for c in &r.comparisons {
