@@ -218,6 +218,94 @@ pub(crate) fn stream_sum(isa: Isa, v: &[f32]) -> f32 {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    /// Weight rows prefetched ahead of the block being read (each block reads 4 rows at once).
+    const AHEAD_ROWS: usize = 4;
+
+    /// `out[r] = w[r] · x` for the rows of `w` (`[out.len(), cols]`), four rows per step: the
+    /// four share each x load, their sums stay in four independent accumulators, and one call
+    /// covers a whole task (a call and a horizontal sum per row cost a tenth of a 576-column row).
+    ///
+    /// # Safety
+    /// AVX-512F; `w.len() == out.len() · cols`, `x.len() == cols`.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub(super) unsafe fn gemv_f32(w: &[f32], cols: usize, x: &[f32], out: &mut [f32]) {
+        let (full, rem) = (cols / 16, cols % 16);
+        let tail = ((1u32 << rem) - 1) as u16;
+        let (wp, xp) = (w.as_ptr(), x.as_ptr());
+        let rows = out.len();
+        let mut r = 0;
+        while r + 4 <= rows {
+            let (mut a0, mut a1, mut a2, mut a3) =
+                (_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps());
+            // SAFETY: rows r .. r + 4 < rows start at these offsets of w.
+            let (p0, p1, p2, p3) = unsafe {
+                let p0 = wp.add(r * cols);
+                (p0, p0.add(cols), p0.add(2 * cols), p0.add(3 * cols))
+            };
+            let ahead = AHEAD_ROWS * cols;
+            for j in 0..full {
+                let o = 16 * j;
+                for p in [p0, p1, p2, p3] {
+                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(ahead + o) as *const i8);
+                }
+                // SAFETY: column o + 16 <= cols of each row and of x.
+                unsafe {
+                    let xv = _mm512_loadu_ps(xp.add(o));
+                    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(p0.add(o)), xv, a0);
+                    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(p1.add(o)), xv, a1);
+                    a2 = _mm512_fmadd_ps(_mm512_loadu_ps(p2.add(o)), xv, a2);
+                    a3 = _mm512_fmadd_ps(_mm512_loadu_ps(p3.add(o)), xv, a3);
+                }
+            }
+            if rem > 0 {
+                let o = 16 * full;
+                // SAFETY: the masked loads read only the rem < 16 columns left.
+                unsafe {
+                    let xv = _mm512_maskz_loadu_ps(tail, xp.add(o));
+                    a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, p0.add(o)), xv, a0);
+                    a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, p1.add(o)), xv, a1);
+                    a2 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, p2.add(o)), xv, a2);
+                    a3 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, p3.add(o)), xv, a3);
+                }
+            }
+            out[r] = _mm512_reduce_add_ps(a0);
+            out[r + 1] = _mm512_reduce_add_ps(a1);
+            out[r + 2] = _mm512_reduce_add_ps(a2);
+            out[r + 3] = _mm512_reduce_add_ps(a3);
+            r += 4;
+        }
+        while r < rows {
+            // SAFETY: row r < rows starts here.
+            let p = unsafe { wp.add(r * cols) };
+            let (mut a, mut b) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+            for j in 0..full {
+                // SAFETY: column 16 j + 16 <= cols.
+                unsafe {
+                    let v = _mm512_fmadd_ps(_mm512_loadu_ps(p.add(16 * j)), _mm512_loadu_ps(xp.add(16 * j)), a);
+                    (a, b) = (b, v);
+                }
+            }
+            if rem > 0 {
+                // SAFETY: masked loads of the rem columns left.
+                unsafe {
+                    let o = 16 * full;
+                    a = _mm512_fmadd_ps(
+                        _mm512_maskz_loadu_ps(tail, p.add(o)),
+                        _mm512_maskz_loadu_ps(tail, xp.add(o)),
+                        a,
+                    );
+                }
+            }
+            out[r] = _mm512_reduce_add_ps(_mm512_add_ps(a, b));
+            r += 1;
+        }
+    }
+}
+
 /// A borrowed row-major `[rows, cols]` weight matrix.
 #[derive(Clone, Copy, Debug)]
 pub struct DenseMatrix<'a, T> {
@@ -309,6 +397,17 @@ pub fn matmul_on<T: Element>(isa: Isa, w: &DenseMatrix<'_, T>, x: &[f32], n: usi
 /// `[rows, n]` (for `n == 1` simply the outputs). Shapes are the caller's (checked) invariant.
 pub(crate) fn rows_into<T: Element>(isa: Isa, w: &DenseMatrix<'_, T>, x: &[f32], n: usize, r0: usize, out: &mut [f32]) {
     let cols = w.cols;
+    #[cfg(target_arch = "x86_64")]
+    if n == 1
+        && isa == Isa::Avx512
+        && let Some(wf) = T::as_f32(w.data)
+    {
+        let rows = &wf[r0 * cols..(r0 + out.len()) * cols];
+        // SAFETY: AVX-512 is supported (callers check `isa`); rows is [out.len(), cols] and x
+        // has cols values (the product's checked shapes).
+        unsafe { avx512::gemv_f32(rows, cols, &x[..cols], out) };
+        return;
+    }
     for (j, o) in out.chunks_mut(n).enumerate() {
         let wr = w.row(r0 + j);
         for (i, oi) in o.iter_mut().enumerate() {
