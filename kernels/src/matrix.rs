@@ -114,26 +114,27 @@ pub fn matmul_many_on(
     if n > 1 && scratch.len() < total {
         scratch.resize(total, 0.0);
     }
-    // Each product's output (transposed `[rows, n]` in `scratch` when n > 1) and task split.
+    // Each product's output (transposed `[rows, n]` in `scratch` when n > 1) and where its rows
+    // start among the group's rows.
     let mut parts = [None; MAX_GROUP];
-    let (mut tasks, mut offset) = (0, 0);
-    for (slot, p) in parts.iter_mut().zip(group.iter_mut()) {
+    let mut bounds = [0usize; MAX_GROUP];
+    let (mut units, mut offset) = (0, 0);
+    for ((slot, bound), p) in parts.iter_mut().zip(bounds.iter_mut()).zip(group.iter_mut()) {
         let rows = p.w.rows();
         let out = if n == 1 { p.y.as_mut_ptr() } else { scratch[offset..].as_mut_ptr() };
         offset += rows * n;
-        let per = rows_per_task(&p.w);
-        *slot = Some(Part { w: p.w, out: OutPtr(out), rows, per, first: tasks });
-        tasks += rows.div_ceil(per);
+        *slot = Some(Part { w: p.w, out: OutPtr(out), first: units });
+        units += rows;
+        *bound = units;
     }
     let parts = &parts[..group.len()];
-    Team::global().run(tasks, &|t| {
-        // The product this task belongs to: the last whose first task is <= t.
-        let Some(part) = parts.iter().flatten().rev().find(|p| p.first <= t) else { return };
-        let r0 = (t - part.first) * part.per;
-        let r1 = (r0 + part.per).min(part.rows);
+    Team::global().run_ranges(units, &bounds[..group.len()], MIN_ROWS, &|range: std::ops::Range<usize>| {
+        // The product holding this range (ranges never cross a product boundary).
+        let Some(part) = parts.iter().flatten().rev().find(|p| p.first <= range.start) else { return };
+        let (r0, r1) = (range.start - part.first, range.end - part.first);
         // SAFETY: `out` addresses `rows · n` floats (a checked output, or its share of `scratch`,
-        // which was sized to the total), task t alone writes rows r0..r1 of this product, and the
-        // buffers outlive `run`, which returns only after every task finished.
+        // which was sized to the total); this range alone writes rows r0..r1 of this product; the
+        // buffers outlive `run_ranges`, which returns only after every range finished.
         let out = unsafe { std::slice::from_raw_parts_mut(part.out.0.add(r0 * n), (r1 - r0) * n) };
         part.w.rows_into(isa, x, n, r0, out);
     });
@@ -150,22 +151,11 @@ pub fn matmul_many_on(
 
 /// Products per [`matmul_many`] group (q/k/v is the largest Llama needs).
 pub const MAX_GROUP: usize = 4;
+const _: () = assert!(MAX_GROUP <= crate::team::MAX_PARTS);
 
-/// Weight bytes per decode task: small enough that a thread that loses its core holds little
-/// work, large enough that each task streams a long contiguous run for the prefetchers.
-const TASK_BYTES: usize = 128 << 10;
-
-fn rows_per_task(w: &Matrix<'_>) -> usize {
-    let rows = w.rows().max(1);
-    let bytes = match w {
-        Matrix::F32(m) => 4 * m.cols() * rows,
-        Matrix::F16(m) => 2 * m.cols() * rows,
-        Matrix::Bf16(m) => 2 * m.cols() * rows,
-        Matrix::BitmaskF32(m) => m.nbytes(),
-        Matrix::BitmaskBf16(m) => m.nbytes(),
-    };
-    (TASK_BYTES * rows / bytes.max(1)).clamp(8, rows.max(8))
-}
+/// The smallest range of rows a thread claims: the team hands out shrinking shares of what is
+/// left (long contiguous streams first, a short tail last), down to this.
+const MIN_ROWS: usize = 8;
 
 #[derive(Clone, Copy)]
 struct OutPtr(*mut f32);
@@ -178,8 +168,6 @@ unsafe impl Send for OutPtr {}
 struct Part<'w> {
     w: Matrix<'w>,
     out: OutPtr,
-    rows: usize,
-    per: usize,
     first: usize,
 }
 

@@ -13,6 +13,7 @@
 //! nothing, and the leader runs the tasks itself. The only wait is for tasks already claimed
 //! and running, which is why tasks are small. There is no barrier that every thread must reach.
 
+use std::ops::Range;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread;
@@ -21,34 +22,53 @@ use std::time::{Duration, Instant};
 /// How long an idle helper keeps spinning for the next region before it parks.
 const SPIN: Duration = Duration::from_micros(200);
 
-/// One region: `n` tasks of `f`, claimed through `next`, counted through `done`.
+/// Part boundaries a region may hold (a chunk never spans two parts).
+pub const MAX_PARTS: usize = 8;
+
+/// One region: units `0..n` handed to `f` as ranges claimed through `next` (guided: a claim
+/// takes a share of what is left, never less than `min`, never across a part boundary), counted
+/// through `done`.
 struct Job {
-    /// The leader's closure, lifetime erased. Called only for a claimed task index `< n`; the
-    /// leader returns only after `done == n`, so no call outlives the borrow (see `run`).
-    f: *const (dyn Fn(usize) + Sync + 'static),
+    /// The leader's closure, lifetime erased. Called only for a claimed range below `n`; the
+    /// leader returns only after `done == n`, so no call outlives the borrow (see `run_ranges`).
+    f: *const (dyn Fn(Range<usize>) + Sync + 'static),
     n: usize,
+    min: usize,
+    /// Threads that may claim (the claim size divides what is left among them).
+    threads: usize,
+    /// Ascending part ends (the last is `n`).
+    bounds: [usize; MAX_PARTS],
+    parts: usize,
     next: AtomicUsize,
     done: AtomicUsize,
 }
 
-// SAFETY: `f` points to a `Sync` closure that is only called while the leader waits in `run`;
-// the counters are atomics.
+// SAFETY: `f` points to a `Sync` closure that is only called while the leader waits in
+// `run_ranges`; the counters are atomics.
 unsafe impl Send for Job {}
 // SAFETY: as above.
 unsafe impl Sync for Job {}
 
 impl Job {
-    /// Claims and runs tasks until none are left; returns how many this thread ran.
+    /// Claims and runs ranges until none are left.
     fn work(&self) {
         loop {
-            let i = self.next.fetch_add(1, Ordering::AcqRel);
-            if i >= self.n {
+            let cur = self.next.load(Ordering::Acquire);
+            if cur >= self.n {
                 return;
             }
-            // SAFETY: task i < n was claimed by this thread alone, so the leader is still
-            // waiting in `run` for `done` to reach n and the closure's borrows are alive.
-            unsafe { (*self.f)(i) };
-            self.done.fetch_add(1, Ordering::Release);
+            let part_end = self.bounds[..self.parts].iter().copied().find(|&b| b > cur).unwrap_or(self.n);
+            // Large claims while much is left (long contiguous streams), small ones at the end
+            // (a short tail for whoever finishes last).
+            let size = ((self.n - cur) / (2 * self.threads)).max(self.min);
+            let end = (cur + size).min(part_end);
+            if self.next.compare_exchange_weak(cur, end, Ordering::AcqRel, Ordering::Acquire).is_err() {
+                continue;
+            }
+            // SAFETY: cur..end < n was claimed by this thread alone, so the leader is still
+            // waiting in `run_ranges` for `done` to reach n and the closure's borrows are alive.
+            unsafe { (*self.f)(cur..end) };
+            self.done.fetch_add(end - cur, Ordering::Release);
         }
     }
 }
@@ -92,19 +112,46 @@ impl Team {
     /// Runs `f(0) … f(n - 1)`, each exactly once, across the team and the calling thread;
     /// returns when all have finished.
     pub fn run(&self, n: usize, f: &(dyn Fn(usize) + Sync)) {
+        self.run_ranges(n, &[n], 1, &|r: Range<usize>| r.for_each(f));
+    }
+
+    /// Hands every unit of `0..n` to `f` exactly once, as ranges of at least `min` units (fewer
+    /// only at a part end) that never cross an entry of `bounds` (ascending part ends, at most
+    /// [`MAX_PARTS`], the last `n`); returns when all have finished. A thread that finishes its
+    /// range claims the next, so a thread that has lost its core delays only the range it holds.
+    pub fn run_ranges(&self, n: usize, bounds: &[usize], min: usize, f: &(dyn Fn(Range<usize>) + Sync)) {
         if n == 0 {
             return;
         }
-        if self.helpers == 0 || n == 1 {
-            (0..n).for_each(f);
+        let parts = bounds.len().min(MAX_PARTS);
+        let mut b = [n; MAX_PARTS];
+        b[..parts].copy_from_slice(&bounds[..parts]);
+        if self.helpers == 0 || n <= min.max(1) {
+            let mut start = 0;
+            for &end in b[..parts].iter().chain(std::iter::once(&n)) {
+                let end = end.min(n);
+                if end > start {
+                    f(start..end);
+                    start = end;
+                }
+            }
             return;
         }
         let _lead = self.lead.lock().unwrap_or_else(|e| e.into_inner());
         // SAFETY: only the lifetime is erased (same fat-pointer layout). The pointer is
-        // dereferenced for claimed tasks only, and this function does not return before every
-        // claimed task has finished (`done == n` below), so `f` outlives every call.
-        let f: *const (dyn Fn(usize) + Sync + 'static) = unsafe { std::mem::transmute(f) };
-        let job = Arc::new(Job { f, n, next: AtomicUsize::new(0), done: AtomicUsize::new(0) });
+        // dereferenced for claimed ranges only, and this function does not return before every
+        // claimed range has finished (`done == n` below), so `f` outlives every call.
+        let f: *const (dyn Fn(Range<usize>) + Sync + 'static) = unsafe { std::mem::transmute(f) };
+        let job = Arc::new(Job {
+            f,
+            n,
+            min: min.max(1),
+            threads: self.helpers + 1,
+            bounds: b,
+            parts,
+            next: AtomicUsize::new(0),
+            done: AtomicUsize::new(0),
+        });
         {
             let mut slot = self.shared.job.lock().unwrap_or_else(|e| e.into_inner());
             *slot = Some(Arc::clone(&job));
@@ -114,7 +161,7 @@ impl Team {
         job.work();
         let mut spins = 0u32;
         while job.done.load(Ordering::Acquire) < n {
-            // Only tasks another thread claimed and is still running are left.
+            // Only ranges another thread claimed and is still running are left.
             spins += 1;
             if spins < 1 << 12 {
                 std::hint::spin_loop();
@@ -122,7 +169,7 @@ impl Team {
                 thread::yield_now();
             }
         }
-        // Helpers that still hold the job find no task left; drop the team's reference.
+        // Helpers that still hold the job find nothing left; drop the team's reference.
         *self.shared.job.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 }
@@ -199,6 +246,27 @@ mod tests {
                 let hits: Vec<AtomicU32> = (0..n).map(|_| AtomicU32::new(0)).collect();
                 team.run(n, &|i| {
                     hits[i].fetch_add(1, Ordering::Relaxed);
+                });
+                assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1), "n = {n}");
+            }
+        }
+    }
+
+    #[test]
+    fn ranges_cover_every_unit_once_and_never_cross_a_part_boundary() {
+        let team = Team::new(2);
+        for (n, bounds, min) in
+            [(1000usize, vec![100usize, 101, 640, 1000], 8usize), (7, vec![7], 1), (50, vec![10, 50], 100)]
+        {
+            for _ in 0..20 {
+                let hits: Vec<AtomicU32> = (0..n).map(|_| AtomicU32::new(0)).collect();
+                team.run_ranges(n, &bounds, min, &|r: Range<usize>| {
+                    let part = bounds.iter().position(|&b| b > r.start).unwrap();
+                    assert!(r.end <= bounds[part], "{r:?} crosses {}", bounds[part]);
+                    assert!(!r.is_empty());
+                    for i in r {
+                        hits[i].fetch_add(1, Ordering::Relaxed);
+                    }
                 });
                 assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1), "n = {n}");
             }
