@@ -492,17 +492,40 @@ pub(crate) fn gemm_into_columns(
         "gemm_into_columns: shapes checked by callers"
     );
     // SAFETY: dst viewed as [n, block_rows] starting at column c0 with row stride `rows` touches
-    // indices c0 + i·rows + j < (n − 1)·rows + rows = y.len() (the assert above); lhs is `x` as
-    // [n, k], rhs `w` read as [k, block_rows] (row stride 1, col stride k), both in bounds; `y` is
-    // a unique borrow distinct from both inputs.
+    // indices c0 + i·rows + j < (n − 1)·rows + rows = y.len() (the assert above); the inputs
+    // are in bounds as `x_wt` requires; `y` is a unique borrow distinct from both.
+    unsafe {
+        x_wt(x, n, k, w, block_rows, y.as_mut_ptr().add(c0), rows as isize, 1, gemm::Parallelism::Rayon(cpu::threads()))
+    }
+}
+
+/// `dst[i·rs + j·cs] = Σ_k x[i, k] · w[j, k]` for `x` `[n, k]` and `w` `[m, k]`, on the gemm crate.
+///
+/// # Safety
+/// `x.len() == n·k`, `w.len() == m·k`; every `dst[i·rs + j·cs]` for `i < n`, `j < m` is valid,
+/// distinct, and not aliased by `x` or `w`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn x_wt(
+    x: &[f32],
+    n: usize,
+    k: usize,
+    w: &[f32],
+    m: usize,
+    dst: *mut f32,
+    rs: isize,
+    cs: isize,
+    par: gemm::Parallelism,
+) {
+    // SAFETY: lhs is `x` as [n, k] (row stride k, col stride 1), rhs `w` read as [k, m] (row
+    // stride 1, col stride k), both in bounds; dst as the caller vouches.
     unsafe {
         gemm::gemm(
             n,
-            block_rows,
+            m,
             k,
-            y.as_mut_ptr().add(c0),
-            1,
-            rows as isize,
+            dst,
+            cs,
+            rs,
             false,
             x.as_ptr(),
             1,
@@ -515,7 +538,7 @@ pub(crate) fn gemm_into_columns(
             false,
             false,
             false,
-            gemm::Parallelism::Rayon(cpu::threads()),
+            par,
         )
     }
 }
@@ -542,32 +565,8 @@ fn gemm_xwt(
     // (row stride, col stride) of dst viewed as [n, rows].
     let (rs, cs) = if transposed { (1, n as isize) } else { (rows as isize, 1) };
     // SAFETY: dst viewed as [n, rows] with these strides touches indices < n·rows = dst.len() (the
-    // assert above); lhs is `x` as [n, k] (row stride k, col stride 1), max index < n·k; rhs is
-    // `w` read as [k, rows] (row stride 1, col stride k), max index < rows·k. `dst` is a unique
-    // borrow distinct from both inputs.
-    unsafe {
-        gemm::gemm(
-            n,
-            rows,
-            k,
-            dst.as_mut_ptr(),
-            cs,
-            rs,
-            false,
-            x.as_ptr(),
-            1,
-            k as isize,
-            w.as_ptr(),
-            k as isize,
-            1,
-            0.0f32,
-            1.0f32,
-            false,
-            false,
-            false,
-            par,
-        )
-    }
+    // assert above), each once; the inputs have the asserted sizes; `dst` is a unique borrow.
+    unsafe { x_wt(x, n, k, w, rows, dst.as_mut_ptr(), rs, cs, par) }
 }
 
 /// Shape and strides of a strided f32 matrix view.
