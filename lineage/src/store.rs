@@ -25,6 +25,7 @@ use crate::time::now_ms;
 /// The migrations, embedded in the binary (the same SQL for both backends). Version and
 /// description follow sqlx's file naming (`<version>_<description>.sql`), so `sqlx migrate` and
 /// `sqlx::migrate!` would see the same history and checksums.
+#[derive(Debug)]
 struct EmbeddedMigrations;
 
 impl<'s> MigrationSource<'s> for EmbeddedMigrations {
@@ -446,6 +447,9 @@ impl LineageStore {
                     "INSERT INTO artifacts (id, uri, sha256, kind, sparsity, quantization, metrics, created_at) \
                      VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (id) DO NOTHING",
                 )
+                // Not cached: sqlx 0.8.6's `Any` sends a NULL f64 as a float4 parameter, and a statement
+                // prepared that way then refuses a float8 (PostgreSQL "incorrect binary data format").
+                .persistent(false)
                 .bind(id.as_str())
                 .bind(&a.uri)
                 .bind(&a.sha256)
@@ -473,6 +477,7 @@ impl LineageStore {
                     let new_quant = quantization.clone().or(a.quantization.clone());
                     if merged != before || new_sparsity != sparsity || new_quant != quantization {
                         sqlx::query("UPDATE artifacts SET sparsity = $2, quantization = $3, metrics = $4 WHERE id = $1")
+                            .persistent(false)
                             .bind(id.as_str())
                             .bind(new_sparsity)
                             .bind(new_quant)
