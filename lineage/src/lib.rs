@@ -38,8 +38,8 @@ use std::path::PathBuf;
 
 pub use hash::sha256_of_path;
 pub use model::{
-    Artifact, ArtifactId, ArtifactKind, ChainLink, Execution, ExecutionId, ExecutionKind, ExecutionState,
-    FlushReport, NewArtifact, NewExecution, file_uri, kubernetes_resource, local_resource,
+    Artifact, ArtifactId, ArtifactKind, ChainLink, Execution, ExecutionId, ExecutionKind, ExecutionState, FlushReport,
+    NewArtifact, NewExecution, file_uri, kubernetes_resource, local_resource,
 };
 pub use store::{LineageOptions, LineageStore, sqlite_url};
 pub use time::format_timestamp;

@@ -21,10 +21,26 @@ use crate::model::{ArtifactId, ExecutionId, ExecutionState, NewArtifact, NewExec
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub(crate) enum Record {
-    Artifact { artifact: NewArtifact, at: i64 },
-    StartExecution { execution: NewExecution, inputs: Vec<ArtifactId>, at: i64 },
-    FinishExecution { id: ExecutionId, state: ExecutionState, outputs: Vec<ArtifactId>, message: Option<String>, at: i64 },
-    Deletion { resource: String, at: i64 },
+    Artifact {
+        artifact: NewArtifact,
+        at: i64,
+    },
+    StartExecution {
+        execution: NewExecution,
+        inputs: Vec<ArtifactId>,
+        at: i64,
+    },
+    FinishExecution {
+        id: ExecutionId,
+        state: ExecutionState,
+        outputs: Vec<ArtifactId>,
+        message: Option<String>,
+        at: i64,
+    },
+    Deletion {
+        resource: String,
+        at: i64,
+    },
 }
 
 pub(crate) struct Spool {
@@ -67,7 +83,8 @@ impl Spool {
     pub(crate) fn lock(&self) -> Result<SpoolLock, LineageError> {
         std::fs::create_dir_all(&self.dir).map_err(|e| spool_err(&self.dir, e))?;
         let path = self.dir.join("outbox.lock");
-        let file = OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(|e| spool_err(&path, e))?;
+        let file =
+            OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(|e| spool_err(&path, e))?;
         file.lock().map_err(|e| spool_err(&path, e))?;
         Ok(SpoolLock { file })
     }
@@ -164,7 +181,8 @@ mod tests {
         let spool = Spool::new(dir.path().join("spool"));
         let lock = spool.lock().unwrap();
         assert!(!spool.has_pending());
-        let a = Record::Artifact { artifact: NewArtifact::new(ArtifactKind::Model, "file:///m", "a".repeat(64)), at: 1 };
+        let a =
+            Record::Artifact { artifact: NewArtifact::new(ArtifactKind::Model, "file:///m", "a".repeat(64)), at: 1 };
         let s = Record::StartExecution {
             execution: NewExecution::new(ExecutionKind::Prune, "h", "local:/o"),
             inputs: vec![ArtifactId::for_key("file:///m", &"a".repeat(64))],

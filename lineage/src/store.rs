@@ -16,8 +16,8 @@ type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + 
 
 use crate::LineageError;
 use crate::model::{
-    Artifact, ArtifactId, ArtifactKind, ChainLink, Execution, ExecutionId, ExecutionKind, ExecutionState,
-    FlushReport, NewArtifact, NewExecution, file_uri, invalid, validate_resource,
+    Artifact, ArtifactId, ArtifactKind, ChainLink, Execution, ExecutionId, ExecutionKind, ExecutionState, FlushReport,
+    NewArtifact, NewExecution, file_uri, invalid, validate_resource,
 };
 use crate::outbox::{Record, Spool};
 use crate::time::now_ms;
@@ -68,7 +68,11 @@ pub struct LineageOptions {
 
 impl Default for LineageOptions {
     fn default() -> Self {
-        LineageOptions { spool_dir: None, connect_timeout: Duration::from_secs(5), retry_after: Duration::from_secs(30) }
+        LineageOptions {
+            spool_dir: None,
+            connect_timeout: Duration::from_secs(5),
+            retry_after: Duration::from_secs(30),
+        }
     }
 }
 
@@ -316,7 +320,12 @@ impl LineageStore {
         let mut visited = HashSet::new();
         while links.len() < MAX_CHAIN {
             let Some(e) = exec.take() else {
-                links.push(ChainLink { execution: None, artifact: art.take(), side_inputs: vec![], other_outputs: vec![] });
+                links.push(ChainLink {
+                    execution: None,
+                    artifact: art.take(),
+                    side_inputs: vec![],
+                    other_outputs: vec![],
+                });
                 break;
             };
             visited.insert(e.id.clone());
@@ -476,15 +485,17 @@ impl LineageStore {
                     let new_sparsity = sparsity.or(a.sparsity);
                     let new_quant = quantization.clone().or(a.quantization.clone());
                     if merged != before || new_sparsity != sparsity || new_quant != quantization {
-                        sqlx::query("UPDATE artifacts SET sparsity = $2, quantization = $3, metrics = $4 WHERE id = $1")
-                            .persistent(false)
-                            .bind(id.as_str())
-                            .bind(new_sparsity)
-                            .bind(new_quant)
-                            .bind(serde_json::Value::Object(merged).to_string())
-                            .execute(&mut *tx)
-                            .await
-                            .map_err(|e| self.classify(e))?;
+                        sqlx::query(
+                            "UPDATE artifacts SET sparsity = $2, quantization = $3, metrics = $4 WHERE id = $1",
+                        )
+                        .persistent(false)
+                        .bind(id.as_str())
+                        .bind(new_sparsity)
+                        .bind(new_quant)
+                        .bind(serde_json::Value::Object(merged).to_string())
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(|e| self.classify(e))?;
                     }
                 }
             }
@@ -611,9 +622,10 @@ impl LineageStore {
         match e {
             MigrateError::Execute(inner) | MigrateError::ExecuteMigration(inner, _) => match self.classify(inner) {
                 Failure::Unavailable(r) => Failure::Unavailable(r),
-                Failure::Refused(LineageError::Database { source, .. }) => {
-                    Failure::Refused(LineageError::Migrate { url: self.url.clone(), source: MigrateError::Execute(source) })
-                }
+                Failure::Refused(LineageError::Database { source, .. }) => Failure::Refused(LineageError::Migrate {
+                    url: self.url.clone(),
+                    source: MigrateError::Execute(source),
+                }),
                 Failure::Refused(other) => Failure::Refused(other),
             },
             other => Failure::Refused(LineageError::Migrate { url: self.url.clone(), source: other }),
@@ -639,7 +651,12 @@ impl LineageStore {
         }
     }
 
-    async fn artifacts_where(&self, condition: &str, binds: &[&str], order: &str) -> Result<Vec<Artifact>, LineageError> {
+    async fn artifacts_where(
+        &self,
+        condition: &str,
+        binds: &[&str],
+        order: &str,
+    ) -> Result<Vec<Artifact>, LineageError> {
         let sql = format!("SELECT {ARTIFACT_COLS} FROM artifacts WHERE {condition} ORDER BY {order} LIMIT 50");
         let mut q = sqlx::query(&sql);
         for b in binds {
@@ -727,7 +744,11 @@ impl LineageStore {
 
     /// The execution that produced this content (this very artifact first, then any with the same
     /// sha256; the earliest start wins), skipping `visited`.
-    async fn producer_of(&self, a: &Artifact, visited: &HashSet<ExecutionId>) -> Result<Option<Execution>, LineageError> {
+    async fn producer_of(
+        &self,
+        a: &Artifact,
+        visited: &HashSet<ExecutionId>,
+    ) -> Result<Option<Execution>, LineageError> {
         let sql = format!(
             "SELECT {EXECUTION_COLS} FROM events ev \
              JOIN executions e ON e.id = ev.execution_id \

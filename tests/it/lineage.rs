@@ -148,7 +148,7 @@ async fn execution_and_events_are_one_transaction(store: &LineageStore, url: &st
     assert_eq!(store.pending().await.unwrap(), 0, "a refused record is an error, not spooled");
 
     // Started properly, then a finish naming an unknown output rolls back the state change too.
-    let id = store.start_execution(&exec, &[known.clone()]).await.unwrap();
+    let id = store.start_execution(&exec, std::slice::from_ref(&known)).await.unwrap();
     assert_eq!(id, exec.id());
     let out = store.record_artifact(&model("file:///tx/out", "tx-out", Some(0.5))).await.unwrap();
     let err = store.finish_execution(&id, ExecutionState::Succeeded, &[out.clone(), unknown], None).await.unwrap_err();
@@ -157,7 +157,7 @@ async fn execution_and_events_are_one_transaction(store: &LineageStore, url: &st
     assert_eq!((e.state, e.finished_at), (ExecutionState::Running, None));
     assert_eq!(count(url, "SELECT COUNT(*) FROM events WHERE execution_id = $1", id.as_str()).await, 1);
 
-    store.finish_execution(&id, ExecutionState::Succeeded, &[out.clone()], Some("done")).await.unwrap();
+    store.finish_execution(&id, ExecutionState::Succeeded, std::slice::from_ref(&out), Some("done")).await.unwrap();
     // Retried reports change nothing: one execution, one input and one output edge.
     store.start_execution(&exec, &[known]).await.unwrap();
     store.finish_execution(&id, ExecutionState::Succeeded, &[out], Some("done")).await.unwrap();
@@ -208,7 +208,8 @@ async fn chain_walks_a_pipeline(store: &LineageStore) {
         out.metrics.insert("perplexity".into(), (10.0 + i as f64).into());
         let mut outputs = vec![store.record_artifact(&out).await.unwrap()];
         if *kind == ExecutionKind::Prune {
-            let bitmask = model(&format!("pvc://models/chain/{name}-bitmask"), &format!("{content}-bitmask"), *sparsity);
+            let bitmask =
+                model(&format!("pvc://models/chain/{name}-bitmask"), &format!("{content}-bitmask"), *sparsity);
             outputs.push(store.record_artifact(&bitmask).await.unwrap());
         }
         store.finish_execution(&exec, ExecutionState::Succeeded, &outputs, None).await.unwrap();
@@ -220,13 +221,17 @@ async fn chain_walks_a_pipeline(store: &LineageStore) {
             outputs[0].clone()
         };
     }
-    let serve = NewExecution::new(ExecutionKind::Serve, sha("serve"), kubernetes_resource("chain", "sparse-llama", "uid-s"));
+    let serve =
+        NewExecution::new(ExecutionKind::Serve, sha("serve"), kubernetes_resource("chain", "sparse-llama", "uid-s"));
     store.start_execution(&serve, &[input]).await.unwrap();
 
     let chain = store.chain("sparse-llama").await.unwrap();
     let kinds: Vec<Option<ExecutionKind>> = chain.iter().map(|l| l.execution.as_ref().map(|e| e.kind)).collect();
     use ExecutionKind::*;
-    assert_eq!(kinds, vec![None, Some(Prune), Some(Pretrain), Some(Prune), Some(Finetune), Some(Quantize), Some(Serve)]);
+    assert_eq!(
+        kinds,
+        vec![None, Some(Prune), Some(Pretrain), Some(Prune), Some(Finetune), Some(Quantize), Some(Serve)]
+    );
     assert_eq!(chain[0].artifact.as_ref().unwrap().id, base, "the root is the base model");
     let sparsities: Vec<Option<f64>> = chain.iter().map(|l| l.artifact.as_ref().and_then(|a| a.sparsity)).collect();
     assert_eq!(sparsities, vec![None, Some(0.5), Some(0.5), Some(0.7), Some(0.7), Some(0.7), None]);
@@ -258,7 +263,10 @@ async fn chain_walks_a_pipeline(store: &LineageStore) {
     let other = NewExecution::new(Prune, sha("x"), kubernetes_resource("elsewhere", "prune-50", "uid-9"));
     store.start_execution(&other, &[base]).await.unwrap();
     let err = store.chain("prune-50").await.unwrap_err();
-    assert!(matches!(&err, LineageError::Ambiguous { candidates, .. } if candidates.contains("elsewhere/prune-50")), "{err}");
+    assert!(
+        matches!(&err, LineageError::Ambiguous { candidates, .. } if candidates.contains("elsewhere/prune-50")),
+        "{err}"
+    );
     let err = store.chain("no-such-job").await.unwrap_err();
     assert!(matches!(&err, LineageError::NotFound { query, .. } if query == "no-such-job"), "{err}");
 }
@@ -267,7 +275,7 @@ async fn deletion_is_recorded(store: &LineageStore, url: &str) {
     let input = store.record_artifact(&model("file:///del/in", "del-in", None)).await.unwrap();
     let svc = kubernetes_resource("del", "svc", "uid-d");
     let serve = NewExecution::new(ExecutionKind::Serve, sha("svc"), svc.clone());
-    let serve = store.start_execution(&serve, &[input.clone()]).await.unwrap();
+    let serve = store.start_execution(&serve, std::slice::from_ref(&input)).await.unwrap();
     let job = kubernetes_resource("del", "job", "uid-j");
     let prune = NewExecution::new(ExecutionKind::Prune, sha("job"), job.clone());
     let prune = store.start_execution(&prune, &[input]).await.unwrap();
@@ -298,7 +306,8 @@ fn closed_port() -> u16 {
 async fn outbox_replays_exactly_once(url: &str, scratch: &Path) {
     let spool = scratch.join("outbox-spool");
     let dead = format!("postgres://lacuna@127.0.0.1:{}/lineage", closed_port());
-    let offline = LineageStore::connect_with(&dead, options(&spool)).await.expect("an unreachable database is not an error");
+    let offline =
+        LineageStore::connect_with(&dead, options(&spool)).await.expect("an unreachable database is not an error");
     let before = now_ms();
 
     let base = model("file:///outbox/base", "outbox-base", None);
