@@ -2,6 +2,7 @@
 
 mod bench;
 mod commands;
+mod lineage;
 mod prune;
 mod resolve;
 
@@ -43,6 +44,9 @@ enum Command {
     Bench(bench::BenchArgs),
     /// One-shot pruning (SparseGPT, Wanda, magnitude; uniform or OWL; unstructured or N:M).
     Prune(Box<prune::PruneArgs>),
+    /// Where models came from: the chain of runs and artifacts in the lineage database.
+    #[command(subcommand)]
+    Lineage(lineage::LineageCmd),
     /// The main job on embedded defaults: fetch SmolLM2 and a corpus, chat once, measure perplexity.
     Demo(commands::DemoArgs),
 }
@@ -108,6 +112,7 @@ fn main() -> ExitCode {
         Command::Bench(a) => bench::run(a),
         Command::Demo(a) => commands::demo(a),
         Command::Prune(a) => prune::run(*a),
+        Command::Lineage(c) => lineage::run(c),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -206,6 +206,15 @@ pub fn run(a: PruneArgs) -> Result<()> {
     });
     std::fs::write(a.out.join("lacuna_prune.json"), serde_json::to_vec_pretty(&report)?)?;
     std::fs::remove_dir_all(&ckpt_dir).with_context(|| format!("removing {}", ckpt_dir.display()))?;
+    crate::lineage::report_prune(&crate::lineage::PruneRun {
+        model: &ck.path,
+        recipe_file: a.recipe.as_deref(),
+        recipe: &recipe,
+        out: &a.out,
+        bitmask_out: &bitmask_out,
+        sparsity: summary.sparsity,
+        report: &report,
+    });
     if a.json {
         return print_json(&report);
     }

@@ -1,5 +1,7 @@
 //! The `lacuna` binary as a user runs it: JSON outputs, exit codes and error messages.
 
+mod lineage;
+
 use std::process::{Command, Output};
 
 use lacuna_tests::{fixtures_dir, smollm2_gguf};

@@ -5,6 +5,7 @@ mod data;
 mod gguf;
 mod hf;
 mod hf_python;
+mod lineage;
 mod prune;
 mod prune_model;
 mod reference;

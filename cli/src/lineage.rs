@@ -1,0 +1,196 @@
+//! `lacuna lineage show`: the chain of executions and artifacts behind a model or a job; and the
+//! best-effort lineage report of a local `lacuna prune` run.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+use lacuna_api::PruneRecipe;
+use lacuna_lineage::{
+    Artifact, ArtifactKind, ChainLink, ExecutionKind, ExecutionState, LineageOptions, LineageStore, NewArtifact,
+    NewExecution, file_uri, format_timestamp, local_resource, sha256_of_path,
+};
+use sha2::{Digest, Sha256};
+
+use crate::commands::print_json;
+
+/// Environment variable with the lineage database URL; `off` disables recording by local runs.
+const URL_ENV: &str = "LACUNA_LINEAGE_URL";
+
+#[derive(Subcommand)]
+pub enum LineageCmd {
+    /// The chain that led to an artifact or job: base → pruned → pretrained → … → served.
+    Show(ShowArgs),
+}
+
+#[derive(Args)]
+pub struct ShowArgs {
+    /// An artifact uri or local path, a sha256 prefix (8+ hex digits), or a job name
+    /// (`name`, `namespace/name`, or a local run's output directory).
+    pub target: String,
+    /// Lineage database URL (`postgres://…` or `sqlite://path?mode=rwc`); default: SQLite at
+    /// `lineage.db` in the cache (`$LACUNA_CACHE`, default `~/.cache/lacuna`).
+    #[arg(long, env = URL_ENV)]
+    pub db: Option<String>,
+    /// Machine-readable output on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(cmd: LineageCmd) -> Result<()> {
+    match cmd {
+        LineageCmd::Show(a) => show(a),
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the async runtime")
+}
+
+/// The store at `url` (or the default), spooling under the cache unless `LACUNA_LINEAGE_SPOOL` says.
+async fn open(url: Option<&str>) -> Result<LineageStore> {
+    let cache = lacuna_data::Cache::from_env()?;
+    let url = match url {
+        Some(u) => u.to_owned(),
+        None => lacuna_lineage::sqlite_url(&cache.root().join("lineage.db")),
+    };
+    let mut options = LineageOptions::default();
+    if std::env::var_os(lacuna_lineage::SPOOL_DIR_ENV).is_none_or(|v| v.is_empty()) {
+        options.spool_dir = Some(cache.root().join("lineage-spool"));
+    }
+    Ok(LineageStore::connect_with(&url, options).await?)
+}
+
+fn show(a: ShowArgs) -> Result<()> {
+    let chain = runtime()?.block_on(async {
+        let store = open(a.db.as_deref()).await?;
+        let chain = store.chain(&a.target).await?;
+        anyhow::Ok((store.url().to_owned(), chain))
+    })?;
+    let (database, chain) = chain;
+    if a.json {
+        return print_json(&serde_json::json!({ "query": a.target, "database": database, "chain": chain }));
+    }
+    for (i, link) in chain.iter().enumerate() {
+        println!("{}", human_line(link, i == 0));
+    }
+    Ok(())
+}
+
+/// One line per link: `  → prune succeeded (resource, time) → uri [model sha256:… sparsity …]`.
+fn human_line(link: &ChainLink, first: bool) -> String {
+    let mut line = String::new();
+    if let Some(e) = &link.execution {
+        line.push_str(&format!("{}→ {} {} ({}", if first { "" } else { "  " }, e.kind, e.state, e.resource));
+        match e.finished_at {
+            Some(t) => {
+                line.push_str(&format!(", {:.1}s until {}", (t - e.started_at) as f64 / 1000.0, format_timestamp(t)))
+            }
+            None => line.push_str(&format!(", since {}", format_timestamp(e.started_at))),
+        }
+        if let Some(t) = e.resource_deleted_at {
+            line.push_str(&format!(", deleted {}", format_timestamp(t)));
+        }
+        line.push(')');
+        if let Some(m) = e.message.as_deref().filter(|m| !m.is_empty()) {
+            line.push_str(&format!(" \"{m}\""));
+        }
+        if !link.side_inputs.is_empty() {
+            let with: Vec<String> = link.side_inputs.iter().map(|a| format!("{} {}", a.kind, a.uri)).collect();
+            line.push_str(&format!(" with {}", with.join(", ")));
+        }
+        if link.artifact.is_some() {
+            line.push_str(" → ");
+        }
+    }
+    if let Some(a) = &link.artifact {
+        line.push_str(&describe(a));
+    }
+    if !link.other_outputs.is_empty() {
+        let also: Vec<&str> = link.other_outputs.iter().map(|a| a.uri.as_str()).collect();
+        line.push_str(&format!(" (also {})", also.join(", ")));
+    }
+    line
+}
+
+fn describe(a: &Artifact) -> String {
+    let mut s = format!("{} [{} sha256:{}", a.uri, a.kind, &a.sha256[..a.sha256.len().min(12)]);
+    if let Some(sp) = a.sparsity {
+        s.push_str(&format!(" sparsity {:.1}%", 100.0 * sp));
+    }
+    if let Some(q) = &a.quantization {
+        s.push_str(&format!(" {q}"));
+    }
+    for (k, v) in &a.metrics {
+        match v.as_f64() {
+            Some(x) => s.push_str(&format!(" {k} {x:.4}")),
+            None => s.push_str(&format!(" {k} {v}")),
+        }
+    }
+    s.push(']');
+    s
+}
+
+/// What `lacuna prune` produced, for its lineage report.
+pub struct PruneRun<'a> {
+    pub model: &'a Path,
+    pub recipe_file: Option<&'a Path>,
+    pub recipe: &'a PruneRecipe,
+    pub out: &'a Path,
+    pub bitmask_out: &'a Path,
+    pub sparsity: f64,
+    /// The run's JSON report: a measured `perplexity` (top level or in `summary`) becomes a metric.
+    pub report: &'a serde_json::Value,
+}
+
+/// Records a finished prune (input model, recipe, both outputs) in the lineage database. Never
+/// fails the run: an unreachable database spools the records, anything else is a warning.
+pub fn report_prune(run: &PruneRun) {
+    if std::env::var(URL_ENV).is_ok_and(|v| v == "off") {
+        return;
+    }
+    let url = std::env::var(URL_ENV).ok().filter(|v| !v.is_empty());
+    let result = runtime().and_then(|rt| rt.block_on(record_prune(url.as_deref(), run)));
+    match result {
+        Ok(None) => {}
+        Ok(Some((pending, dir))) => eprintln!(
+            "warning: lineage database unreachable; {pending} record(s) spooled in {} and replayed on the next \
+             successful connection",
+            dir.display()
+        ),
+        Err(e) => eprintln!("warning: lineage not recorded: {e:#}"),
+    }
+}
+
+/// Returns the spool's size and place when records wait there.
+async fn record_prune(url: Option<&str>, run: &PruneRun<'_>) -> Result<Option<(usize, PathBuf)>> {
+    let store = open(url).await?;
+    let model_sha = sha256_of_path(run.model)?;
+    let model = store.record_artifact(&NewArtifact::new(ArtifactKind::Model, file_uri(run.model), &model_sha)).await?;
+    let mut inputs = vec![model];
+    if let Some(r) = run.recipe_file {
+        let recipe = NewArtifact::new(ArtifactKind::Recipe, file_uri(r), sha256_of_path(r)?);
+        inputs.push(store.record_artifact(&recipe).await?);
+    }
+    // The spec: the effective recipe (file plus flags) applied to this input.
+    let spec = serde_json::json!({ "recipe": run.recipe, "model_sha256": model_sha });
+    let spec_hash = hex::encode(Sha256::digest(serde_json::to_vec(&spec)?));
+    let execution = NewExecution::new(ExecutionKind::Prune, spec_hash, local_resource(run.out));
+    let id = store.start_execution(&execution, &inputs).await?;
+
+    let perplexity =
+        run.report.get("perplexity").or_else(|| run.report.get("summary").and_then(|s| s.get("perplexity")));
+    let mut outputs = Vec::new();
+    for dir in [run.out, run.bitmask_out] {
+        let mut a = NewArtifact::new(ArtifactKind::Model, file_uri(dir), sha256_of_path(dir)?);
+        a.sparsity = Some(run.sparsity.clamp(0.0, 1.0));
+        if let Some(p) = perplexity.filter(|p| p.is_number()) {
+            a.metrics.insert("perplexity".to_owned(), p.clone());
+        }
+        outputs.push(store.record_artifact(&a).await?);
+    }
+    let message = format!("{:?} to {:.2}% sparsity", run.recipe.method, 100.0 * run.sparsity).to_lowercase();
+    store.finish_execution(&id, ExecutionState::Succeeded, &outputs, Some(&message)).await?;
+    let pending = store.pending().await?;
+    Ok((pending > 0).then(|| (pending, store.spool_dir().to_path_buf())))
+}
