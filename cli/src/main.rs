@@ -4,6 +4,7 @@ mod bench;
 mod commands;
 mod prune;
 mod resolve;
+mod serve;
 
 use std::process::ExitCode;
 
@@ -43,6 +44,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// One-shot pruning (SparseGPT, Wanda, magnitude; uniform or OWL; unstructured or N:M).
     Prune(Box<prune::PruneArgs>),
+    /// The OpenAI-compatible inference service (continuous batching, streaming, metrics).
+    Serve(Box<serve::ServeArgs>),
     /// The main job on embedded defaults: fetch SmolLM2 and a corpus, chat once, measure perplexity.
     Demo(commands::DemoArgs),
 }
@@ -89,7 +92,10 @@ fn init_logging(verbose: u8) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.verbose);
+    // `serve` installs its own subscriber (with OTLP trace export).
+    if !matches!(cli.command, Command::Serve(_)) {
+        init_logging(cli.verbose);
+    }
     if let Some(n) = cli.threads
         && let Err(e) = rayon::ThreadPoolBuilder::new().num_threads(n.max(1)).build_global()
     {
@@ -108,6 +114,7 @@ fn main() -> ExitCode {
         Command::Bench(a) => bench::run(a),
         Command::Demo(a) => commands::demo(a),
         Command::Prune(a) => prune::run(*a),
+        Command::Serve(a) => serve::run(*a, cli.verbose),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
