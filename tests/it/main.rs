@@ -8,4 +8,5 @@ mod hf_python;
 mod prune;
 mod prune_model;
 mod reference;
+mod serve;
 mod tokenizer;
