@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the independent reference implementations the tests compare against (idempotent, fast
 # when already present):
-# - tests/fixtures/requirements.txt into python3's site-packages (gguf, numpy, transformers, ...);
+# - tests/fixtures/requirements.txt into python3's site-packages (gguf, numpy, transformers, and the
+#   openai client and prometheus-client parser that tests/it/serve.rs drives the server with, ...);
 # - tests/fixtures/requirements-compressed-tensors.txt into its own virtualenv (compressed-tensors
 #   with torch and transformers < 5), at the path tests/it/compressed_tensors.rs looks in.
 set -euo pipefail

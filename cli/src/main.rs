@@ -5,6 +5,7 @@ mod commands;
 mod lineage;
 mod prune;
 mod resolve;
+mod serve;
 
 use std::process::ExitCode;
 
@@ -47,6 +48,8 @@ enum Command {
     /// Where models came from: the chain of runs and artifacts in the lineage database.
     #[command(subcommand)]
     Lineage(lineage::LineageCmd),
+    /// The OpenAI-compatible inference service (continuous batching, streaming, metrics).
+    Serve(Box<serve::ServeArgs>),
     /// The main job on embedded defaults: fetch SmolLM2 and a corpus, chat once, measure perplexity.
     Demo(commands::DemoArgs),
 }
@@ -93,7 +96,10 @@ fn init_logging(verbose: u8) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.verbose);
+    // `serve` installs its own subscriber (with OTLP trace export).
+    if !matches!(cli.command, Command::Serve(_)) {
+        init_logging(cli.verbose);
+    }
     if let Some(n) = cli.threads
         && let Err(e) = rayon::ThreadPoolBuilder::new().num_threads(n.max(1)).build_global()
     {
@@ -113,6 +119,7 @@ fn main() -> ExitCode {
         Command::Demo(a) => commands::demo(a),
         Command::Prune(a) => prune::run(*a),
         Command::Lineage(c) => lineage::run(c),
+        Command::Serve(a) => serve::run(*a, cli.verbose),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -179,3 +179,72 @@ fn prune_killed_mid_run_resumes_to_identical_weights() {
     assert!(a == b, "model.safetensors differs between the uninterrupted and the resumed run");
     assert!(!dir.path().join("killed.checkpoint").exists(), "the checkpoint is removed after success");
 }
+
+/// `GET path` over a plain socket: the status line's code.
+fn http_status(port: u16, path: &str) -> std::io::Result<u16> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    resp.split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad answer {resp:?}")))
+}
+
+#[test]
+fn serve_answers_then_exits_zero_on_sigterm() {
+    use std::io::{BufRead, BufReader};
+    let gguf = smollm2_gguf();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lacuna"))
+        .args([
+            "serve",
+            "--model",
+            gguf.to_str().unwrap(),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--grace-seconds",
+            "5",
+        ])
+        .env("LACUNA_THREADS", "2")
+        .env("RUST_LOG", "info")
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run lacuna serve");
+    // The port comes from the "serving" log line.
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut sent = false;
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if !sent && line.contains("serving") {
+                let port =
+                    line.split("port=").nth(1).and_then(|r| r.split(' ').next()).and_then(|p| p.parse::<u16>().ok());
+                let _ = tx.send(port);
+                sent = true;
+            }
+        }
+    });
+    let port = rx
+        .recv_timeout(std::time::Duration::from_secs(120))
+        .expect("no `serving` line from lacuna serve")
+        .expect("the `serving` line has no port");
+    assert_eq!(http_status(port, "/ready").unwrap(), 200);
+    assert_eq!(http_status(port, "/nowhere").unwrap(), 404);
+    let kill = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("run kill");
+    assert!(kill.success());
+    let t0 = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(t0.elapsed() < std::time::Duration::from_secs(30), "lacuna serve did not exit after SIGTERM");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(0), "lacuna serve exits 0 after SIGTERM");
+}

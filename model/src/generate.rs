@@ -69,9 +69,8 @@ pub fn generate(
     let prefill_seconds = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
 
-    let hold = params.stop.iter().map(|s| s.len()).max().unwrap_or(0).saturating_sub(1);
-    let mut stream = DecodeStream::new(tok);
-    let (mut ids, mut text, mut emitted) = (Vec::new(), String::new(), 0usize);
+    let mut text = StopText::new(tok, &params.stop);
+    let mut ids = Vec::new();
     let mut finish = FinishReason::Length;
     while ids.len() < budget {
         let next = sampler.sample(&logits);
@@ -80,29 +79,24 @@ pub fn generate(
             break;
         }
         ids.push(next);
-        text.push_str(&stream.push(next)?);
-        if let Some(cut) = params.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
-            text.truncate(cut);
+        let step = text.push(next)?;
+        if !step.text.is_empty() {
+            on_text(&step.text);
+        }
+        if step.stopped {
             finish = FinishReason::Stop;
             break;
-        }
-        // Hold back what could still grow into a stop string.
-        let mut safe = text.len().saturating_sub(hold).max(emitted);
-        while !text.is_char_boundary(safe) {
-            safe -= 1;
-        }
-        if safe > emitted {
-            on_text(&text[emitted..safe]);
-            emitted = safe;
         }
         if ids.len() == budget {
             break;
         }
         logits = model.forward_last_logits(&[next], &mut cache)?;
     }
-    if text.len() > emitted {
-        on_text(&text[emitted..]);
+    let rest = text.finish();
+    if !rest.is_empty() {
+        on_text(&rest);
     }
+    let text = text.into_text();
     Ok(Generation {
         ids,
         text,
@@ -111,4 +105,75 @@ pub fn generate(
         prefill_seconds,
         decode_seconds: t1.elapsed().as_secs_f64(),
     })
+}
+
+/// What one token added to a [`StopText`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StopStep {
+    /// Text that can no longer turn out to be part of a stop string (possibly empty).
+    pub text: String,
+    /// A stop string appeared: the generation ends, the stop string and anything after it dropped.
+    pub stopped: bool,
+}
+
+/// The text of a generation as tokens arrive: detokenized incrementally, cut before the first
+/// stop string, and released only once it cannot grow into one (the longest stop string, less one
+/// byte, is held back). [`generate`] and the inference service share it.
+pub struct StopText<'a> {
+    stream: DecodeStream<'a>,
+    stop: Vec<String>,
+    hold: usize,
+    text: String,
+    emitted: usize,
+    stopped: bool,
+}
+
+impl<'a> StopText<'a> {
+    pub fn new(tok: &'a Tokenizer, stop: &[String]) -> Self {
+        let stop: Vec<String> = stop.iter().filter(|s| !s.is_empty()).cloned().collect();
+        let hold = stop.iter().map(|s| s.len()).max().unwrap_or(0).saturating_sub(1);
+        Self { stream: DecodeStream::new(tok), stop, hold, text: String::new(), emitted: 0, stopped: false }
+    }
+
+    /// Adds generated token `id`. After a stop, further tokens add nothing.
+    pub fn push(&mut self, id: u32) -> Result<StopStep> {
+        if self.stopped {
+            return Ok(StopStep { text: String::new(), stopped: true });
+        }
+        self.text.push_str(&self.stream.push(id)?);
+        if let Some(cut) = self.stop.iter().filter_map(|s| self.text.find(s.as_str())).min() {
+            self.text.truncate(cut);
+            self.stopped = true;
+            let out = self.text.get(self.emitted..).unwrap_or_default().to_owned();
+            self.emitted = self.text.len();
+            return Ok(StopStep { text: out, stopped: true });
+        }
+        // Hold back what could still grow into a stop string.
+        let mut safe = self.text.len().saturating_sub(self.hold).max(self.emitted);
+        while !self.text.is_char_boundary(safe) {
+            safe -= 1;
+        }
+        let mut out = String::new();
+        if safe > self.emitted {
+            out.push_str(&self.text[self.emitted..safe]);
+            self.emitted = safe;
+        }
+        Ok(StopStep { text: out, stopped: false })
+    }
+
+    /// Releases what is held back; call once generation has ended.
+    pub fn finish(&mut self) -> String {
+        let out = self.text.get(self.emitted..).unwrap_or_default().to_owned();
+        self.emitted = self.text.len();
+        out
+    }
+
+    /// The whole text so far (stop string excluded).
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    pub fn into_text(self) -> String {
+        self.text
+    }
 }

@@ -200,6 +200,17 @@ impl KvCache {
     pub fn clear(&mut self) {
         self.len = 0;
     }
+    /// Grows the cache to hold `capacity` positions, keeping the ones it holds (a no-op when it is
+    /// already that large): a server can start a sequence small and grow it as it generates.
+    pub fn grow(&mut self, capacity: usize) {
+        if capacity <= self.capacity {
+            return;
+        }
+        for layer in self.k.iter_mut().chain(self.v.iter_mut()) {
+            layer.resize(capacity * self.kv_dim, 0.0);
+        }
+        self.capacity = capacity;
+    }
 }
 
 /// Maps a GGUF (llama.cpp) tensor name to its Hugging Face name.

@@ -100,6 +100,62 @@ impl Sampler {
     }
 }
 
+/// OpenAI's presence and frequency penalties: every token generated so far has its logit lowered by
+/// `presence` once and by `frequency` per occurrence (`counts` maps a token to its occurrences).
+/// Both lie in [-2, 2]; negative values encourage repetition.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Penalties {
+    pub presence: f32,
+    pub frequency: f32,
+}
+
+impl Penalties {
+    pub fn validate(&self) -> Result<()> {
+        for (name, v) in [("presence_penalty", self.presence), ("frequency_penalty", self.frequency)] {
+            if !(-2.0..=2.0).contains(&v) {
+                return Err(Error::Invalid(format!("{name} must be in [-2, 2], got {v}")));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn is_off(&self) -> bool {
+        self.presence == 0.0 && self.frequency == 0.0
+    }
+
+    /// Applies the penalties to `logits` in place; ids outside `logits` are ignored.
+    pub fn apply(&self, logits: &mut [f32], counts: &std::collections::HashMap<u32, u32>) {
+        if self.is_off() {
+            return;
+        }
+        for (&id, &n) in counts {
+            if let Some(l) = logits.get_mut(id as usize)
+                && n > 0
+            {
+                *l -= self.presence + self.frequency * n as f32;
+            }
+        }
+    }
+}
+
+/// The log-probability of `chosen` under `logits` and the `top` most likely tokens with theirs
+/// (most likely first, ties to the lower id), from one log-softmax in f64.
+pub fn logprobs(logits: &[f32], chosen: u32, top: usize) -> (f32, Vec<(u32, f32)>) {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let lse = max + logits.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
+    let lp = |i: usize| (logits[i] as f64 - lse) as f32;
+    let chosen_lp = if (chosen as usize) < logits.len() { lp(chosen as usize) } else { f32::NEG_INFINITY };
+    let top = top.min(logits.len());
+    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+    let by_logit = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
+    if top > 0 && top < idx.len() {
+        idx.select_nth_unstable_by(top - 1, by_logit);
+    }
+    idx.truncate(top);
+    idx.sort_unstable_by(by_logit);
+    (chosen_lp, idx.into_iter().map(|i| (i, lp(i as usize))).collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -146,5 +202,26 @@ mod tests {
     fn invalid_params_are_rejected() {
         assert!(Sampler::new(SamplingParams { temperature: -1.0, ..Default::default() }).is_err());
         assert!(Sampler::new(SamplingParams { top_p: 0.0, ..Default::default() }).is_err());
+    }
+
+    #[test]
+    fn penalties_lower_seen_tokens_by_presence_and_count() {
+        let mut logits = vec![1.0f32, 1.0, 1.0];
+        let counts = std::collections::HashMap::from([(0u32, 3u32), (2, 1), (9, 4)]);
+        Penalties { presence: 0.5, frequency: 0.25 }.apply(&mut logits, &counts);
+        assert_eq!(logits, vec![1.0 - 0.5 - 0.75, 1.0, 1.0 - 0.5 - 0.25]);
+        assert!(Penalties { presence: 2.5, frequency: 0.0 }.validate().is_err());
+        assert!(Penalties { presence: -2.0, frequency: 2.0 }.validate().is_ok());
+    }
+
+    #[test]
+    fn logprobs_are_a_log_softmax_with_sorted_top() {
+        let logits = [0.0f32, 2.0, 1.0, 2.0];
+        let (lp, top) = logprobs(&logits, 2, 3);
+        let z: f64 = logits.iter().map(|&x| (x as f64).exp()).sum();
+        assert!((lp as f64 - (1.0 - z.ln())).abs() < 1e-6);
+        assert_eq!(top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 3, 2]);
+        let total: f64 = logits.iter().enumerate().map(|(i, _)| (logprobs(&logits, i as u32, 0).0 as f64).exp()).sum();
+        assert!((total - 1.0).abs() < 1e-6);
     }
 }

@@ -10,4 +10,5 @@ mod prune;
 mod prune_model;
 mod reference;
 mod runtime;
+mod serve;
 mod tokenizer;
