@@ -26,7 +26,12 @@ fn helm() -> PathBuf {
 
 fn run(helm: &Path, args: &[&str]) -> String {
     let out = Command::new(helm).args(args).current_dir(repo()).output().expect("running helm");
-    assert!(out.status.success(), "helm {args:?}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "helm {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).expect("UTF-8")
 }
 
@@ -73,7 +78,10 @@ fn render(helm: &Path, extra: &[&str]) -> Rendered {
             }
             (v, k) => panic!("the chart renders an unexpected {v} {k}"),
         }
-        if !matches!(kind.as_str(), "CustomResourceDefinition" | "Deployment" | "StatefulSet" | "ClusterRole" | "Role" | "Secret") {
+        if !matches!(
+            kind.as_str(),
+            "CustomResourceDefinition" | "Deployment" | "StatefulSet" | "ClusterRole" | "Role" | "Secret"
+        ) {
             r.others += 1;
         }
     }
@@ -108,7 +116,16 @@ fn rule(groups: &[&str], resources: &[&str], verbs: &[&str]) -> PolicyRule {
 fn chart_lints_renders_and_every_object_is_typed_and_locked_down() {
     let helm = helm();
     run(&helm, &["lint", "charts/lacuna", "--strict"]);
-    run(&helm, &["lint", "charts/lacuna", "--strict", "--set", "postgresql.mode=external,postgresql.external.existingSecret=pg"]);
+    run(
+        &helm,
+        &[
+            "lint",
+            "charts/lacuna",
+            "--strict",
+            "--set",
+            "postgresql.mode=external,postgresql.external.existingSecret=pg",
+        ],
+    );
 
     let bundled = render(&helm, &[]);
     assert_eq!(bundled.crds.len(), 4);
@@ -127,15 +144,24 @@ fn chart_lints_renders_and_every_object_is_typed_and_locked_down() {
         assert_locked_down("postgresql", s.spec.template.spec.as_ref().expect("pod spec"));
     }
 
-    let external = render(&helm, &["--set", "postgresql.mode=external,postgresql.external.existingSecret=pg",
-        "--set", "opentelemetry.endpoint=http://otel:4318"]);
+    let external = render(
+        &helm,
+        &[
+            "--set",
+            "postgresql.mode=external,postgresql.external.existingSecret=pg",
+            "--set",
+            "opentelemetry.endpoint=http://otel:4318",
+        ],
+    );
     assert!(external.statefulsets.is_empty() && external.secrets == 0, "no bundled database");
     let pod = external.deployments[0].spec.template.spec.clone().expect("pod spec");
     let env = pod.containers[0].env.clone().unwrap_or_default();
     let url = env.iter().find(|e| e.name == "LACUNA_LINEAGE_URL").expect("LACUNA_LINEAGE_URL");
     let secret = url.value_from.as_ref().and_then(|v| v.secret_key_ref.as_ref()).expect("from a Secret");
     assert_eq!((secret.name.as_str(), secret.key.as_str()), ("pg", "url"));
-    assert!(env.iter().any(|e| e.name == "OTEL_EXPORTER_OTLP_ENDPOINT" && e.value.as_deref() == Some("http://otel:4318")));
+    assert!(
+        env.iter().any(|e| e.name == "OTEL_EXPORTER_OTLP_ENDPOINT" && e.value.as_deref() == Some("http://otel:4318"))
+    );
 
     // RBAC: exactly the API calls the operator makes, nothing wider.
     let kinds = ["sparsepretrainjobs", "finetunejobs", "quantizejobs", "sparseinferenceservices"];
@@ -154,6 +180,9 @@ fn chart_lints_renders_and_every_object_is_typed_and_locked_down() {
     assert_eq!(bundled.cluster_roles.len(), 1);
     assert_eq!(bundled.cluster_roles[0].rules.clone().unwrap_or_default(), expected);
     let lease_rules = bundled.roles[0].rules.clone().unwrap_or_default();
-    assert!(lease_rules.iter().all(|r| r.api_groups.as_deref() == Some(&["coordination.k8s.io".to_owned()][..])), "{lease_rules:?}");
+    assert!(
+        lease_rules.iter().all(|r| r.api_groups.as_deref() == Some(&["coordination.k8s.io".to_owned()][..])),
+        "{lease_rules:?}"
+    );
     assert!(lease_rules.iter().all(|r| !r.verbs.iter().any(|v| v == "*" || v == "delete")), "{lease_rules:?}");
 }

@@ -17,8 +17,8 @@ use tracing::{info, warn};
 
 use crate::context::Context;
 use crate::error::Result;
-use crate::jobs::{self, LacunaJob};
 use crate::inference;
+use crate::jobs::{self, LacunaJob};
 use crate::resources::{LABEL_KIND, LABEL_MANAGED_BY, LABEL_RESOURCE, MANAGED_BY};
 
 fn children_of(kind: &str) -> watcher::Config {
@@ -58,7 +58,10 @@ async fn run_job_controller<K: LacunaJob>(
     Ok(())
 }
 
-async fn run_inference_controller(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) -> Result<()> {
+async fn run_inference_controller(
+    ctx: Arc<Context>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) -> Result<()> {
     let client = ctx.client.clone();
     let api = Api::<SparseInferenceService>::all(client.clone());
     ensure_installed(&api).await?;

@@ -50,16 +50,37 @@ pub struct Exchange {
 
 impl Exchange {
     pub fn get(path: impl Into<String>, response: Value) -> Self {
-        Self { method: Method::GET, path: path.into(), content_type: None, check: Check::Empty, status: StatusCode::OK, response }
+        Self {
+            method: Method::GET,
+            path: path.into(),
+            content_type: None,
+            check: Check::Empty,
+            status: StatusCode::OK,
+            response,
+        }
     }
     pub fn not_found(method: Method, path: impl Into<String>) -> Self {
         let response = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
             "message": "not found", "reason": "NotFound", "code": 404});
-        Self { method, path: path.into(), content_type: None, check: Check::Empty, status: StatusCode::NOT_FOUND, response }
+        Self {
+            method,
+            path: path.into(),
+            content_type: None,
+            check: Check::Empty,
+            status: StatusCode::NOT_FOUND,
+            response,
+        }
     }
     /// A server-side apply (PATCH, `application/apply-patch+yaml`) by the operator's field manager.
     pub fn apply(path: impl Into<String>, check: Check, response: Value) -> Self {
-        Self { method: Method::PATCH, path: path.into(), content_type: Some(APPLY), check, status: StatusCode::OK, response }
+        Self {
+            method: Method::PATCH,
+            path: path.into(),
+            content_type: Some(APPLY),
+            check,
+            status: StatusCode::OK,
+            response,
+        }
     }
     pub fn json_patch(path: impl Into<String>, expected: Value, response: Value) -> Self {
         Self {
@@ -119,12 +140,14 @@ impl ApiServerVerifier {
                 let what = format!("request {i} ({} {})", request.method(), request.uri());
                 assert_eq!(request.method(), ex.method, "{what}: method");
                 assert_eq!(request.uri().to_string(), ex.path, "{what}: path");
-                let ct = request.headers().get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
+                let ct =
+                    request.headers().get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
                 if let Some(expected) = ex.content_type {
                     assert_eq!(ct.as_deref(), Some(expected), "{what}: content type");
                 }
                 let bytes = request.into_body().collect_bytes().await.expect("request body");
-                let echo = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap_or(Value::Null) };
+                let echo =
+                    if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap_or(Value::Null) };
                 match ex.check {
                     Check::Empty => assert!(bytes.is_empty(), "{what}: unexpected body {bytes:?}"),
                     Check::Equals(expected) => {
@@ -139,7 +162,8 @@ impl ApiServerVerifier {
                 let response = Response::builder()
                     .status(ex.status)
                     .body(Body::from(
-                        serde_json::to_vec(if ex.response.is_null() { &echo } else { &ex.response }).expect("response JSON"),
+                        serde_json::to_vec(if ex.response.is_null() { &echo } else { &ex.response })
+                            .expect("response JSON"),
                     ))
                     .expect("response");
                 send.send_response(response);

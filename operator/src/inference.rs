@@ -87,7 +87,15 @@ async fn apply(obj: Arc<SparseInferenceService>, ctx: Arc<Context>, ns: &str) ->
         }
     };
     let msg = format!("serving {}", input.uri);
-    set_condition(&mut st.conditions, conditions::INPUT_AVAILABLE, true, conditions::REASON_INPUT_RESOLVED, msg, generation, &now);
+    set_condition(
+        &mut st.conditions,
+        conditions::INPUT_AVAILABLE,
+        true,
+        conditions::REASON_INPUT_RESOLVED,
+        msg,
+        generation,
+        &now,
+    );
 
     let owner = obj.controller_owner_ref(&()).ok_or_else(|| Error::MissingUid { kind: KIND, name: name.clone() })?;
     let serving = Serving { svc: obj.as_ref(), name: &name, namespace: ns, owner, input: &input };

@@ -11,7 +11,10 @@ use crate::error::Result;
 pub enum InputState {
     Ready(ResolvedInput),
     /// Not yet: `reason` is one of the `conditions::REASON_INPUT_*` constants.
-    Waiting { reason: &'static str, message: String },
+    Waiting {
+        reason: &'static str,
+        message: String,
+    },
 }
 
 /// The status of the job named `name` in `namespace`, whichever of the three job kinds it is.

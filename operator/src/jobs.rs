@@ -107,11 +107,7 @@ impl LacunaJob for FineTuneJob {
         self.spec.validate()
     }
     fn stages(&self) -> Result<Vec<Stage>> {
-        Ok(vec![Stage {
-            name: "finetune",
-            command: &["train", "finetune"],
-            recipe_yaml: yaml(&self.spec.finetuning)?,
-        }])
+        Ok(vec![Stage { name: "finetune", command: &["train", "finetune"], recipe_yaml: yaml(&self.spec.finetuning)? }])
     }
     fn job_status(&self) -> Option<&JobStatus> {
         self.status.as_ref()
@@ -288,7 +284,15 @@ async fn apply<K: LacunaJob>(obj: Arc<K>, ctx: Arc<Context>, ns: &str) -> Result
         }
     };
     let msg = format!("reading {}", input.uri);
-    set_condition(&mut st.conditions, conditions::INPUT_AVAILABLE, true, conditions::REASON_INPUT_RESOLVED, msg, generation, &now);
+    set_condition(
+        &mut st.conditions,
+        conditions::INPUT_AVAILABLE,
+        true,
+        conditions::REASON_INPUT_RESOLVED,
+        msg,
+        generation,
+        &now,
+    );
     st.input = Some(input.clone());
 
     let stages = obj.stages()?;
@@ -298,7 +302,8 @@ async fn apply<K: LacunaJob>(obj: Arc<K>, ctx: Arc<Context>, ns: &str) -> Result
     for (i, stage) in stages.iter().enumerate() {
         let job_name = stage_job_name(&name, stage.name, generation.unwrap_or(0), &stage_input.uri);
         if let Some(done) = st.stages.iter().find(|s| s.name == stage.name && s.job_name == job_name) {
-            stage_input = ResolvedInput { uri: done.output.uri.clone(), sha256: done.output.sha256.clone(), from_job: None };
+            stage_input =
+                ResolvedInput { uri: done.output.uri.clone(), sha256: done.output.sha256.clone(), from_job: None };
             continue;
         }
         let output_uri = if i + 1 == stages.len() {
@@ -349,8 +354,7 @@ async fn apply<K: LacunaJob>(obj: Arc<K>, ctx: Arc<Context>, ns: &str) -> Result
                         OutputArtifact { uri: output_uri.clone(), ..Default::default() }
                     });
                 ctx.lineage.execution_succeeded(&execution, &output).await?;
-                stage_input =
-                    ResolvedInput { uri: output.uri.clone(), sha256: output.sha256.clone(), from_job: None };
+                stage_input = ResolvedInput { uri: output.uri.clone(), sha256: output.sha256.clone(), from_job: None };
                 st.stages.push(StageStatus { name: stage.name.into(), job_name: job_name.clone(), output });
             }
             JobPhase::Failed { reason, message } => {

@@ -16,7 +16,9 @@ async fn health() -> HttpResponse {
 async fn metrics(registry: web::Data<Arc<Registry>>) -> HttpResponse {
     let mut text = String::new();
     match prometheus_client::encoding::text::encode(&mut text, &registry) {
-        Ok(()) => HttpResponse::Ok().content_type("application/openmetrics-text; version=1.0.0; charset=utf-8").body(text),
+        Ok(()) => {
+            HttpResponse::Ok().content_type("application/openmetrics-text; version=1.0.0; charset=utf-8").body(text)
+        }
         Err(e) => HttpResponse::InternalServerError().body(e.to_string()),
     }
 }

@@ -49,9 +49,13 @@ pub fn init() -> anyhow::Result<TelemetryGuard> {
             }
             None => None,
         };
-        let otel =
-            provider.as_ref().map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("lacuna-operator")));
-        Registry::default().with(filter).with(fmt).with(otel).try_init().context("installing the tracing subscriber")?;
+        let otel = provider.as_ref().map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("lacuna-operator")));
+        Registry::default()
+            .with(filter)
+            .with(fmt)
+            .with(otel)
+            .try_init()
+            .context("installing the tracing subscriber")?;
         Ok(TelemetryGuard { provider })
     }
     #[cfg(not(feature = "otel"))]

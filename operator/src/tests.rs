@@ -82,9 +82,10 @@ fn pod_list(job: &str, report: &PodReport) -> Value {
 }
 
 fn condition<'a>(status: &'a Value, type_: &str) -> &'a Value {
-    status["conditions"].as_array().and_then(|c| c.iter().find(|c| c["type"] == type_)).unwrap_or_else(|| {
-        panic!("no {type_} condition in {status}")
-    })
+    status["conditions"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["type"] == type_))
+        .unwrap_or_else(|| panic!("no {type_} condition in {status}"))
 }
 
 fn env_of(job: &Value) -> Vec<(String, String)> {
@@ -162,8 +163,15 @@ async fn creation_applies_exactly_one_configmap_and_job_for_the_first_stage() {
                 assert_eq!(c["command"], json!(["lacuna"]));
                 assert_eq!(
                     c["args"],
-                    json!(["prune", "--recipe", "/etc/lacuna/prune.yaml", "--model", "/models/models/smollm2-135m",
-                           "--out", "/models/models/smollm2-p50/stages/prune"])
+                    json!([
+                        "prune",
+                        "--recipe",
+                        "/etc/lacuna/prune.yaml",
+                        "--model",
+                        "/models/models/smollm2-135m",
+                        "--out",
+                        "/models/models/smollm2-p50/stages/prune"
+                    ])
                 );
                 assert_eq!(c["resources"]["limits"]["nvidia.com/gpu"], "1");
                 assert_eq!(c["terminationMessagePath"], "/dev/termination-log");
@@ -204,7 +212,9 @@ async fn creation_applies_exactly_one_configmap_and_job_for_the_first_stage() {
     assert_eq!(action, Action::requeue(std::time::Duration::from_secs(300)));
     let events = lineage.events();
     assert_eq!(events.len(), 1, "{events:?}");
-    assert!(matches!(&events[0], LineageEvent::Started(Execution { stage, workload, .. }) if stage == "prune" && *workload == job));
+    assert!(
+        matches!(&events[0], LineageEvent::Started(Execution { stage, workload, .. }) if stage == "prune" && *workload == job)
+    );
 }
 
 fn spj_running_prune() -> (SparsePretrainJob, String) {
@@ -262,8 +272,16 @@ async fn succeeded_stages_chain_and_the_job_succeeds_with_its_artifact_recorded(
                 let c = &j["spec"]["template"]["spec"]["containers"][0];
                 assert_eq!(
                     c["args"],
-                    json!(["train", "pretrain", "--recipe", "/etc/lacuna/pretrain.yaml", "--model",
-                           "/models/models/smollm2-p50/stages/prune", "--out", "/models/models/smollm2-p50"])
+                    json!([
+                        "train",
+                        "pretrain",
+                        "--recipe",
+                        "/etc/lacuna/pretrain.yaml",
+                        "--model",
+                        "/models/models/smollm2-p50/stages/prune",
+                        "--out",
+                        "/models/models/smollm2-p50"
+                    ])
                 );
                 // The pod verifies the pruned model against the checksum its producer reported.
                 assert!(env_of(j).contains(&("LACUNA_INPUT_SHA256".into(), SHA_A.into())));
@@ -440,8 +458,16 @@ async fn from_job_waits_for_the_producer_then_runs_on_its_verified_output() {
             let c = &j["spec"]["template"]["spec"]["containers"][0];
             assert_eq!(
                 c["args"],
-                json!(["train", "finetune", "--recipe", "/etc/lacuna/finetune.yaml", "--model",
-                       "/models/models/smollm2-p70", "--out", "/models/models/smollm2-ft"])
+                json!([
+                    "train",
+                    "finetune",
+                    "--recipe",
+                    "/etc/lacuna/finetune.yaml",
+                    "--model",
+                    "/models/models/smollm2-p70",
+                    "--out",
+                    "/models/models/smollm2-ft"
+                ])
             );
             let env = env_of(j);
             assert!(env.contains(&("LACUNA_INPUT_SHA256".into(), SHA_A.into())), "{env:?}");
@@ -454,13 +480,18 @@ async fn from_job_waits_for_the_producer_then_runs_on_its_verified_output() {
         Check::With(Box::new(|b| {
             let s = &b["status"];
             assert_eq!(s["phase"], "Pending");
-            assert_eq!(s["input"], json!({"uri": "pvc://models/smollm2-p70", "sha256": SHA_A, "fromJob": "pretrain-70"}));
+            assert_eq!(
+                s["input"],
+                json!({"uri": "pvc://models/smollm2-p70", "sha256": SHA_A, "fromJob": "pretrain-70"})
+            );
             assert_eq!(condition(s, "InputAvailable")["status"], "True");
         })),
         Value::Null,
     ));
     run_scenario(verifier, Scenario::Exchanges(ex), jobs::reconcile(Arc::new(ftj), ctx)).await.expect("reconcile");
-    assert!(matches!(lineage.events().as_slice(), [LineageEvent::Started(x)] if x.input.as_ref().and_then(|i| i.from_job.as_deref()) == Some("pretrain-70")));
+    assert!(
+        matches!(lineage.events().as_slice(), [LineageEvent::Started(x)] if x.input.as_ref().and_then(|i| i.from_job.as_deref()) == Some("pretrain-70"))
+    );
 }
 
 #[tokio::test]
@@ -483,8 +514,24 @@ async fn a_restarted_operator_reapplies_the_same_children_and_creates_nothing() 
         // The status a previous reconcile wrote for a running stage.
         let st = spj.status.as_mut().expect("status");
         let now = test_time();
-        crate::status::set_condition(&mut st.conditions, "InputAvailable", true, "InputResolved", "reading pvc://models/smollm2-135m", Some(1), &now);
-        crate::status::set_condition(&mut st.conditions, "Ready", false, "StageRunning", format!("stage prune (Job {job})"), Some(1), &now);
+        crate::status::set_condition(
+            &mut st.conditions,
+            "InputAvailable",
+            true,
+            "InputResolved",
+            "reading pvc://models/smollm2-135m",
+            Some(1),
+            &now,
+        );
+        crate::status::set_condition(
+            &mut st.conditions,
+            "Ready",
+            false,
+            "StageRunning",
+            format!("stage prune (Job {job})"),
+            Some(1),
+            &now,
+        );
         run_scenario(verifier, scenario, jobs::reconcile(Arc::new(spj), ctx)).await.expect("reconcile");
         assert!(lineage.events().is_empty(), "{:?}", lineage.events());
     }
@@ -513,7 +560,9 @@ async fn deletion_records_lineage_and_removes_the_finalizer() {
     spj.metadata.deletion_timestamp = Some(test_time());
     let scenario = Scenario::FinalizerRemoval { path: path("sparsepretrainjobs", "prune-50"), object: to_value(&spj) };
     run_scenario(verifier, scenario, jobs::reconcile(Arc::new(spj), ctx)).await.expect("reconcile");
-    assert!(matches!(lineage.events().as_slice(), [LineageEvent::Deleted(r)] if r.uid == "uid-spj" && r.kind == "SparsePretrainJob"));
+    assert!(
+        matches!(lineage.events().as_slice(), [LineageEvent::Deleted(r)] if r.uid == "uid-spj" && r.kind == "SparsePretrainJob")
+    );
 }
 
 #[tokio::test]
@@ -557,7 +606,11 @@ async fn inference_service_creates_deployment_service_and_autoscaler() {
     );
     producer.status = Some(JobStatus {
         phase: Phase::Succeeded,
-        output: Some(OutputArtifact { uri: "pvc://models/q8".into(), sha256: Some(SHA_B.into()), ..Default::default() }),
+        output: Some(OutputArtifact {
+            uri: "pvc://models/q8".into(),
+            sha256: Some(SHA_B.into()),
+            ..Default::default()
+        }),
         ..Default::default()
     });
     let scenario = Scenario::Exchanges(vec![
@@ -573,13 +626,26 @@ async fn inference_service_creates_deployment_service_and_autoscaler() {
                 let c = &pod["containers"][0];
                 assert_eq!(
                     c["args"],
-                    json!(["serve", "--model", "/models/models/q8", "--host", "0.0.0.0", "--port", "8080", "--backend", "cpu"])
+                    json!([
+                        "serve",
+                        "--model",
+                        "/models/models/q8",
+                        "--host",
+                        "0.0.0.0",
+                        "--port",
+                        "8080",
+                        "--backend",
+                        "cpu"
+                    ])
                 );
                 assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/ready");
                 assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/health");
                 assert_eq!(c["resources"]["requests"]["cpu"], "2");
                 assert!(env_of(d).contains(&("LACUNA_INPUT_SHA256".into(), SHA_B.into())));
-                assert_eq!(pod["volumes"][2]["persistentVolumeClaim"], json!({"claimName": "models", "readOnly": true}));
+                assert_eq!(
+                    pod["volumes"][2]["persistentVolumeClaim"],
+                    json!({"claimName": "models", "readOnly": true})
+                );
                 assert_restricted(pod);
                 assert_eq!(
                     d["spec"]["selector"]["matchLabels"],
@@ -591,7 +657,10 @@ async fn inference_service_creates_deployment_service_and_autoscaler() {
         Exchange::apply(
             format!("{}{SSA}", sis_path("/api/v1", "services/chat")),
             Check::With(Box::new(|s| {
-                assert_eq!(s["spec"]["ports"], json!([{"name": "http", "port": 8080, "targetPort": "http", "protocol": "TCP"}]));
+                assert_eq!(
+                    s["spec"]["ports"],
+                    json!([{"name": "http", "port": 8080, "targetPort": "http", "protocol": "TCP"}])
+                );
             })),
             Value::Null,
         ),
@@ -601,7 +670,10 @@ async fn inference_service_creates_deployment_service_and_autoscaler() {
                 assert_eq!(h["apiVersion"], "autoscaling/v2");
                 assert_eq!(h["spec"]["minReplicas"], 1);
                 assert_eq!(h["spec"]["maxReplicas"], 4);
-                assert_eq!(h["spec"]["scaleTargetRef"], json!({"apiVersion": "apps/v1", "kind": "Deployment", "name": "chat"}));
+                assert_eq!(
+                    h["spec"]["scaleTargetRef"],
+                    json!({"apiVersion": "apps/v1", "kind": "Deployment", "name": "chat"})
+                );
                 assert_eq!(
                     h["spec"]["metrics"],
                     json!([{"type": "Pods", "pods": {"metric": {"name": "lacuna:num_requests_waiting"},
@@ -655,10 +727,17 @@ spec:
             json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "chat"},
                    "spec": {"selector": {}, "template": {}}, "status": {"replicas": 2, "readyReplicas": 2}}),
         ),
-        Exchange::apply(format!("{}{SSA}", sis_path("/api/v1", "services/chat")), Check::With(Box::new(|_| {})), Value::Null),
+        Exchange::apply(
+            format!("{}{SSA}", sis_path("/api/v1", "services/chat")),
+            Check::With(Box::new(|_| {})),
+            Value::Null,
+        ),
         Exchange {
             check: Check::With(Box::new(|_| {})),
-            ..Exchange::not_found(Method::DELETE, format!("{}?", sis_path("/apis/autoscaling/v2", "horizontalpodautoscalers/chat")))
+            ..Exchange::not_found(
+                Method::DELETE,
+                format!("{}?", sis_path("/apis/autoscaling/v2", "horizontalpodautoscalers/chat")),
+            )
         },
         Exchange::apply(
             format!("{}/status{SSA}", path("sparseinferenceservices", "chat")),
@@ -709,6 +788,9 @@ fn metrics_render_with_fixed_labels() {
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
     assert!(text.contains(r#"lacuna_operator_reconciliations_total{kind="QuantizeJob"} 1"#), "{text}");
-    assert!(text.contains(r#"lacuna_operator_reconcile_failures_total{kind="QuantizeJob",error="missing_namespace"} 1"#), "{text}");
+    assert!(
+        text.contains(r#"lacuna_operator_reconcile_failures_total{kind="QuantizeJob",error="missing_namespace"} 1"#),
+        "{text}"
+    );
     assert!(text.contains("lacuna_operator_reconcile_duration_seconds_count{kind=\"QuantizeJob\"} 1"), "{text}");
 }

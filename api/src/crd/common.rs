@@ -17,7 +17,8 @@ pub const GROUP: &str = "lacuna.dev";
 pub const VERSION: &str = "v1alpha1";
 
 /// Pattern of a model URI: a PersistentVolumeClaim path, an object-store prefix, or a local path.
-pub const URI_PATTERN: &str = r"^(pvc://[a-z0-9]([-a-z0-9.]*[a-z0-9])?(/.*)?|s3://[a-z0-9][-a-z0-9.]*[a-z0-9](/.*)?|file:///.*)$";
+pub const URI_PATTERN: &str =
+    r"^(pvc://[a-z0-9]([-a-z0-9.]*[a-z0-9])?(/.*)?|s3://[a-z0-9][-a-z0-9.]*[a-z0-9](/.*)?|file:///.*)$";
 /// Pattern of a Kubernetes object name (RFC 1123 subdomain).
 pub const NAME_PATTERN: &str = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$";
 
@@ -119,9 +120,7 @@ impl ModelInput {
     /// Exactly one source, and a well-formed URI; `field` prefixes the names in errors.
     pub fn validate(&self, field: &str) -> Result<(), RecipeError> {
         match (&self.from_job, &self.uri) {
-            (Some(_), Some(_)) => {
-                Err(RecipeError::invalid(field, "give exactly one of fromJob or uri, not both"))
-            }
+            (Some(_), Some(_)) => Err(RecipeError::invalid(field, "give exactly one of fromJob or uri, not both")),
             (None, None) => Err(RecipeError::invalid(field, "give exactly one of fromJob or uri")),
             (Some(j), None) if j.is_empty() => Err(RecipeError::invalid(&format!("{field}.fromJob"), "empty")),
             (Some(_), None) => Ok(()),

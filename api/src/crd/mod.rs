@@ -22,10 +22,10 @@ pub use common::{
     StageStatus, VERSION, WorkerSpec,
 };
 pub use finetune::{FineTuneJob, FineTuneJobSpec};
-pub use manifest::Manifest;
 pub use inference::{
     Autoscaling, AutoscalingTarget, Backend, InferenceStatus, SparseInferenceService, SparseInferenceServiceSpec,
 };
+pub use manifest::Manifest;
 pub use quantize::{QuantizeJob, QuantizeJobSpec};
 pub use sparse_pretrain::{SparsePretrainJob, SparsePretrainJobSpec};
 

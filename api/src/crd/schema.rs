@@ -171,7 +171,10 @@ fn check(schema: &Value, value: &Value, path: &str, out: &mut Vec<Violation>) {
         if let Some(subs) = schema.get(key).and_then(Value::as_array) {
             let passing = subs.iter().filter(|s| validate_in_place(s, value)).count();
             if passing == 0 || (exactly_one && passing > 1) {
-                out.push(Violation { path: path.to_owned(), message: format!("matches {passing} of the {key} alternatives") });
+                out.push(Violation {
+                    path: path.to_owned(),
+                    message: format!("matches {passing} of the {key} alternatives"),
+                });
             }
         }
     }

@@ -21,7 +21,8 @@ fn read(path: &Path) -> String {
 fn generated_schemas_are_structural() {
     for crd in crds() {
         let v = crd.spec.versions.first().expect("a version");
-        let schema = serde_json::to_value(v.schema.as_ref().and_then(|s| s.open_api_v3_schema.as_ref())).expect("schema");
+        let schema =
+            serde_json::to_value(v.schema.as_ref().and_then(|s| s.open_api_v3_schema.as_ref())).expect("schema");
         let violations = structural_violations(&schema);
         assert!(violations.is_empty(), "{}: {violations:#?}", crd.spec.names.kind);
         let subresources = v.subresources.as_ref().expect("subresources");
@@ -37,7 +38,11 @@ fn checked_in_crds_match_the_types() {
             let path = repo().join(dir).join(file_name(&crd));
             let on_disk: Value = serde_saphyr::from_str(&read(&path)).expect("YAML");
             let generated = serde_json::to_value(&crd).expect("JSON");
-            assert!(on_disk == generated, "{} is stale: run `cargo run -p lacuna-operator --bin crdgen -- --out {dir}`", path.display());
+            assert!(
+                on_disk == generated,
+                "{} is stale: run `cargo run -p lacuna-operator --bin crdgen -- --out {dir}`",
+                path.display()
+            );
         }
     }
 }
@@ -73,7 +78,11 @@ fn crds_carry_short_names_printer_columns_and_scale() {
     assert_eq!(model["maxProperties"], 1);
     assert!(model["x-kubernetes-validations"][0]["rule"].as_str().unwrap_or("").contains("fromJob"), "{model}");
     let sparsity = &schema["properties"]["spec"]["properties"]["pruning"]["properties"]["sparsity"];
-    assert_eq!((sparsity["maximum"].as_f64(), sparsity["exclusiveMaximum"].as_bool()), (Some(1.0), Some(true)), "{sparsity}");
+    assert_eq!(
+        (sparsity["maximum"].as_f64(), sparsity["exclusiveMaximum"].as_bool()),
+        (Some(1.0), Some(true)),
+        "{sparsity}"
+    );
 }
 
 fn example_files() -> Vec<PathBuf> {
@@ -104,7 +113,10 @@ fn every_example_parses_and_validates_and_the_pipeline_chains() {
         all.extend(ms);
     }
     let kinds: Vec<&str> = all.iter().map(Manifest::kind).collect();
-    assert_eq!(kinds, ["SparsePretrainJob", "SparsePretrainJob", "FineTuneJob", "QuantizeJob", "SparseInferenceService"]);
+    assert_eq!(
+        kinds,
+        ["SparsePretrainJob", "SparsePretrainJob", "FineTuneJob", "QuantizeJob", "SparseInferenceService"]
+    );
     // Every fromJob names an earlier job of the pipeline.
     for (i, m) in all.iter().enumerate() {
         let input = match m {
@@ -114,7 +126,11 @@ fn every_example_parses_and_validates_and_the_pipeline_chains() {
             Manifest::SparseInferenceService(r) => &r.spec.model,
         };
         if let Some(from) = &input.from_job {
-            assert!(all[..i].iter().any(|p| p.name() == from), "{} reads {from}, which comes later or nowhere", m.name());
+            assert!(
+                all[..i].iter().any(|p| p.name() == from),
+                "{} reads {from}, which comes later or nowhere",
+                m.name()
+            );
         } else {
             assert_eq!(i, 0, "only the first stage reads a URI");
         }
