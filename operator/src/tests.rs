@@ -138,7 +138,7 @@ async fn creation_applies_exactly_one_configmap_and_job_for_the_first_stage() {
                 assert_eq!(
                     cm["metadata"]["ownerReferences"],
                     json!([{"apiVersion": "lacuna.dev/v1alpha1", "kind": "SparsePretrainJob", "name": "prune-50",
-                            "uid": "uid-spj", "controller": true, "blockOwnerDeletion": true}])
+                            "uid": "uid-spj", "controller": true}])
                 );
             })),
             Value::Null,
@@ -301,7 +301,7 @@ async fn succeeded_stages_chain_and_the_job_succeeds_with_its_artifact_recorded(
                 let ready = s.conditions.iter().find(|c| c.type_ == "Ready").expect("Ready");
                 assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("True", conditions::REASON_SUCCEEDED));
             })),
-            Value::Null,
+            to_value(&spj),
         ),
     ]);
     let action = run_scenario(verifier, scenario, jobs::reconcile(Arc::new(spj), ctx)).await.expect("reconcile");
@@ -378,7 +378,7 @@ spec:
                 assert!(f["message"].as_str().unwrap_or("").contains("is not the expected"), "{f}");
                 assert_eq!(condition(s, "Ready")["status"], "False");
             })),
-            Value::Null,
+            to_value(&qj),
         ),
     ]);
     let action = run_scenario(verifier, scenario, jobs::reconcile(Arc::new(qj), ctx)).await.expect("reconcile");
@@ -412,9 +412,9 @@ fn upstream(phase: Phase, output: Option<OutputArtifact>) -> Value {
 
 fn lookups(upstream: Value) -> Vec<Exchange> {
     vec![
-        Exchange::get(format!("{}?", path("sparsepretrainjobs", "pretrain-70")), upstream),
-        Exchange::not_found(Method::GET, format!("{}?", path("finetunejobs", "pretrain-70"))),
-        Exchange::not_found(Method::GET, format!("{}?", path("quantizejobs", "pretrain-70"))),
+        Exchange::get(format!("{}", path("sparsepretrainjobs", "pretrain-70")), upstream),
+        Exchange::not_found(Method::GET, format!("{}", path("finetunejobs", "pretrain-70"))),
+        Exchange::not_found(Method::GET, format!("{}", path("quantizejobs", "pretrain-70"))),
     ]
 }
 
@@ -433,7 +433,7 @@ async fn from_job_waits_for_the_producer_then_runs_on_its_verified_output() {
             assert_eq!((c["status"].as_str(), c["reason"].as_str()), (Some("False"), Some("InputNotReady")));
             assert!(c["message"].as_str().unwrap_or("").contains("SparsePretrainJob pretrain-70 is Running"), "{c}");
         })),
-        Value::Null,
+        to_value(&ftj),
     ));
     let action = run_scenario(verifier, Scenario::Exchanges(ex), jobs::reconcile(Arc::new(ftj.clone()), ctx))
         .await
@@ -486,7 +486,7 @@ async fn from_job_waits_for_the_producer_then_runs_on_its_verified_output() {
             );
             assert_eq!(condition(s, "InputAvailable")["status"], "True");
         })),
-        Value::Null,
+        to_value(&ftj),
     ));
     run_scenario(verifier, Scenario::Exchanges(ex), jobs::reconcile(Arc::new(ftj), ctx)).await.expect("reconcile");
     assert!(
@@ -548,7 +548,7 @@ async fn an_invalid_spec_fails_naming_the_field_and_creates_nothing() {
             assert_eq!(f["reason"], "InvalidSpec");
             assert!(f["message"].as_str().unwrap_or("").contains("spec.pruning.sparsity"), "{f}");
         })),
-        Value::Null,
+        to_value(&spj),
     )]);
     run_scenario(verifier, scenario, jobs::reconcile(Arc::new(spj), ctx)).await.expect("reconcile");
 }
@@ -614,9 +614,9 @@ async fn inference_service_creates_deployment_service_and_autoscaler() {
         ..Default::default()
     });
     let scenario = Scenario::Exchanges(vec![
-        Exchange::not_found(Method::GET, format!("{}?", path("sparsepretrainjobs", "q8"))),
-        Exchange::not_found(Method::GET, format!("{}?", path("finetunejobs", "q8"))),
-        Exchange::get(format!("{}?", path("quantizejobs", "q8")), to_value(&producer)),
+        Exchange::not_found(Method::GET, format!("{}", path("sparsepretrainjobs", "q8"))),
+        Exchange::not_found(Method::GET, format!("{}", path("finetunejobs", "q8"))),
+        Exchange::get(format!("{}", path("quantizejobs", "q8")), to_value(&producer)),
         Exchange::apply(
             format!("{}{SSA}", sis_path("/apis/apps/v1", "deployments/chat")),
             Check::With(Box::new(|d| {
@@ -692,7 +692,7 @@ async fn inference_service_creates_deployment_service_and_autoscaler() {
                 assert_eq!(s["readyReplicas"], 0);
                 assert_eq!(condition(s, "Ready")["reason"], "ReplicasNotReady");
             })),
-            Value::Null,
+            to_value(&sis),
         ),
     ]);
     run_scenario(verifier, scenario, inference::reconcile(Arc::new(sis), ctx)).await.expect("reconcile");
@@ -749,7 +749,7 @@ spec:
                 let r = condition(s, "Ready");
                 assert_eq!((r["status"].as_str(), r["reason"].as_str()), (Some("True"), Some("ReplicasReady")));
             })),
-            Value::Null,
+            to_value(&sis),
         ),
     ]);
     run_scenario(verifier, scenario, inference::reconcile(Arc::new(sis), ctx)).await.expect("reconcile");

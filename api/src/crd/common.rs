@@ -275,7 +275,7 @@ pub struct JobStatus {
 /// What a stage's pod reports when it ends, as JSON in its termination message
 /// (`/dev/termination-log`, the path in `LACUNA_REPORT_PATH`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", tag = "result")]
+#[serde(tag = "result")]
 pub enum PodReport {
     Succeeded { output: OutputArtifact },
     Failed { reason: String, message: String },

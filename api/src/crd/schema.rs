@@ -156,8 +156,9 @@ fn check(schema: &Value, value: &Value, path: &str, out: &mut Vec<Violation>) {
                     (None, Some(s)) if s.is_object() => check(s, v, &p, out),
                     (None, Some(Value::Bool(true))) => {}
                     (None, _) if preserve => {}
-                    // The root's metadata is an ObjectMeta, which the apiserver checks itself.
+                    // The root's type fields and metadata (an ObjectMeta) are the apiserver's to check.
                     (None, _) if path == "metadata" => {}
+                    (None, _) if path.is_empty() && (k == "apiVersion" || k == "kind") => {}
                     (None, _) => out.push(Violation { path: p, message: "unknown field".into() }),
                 }
             }
@@ -267,7 +268,7 @@ mod tests {
         assert!(validate(&s, &json!({"x": 0.5, "m": "a", "q": {"cpu": "2", "gpu": 1}})).is_empty());
         let v = validate(&s, &json!({"x": 1.0, "m": "c", "one": {"p": "1", "q": "2"}, "zz": 1, "q": {"a": true}}));
         let paths: Vec<&str> = v.iter().map(|v| v.path.as_str()).collect();
-        assert_eq!(paths, ["x", "m", "one", "q.a", "zz"], "{v:?}");
+        assert_eq!(paths, ["m", "one", "q.a", "x", "zz"], "{v:?}");
         assert_eq!(validate(&s, &json!({}))[0].to_string(), "m: required field is missing");
     }
 
