@@ -158,7 +158,7 @@ fn check(schema: &Value, value: &Value, path: &str, out: &mut Vec<Violation>) {
                     (None, _) if preserve => {}
                     // The root's type fields and metadata (an ObjectMeta) are the apiserver's to check.
                     (None, _) if path == "metadata" => {}
-                    (None, _) if path.is_empty() && (k == "apiVersion" || k == "kind") => {}
+                    (None, _) if path.is_empty() && matches!(k.as_str(), "apiVersion" | "kind" | "metadata") => {}
                     (None, _) => out.push(Violation { path: p, message: "unknown field".into() }),
                 }
             }
