@@ -177,7 +177,7 @@ fn invalid_manifests_are_refused_with_the_field_named() {
     let e = case(&|d| d["kind"] = json!("PruneJob"));
     assert!(e.starts_with("kind:"), "{e}");
     // Cross-field rules the schema cannot hold come from the types' own checks.
-    let e = case(&|d| d["spec"]["pruning"]["structure"] = json!("2:4"));
+    let e = case(&|d| d["spec"]["pruning"]["structure"] = json!("1:4"));
     assert!(e.starts_with("spec.pruning.sparsity:") && e.contains("contradicts"), "{e}");
     let serve = read(&repo().join("examples/pipeline/05-serve.yaml"));
     let mut sis: Value = serde_saphyr::from_str(&serve).expect("YAML");
