@@ -4,6 +4,7 @@ mod bench;
 mod commands;
 mod prune;
 mod resolve;
+mod train;
 
 use std::process::ExitCode;
 
@@ -43,6 +44,9 @@ enum Command {
     Bench(bench::BenchArgs),
     /// One-shot pruning (SparseGPT, Wanda, magnitude; uniform or OWL; unstructured or N:M).
     Prune(Box<prune::PruneArgs>),
+    /// Sparse pretraining and (SquareHead-distilled) sparse fine-tuning from a recipe.
+    #[command(subcommand)]
+    Train(train::TrainCmd),
     /// The main job on embedded defaults: fetch SmolLM2 and a corpus, chat once, measure perplexity.
     Demo(commands::DemoArgs),
 }
@@ -108,6 +112,7 @@ fn main() -> ExitCode {
         Command::Bench(a) => bench::run(a),
         Command::Demo(a) => commands::demo(a),
         Command::Prune(a) => prune::run(*a),
+        Command::Train(c) => train::run(c),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

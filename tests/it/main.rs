@@ -9,3 +9,4 @@ mod prune;
 mod prune_model;
 mod reference;
 mod tokenizer;
+mod train;
