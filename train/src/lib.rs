@@ -7,6 +7,8 @@
 //! backend is one cargo feature away (`--features cuda` here forwards to `candle-core/cuda`), and
 //! whose reverse-mode autodiff (`Tensor::backward` → `GradStore`) covers every op a Llama needs.
 //! burn would add a backend-generic layer Lacuna does not need, tch a libtorch install.
+//! Only `candle-core` is used: the model is written from its differentiable primitives
+//! (candle-nn's fused softmax / RMSNorm kernels have no backward pass).
 //!
 //! # Pieces
 //!
