@@ -275,7 +275,7 @@ fn pretrain(a: TrainArgs) -> Result<()> {
     let opts = RunOptions {
         checkpoint_dir: Some(o.checkpoint.clone()),
         resume: a.resume,
-        stop: Some(&stop),
+        stop: Some(&*stop),
         throttle_ms: a.throttle_ms,
         masks: a.mask.clone(),
         ..Default::default()
@@ -351,7 +351,7 @@ fn finetune(a: TrainArgs) -> Result<()> {
     let opts = RunOptions {
         checkpoint_dir: Some(o.checkpoint.clone()),
         resume: a.resume,
-        stop: Some(&stop),
+        stop: Some(&*stop),
         throttle_ms: a.throttle_ms,
         masks: a.mask.clone(),
         ..Default::default()

@@ -1,8 +1,6 @@
 //! Training (`lacuna-train`): the training forward equals the reference model's on SmolLM2, and
 //! bad inputs are refused, naming the problem, before any step.
 
-use std::path::Path;
-
 use candle_core::{Device, Tensor};
 use lacuna_api::PretrainRecipe;
 use lacuna_model::KvCache;
@@ -79,11 +77,10 @@ fn missing_and_empty_sources_are_named() {
     assert!(e.contains("wikipedia") && e.contains("known datasets"), "{e}");
 }
 
-fn tiny_on_disk(root: &Path, seed: u64) -> lacuna_model::Llama {
+fn tiny(seed: u64) -> lacuna_model::Llama {
     let smol = smollm2();
     let mut cfg = tiny_config(smol.model.config().vocab_size, 32, 2, 4, 2, true);
     cfg.eos_token_ids = smol.model.config().eos_token_ids.clone();
-    let _ = root;
     tiny_llama(&cfg, seed, 0.5).unwrap()
 }
 
@@ -93,7 +90,7 @@ const PRETRAIN: &str = "data:\n  sources:\n    - {name: prose, weight: 1}\n  seq
 #[test]
 fn a_mask_whose_shape_disagrees_is_refused_before_training() {
     let tmp = tempfile::tempdir().unwrap();
-    let model = tiny_on_disk(tmp.path(), 3);
+    let model = tiny(3);
     let mask = tmp.path().join("mask.safetensors");
     let bad = Tensor::ones((5, 7), candle_core::DType::U8, &Device::Cpu).unwrap();
     candle_core::safetensors::save(
@@ -119,7 +116,7 @@ fn a_mask_whose_shape_disagrees_is_refused_before_training() {
 #[test]
 fn resuming_another_models_checkpoint_is_refused_before_training() {
     let tmp = tempfile::tempdir().unwrap();
-    let (a, b) = (tiny_on_disk(tmp.path(), 1), tiny_on_disk(tmp.path(), 2));
+    let (a, b) = (tiny(1), tiny(2));
     let dir = tmp.path().join("ck");
     let tok = &smollm2().tokenizer;
     let r = recipe(PRETRAIN);
