@@ -116,9 +116,7 @@ struct Reporter {
 impl Reporter {
     fn new(steps: u64, path: &Path, resume: bool) -> Result<Self> {
         let pb = ProgressBar::new(steps);
-        pb.set_style(ProgressStyle::with_template(
-            "{msg} {bar:30} {pos}/{len} steps  {elapsed} (eta {eta})",
-        )?);
+        pb.set_style(ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} steps  {elapsed} (eta {eta})")?);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(resume)
@@ -177,19 +175,16 @@ fn stop_flag() -> Result<Arc<AtomicBool>> {
 }
 
 /// Writes the trained model (and its bitmask form) and the run's report.
-fn write_outputs(
-    a: &TrainArgs,
-    o: &Outputs,
-    model: &Llama,
-    ck: &Checkpoint,
-    report: serde_json::Value,
-) -> Result<()> {
+fn write_outputs(a: &TrainArgs, o: &Outputs, model: &Llama, ck: &Checkpoint, report: serde_json::Value) -> Result<()> {
     let pb = spinner(&format!("writing {}", o.out.display()));
     let tensors = model.tensors();
-    hf::save_dir(&o.out, model.config(), &tensors, Some(&ck.tokenizer), &SaveOptions {
-        overwrite: a.overwrite,
-        ..Default::default()
-    })
+    hf::save_dir(
+        &o.out,
+        model.config(),
+        &tensors,
+        Some(&ck.tokenizer),
+        &SaveOptions { overwrite: a.overwrite, ..Default::default() },
+    )
     .with_context(|| format!("writing {}", o.out.display()))?;
     let mut targets = Vec::new();
     let (mut zeros, mut total) = (0usize, 0usize);
@@ -236,7 +231,8 @@ fn finish(a: &TrainArgs, o: &Outputs, s: &TrainSummary, report: &serde_json::Val
     if a.json {
         return print_json(report);
     }
-    let ppl = |r: &Option<trainer::EvalReport>| r.as_ref().map(|r| format!("{:.3}", r.perplexity)).unwrap_or("-".into());
+    let ppl =
+        |r: &Option<trainer::EvalReport>| r.as_ref().map(|r| format!("{:.3}", r.perplexity)).unwrap_or("-".into());
     println!(
         "trained {} steps{} at {:.0} tokens/s (masks {:.2}% of step time), held-out perplexity {} → {}, sparsity {:.2}% unchanged → {}",
         s.steps,
@@ -334,13 +330,10 @@ fn finetune(a: TrainArgs) -> Result<()> {
     let ck = open_model(&a.model)?;
     let cache = Cache::from_env().ok();
     let pb = spinner(&format!("loading {}", recipe.data.source));
-    let examples = data::load_instructions(
-        cache.as_ref(),
-        &recipe.data.source,
-        &ck.tokenizer,
-        recipe.data.max_length,
-        &|m| pb.set_message(m.to_owned()),
-    )?;
+    let examples =
+        data::load_instructions(cache.as_ref(), &recipe.data.source, &ck.tokenizer, recipe.data.max_length, &|m| {
+            pb.set_message(m.to_owned())
+        })?;
     pb.finish_and_clear();
     let teacher = match &recipe.distillation {
         Some(d) => Some(open_model(&d.teacher).context("distillation.teacher")?),
@@ -358,11 +351,12 @@ fn finetune(a: TrainArgs) -> Result<()> {
     };
     let mut rep = Reporter::new(recipe.schedule.steps, &o.metrics, a.resume)?;
     let mut err = None;
-    let res = trainer::finetune(&ck.model, &recipe, examples, teacher.as_ref().map(|t| &t.model), pad, &opts, &mut |e| {
-        if let Err(e) = rep.event(e) {
-            err.get_or_insert(e);
-        }
-    });
+    let res =
+        trainer::finetune(&ck.model, &recipe, examples, teacher.as_ref().map(|t| &t.model), pad, &opts, &mut |e| {
+            if let Err(e) = rep.event(e) {
+                err.get_or_insert(e);
+            }
+        });
     rep.pb.finish_and_clear();
     let (model, summary) = res?;
     if let Some(e) = err {

@@ -43,7 +43,9 @@ fn corpus(root: &Path) -> (PathBuf, PathBuf) {
     let a = root.join("prose.txt");
     std::fs::write(&a, prose).unwrap();
     let code: String = (0..30)
-        .map(|i| serde_json::json!({"text": format!("def f{i}(x):\n    return x * {i} + {}\n", i % 7)}).to_string() + "\n")
+        .map(|i| {
+            serde_json::json!({"text": format!("def f{i}(x):\n    return x * {i} + {}\n", i % 7)}).to_string() + "\n"
+        })
         .collect();
     let b = root.join("code.jsonl");
     std::fs::write(&b, code).unwrap();

@@ -46,7 +46,9 @@ const TEXT: &str = "Sparse models keep most of their quality when they continue 
 
 #[test]
 fn weights_summing_to_zero_are_refused() {
-    let r = recipe("data:\n  sources:\n    - {name: wiki, weight: 0}\n    - {name: python, weight: 0}\nschedule: {steps: 1}\n");
+    let r = recipe(
+        "data:\n  sources:\n    - {name: wiki, weight: 0}\n    - {name: python, weight: 0}\nschedule: {steps: 1}\n",
+    );
     let e = r.validate().unwrap_err().to_string();
     assert!(e.contains("positive"), "{e}");
     let ck = smollm2();

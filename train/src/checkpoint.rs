@@ -170,7 +170,11 @@ pub fn restore(dir: &Path, device: &Device, model: &TrainLlama, opt: &mut AdamW,
             if k.dims() != model.shapes()[i].as_slice() {
                 return Err(Error::Mask {
                     name: name.clone(),
-                    msg: format!("checkpoint mask shape {:?} disagrees with the weight's {:?}", k.dims(), model.shapes()[i]),
+                    msg: format!(
+                        "checkpoint mask shape {:?} disagrees with the weight's {:?}",
+                        k.dims(),
+                        model.shapes()[i]
+                    ),
                 });
             }
             let keep = k.to_dtype(DType::F32)?;

@@ -58,16 +58,17 @@ pub fn file_path(uri: &str) -> PathBuf {
 }
 
 fn read_documents(name: &str, path: &Path) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| src_err(name, format!("cannot read {}: {e}", path.display())))?;
+    let text =
+        std::fs::read_to_string(path).map_err(|e| src_err(name, format!("cannot read {}: {e}", path.display())))?;
     let docs: Vec<String> = if path.extension().is_some_and(|e| e == "jsonl") {
         let mut v = Vec::new();
         for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
             let j: serde_json::Value = serde_json::from_str(line)
                 .map_err(|e| src_err(name, format!("{} line {}: {e}", path.display(), i + 1)))?;
-            let t = j.get("text").and_then(|t| t.as_str()).ok_or_else(|| {
-                src_err(name, format!("{} line {}: no string field `text`", path.display(), i + 1))
-            })?;
+            let t = j
+                .get("text")
+                .and_then(|t| t.as_str())
+                .ok_or_else(|| src_err(name, format!("{} line {}: no string field `text`", path.display(), i + 1)))?;
             v.push(t.to_owned());
         }
         v
@@ -190,8 +191,13 @@ impl Mixture {
     /// `sources` in the recipe's order with their weights (validated: finite, ≥ 0, positive sum).
     pub fn new(sources: &[(TextSource, f64)], tok: &Tokenizer, seq_len: usize, seed: u64) -> Result<Self> {
         let total: f64 = sources.iter().map(|(_, w)| *w).sum();
-        if sources.is_empty() || !(total.is_finite() && total > 0.0) || sources.iter().any(|(_, w)| w.is_nan() || *w < 0.0) {
-            return Err(Error::Recipe("data.sources: weights must be non-negative and sum to a positive number".into()));
+        if sources.is_empty()
+            || !(total.is_finite() && total > 0.0)
+            || sources.iter().any(|(_, w)| w.is_nan() || *w < 0.0)
+        {
+            return Err(Error::Recipe(
+                "data.sources: weights must be non-negative and sum to a positive number".into(),
+            ));
         }
         let streams = sources
             .iter()

@@ -66,9 +66,8 @@ impl TrainLlama {
             names.push(name);
             shapes.push(shape);
         }
-        let idx = |n: &str| {
-            index.get(n).copied().ok_or_else(|| Error::Recipe(format!("the model has no tensor `{n}`")))
-        };
+        let idx =
+            |n: &str| index.get(n).copied().ok_or_else(|| Error::Recipe(format!("the model has no tensor `{n}`")));
         let mut blocks = Vec::with_capacity(config.num_hidden_layers);
         for b in 0..config.num_hidden_layers {
             let p = format!("model.layers.{b}");
@@ -258,8 +257,7 @@ fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
 
 /// `[t, t]`: 0 on and below the diagonal, −∞ above.
 fn causal_mask(t: usize, device: &Device) -> Result<Tensor> {
-    let m: Vec<f32> =
-        (0..t).flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY })).collect();
+    let m: Vec<f32> = (0..t).flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY })).collect();
     Ok(Tensor::from_vec(m, (t, t), device)?)
 }
 

@@ -11,7 +11,14 @@ use rand_chacha::ChaCha8Rng;
 use crate::Result;
 
 /// A Llama config of the given size (RoPE θ 10⁴, no scaling, eps 1e-5).
-pub fn tiny_config(vocab: usize, hidden: usize, layers: usize, heads: usize, kv_heads: usize, tied: bool) -> LlamaConfig {
+pub fn tiny_config(
+    vocab: usize,
+    hidden: usize,
+    layers: usize,
+    heads: usize,
+    kv_heads: usize,
+    tied: bool,
+) -> LlamaConfig {
     LlamaConfig {
         vocab_size: vocab,
         hidden_size: hidden,

@@ -90,7 +90,8 @@ fn masked_entries_stay_exactly_zero() {
     let masks = masks_from_zeros(&m).unwrap();
     assert_eq!(masks.len(), 14);
     assert!(masks.iter().all(|k| k.sparsity() > 0.3 && k.sparsity() < 0.7));
-    let before: Vec<Vec<f32>> = m.params().iter().map(|p| p.as_tensor().flatten_all().unwrap().to_vec1().unwrap()).collect();
+    let before: Vec<Vec<f32>> =
+        m.params().iter().map(|p| p.as_tensor().flatten_all().unwrap().to_vec1().unwrap()).collect();
     let spec = OptimizerSpec { learning_rate: 1e-2, weight_decay: 0.1, ..Default::default() };
     let mut opt = AdamW::new(&spec, m.params()).unwrap();
     let mut rng = ChaCha8Rng::seed_from_u64(9);
@@ -98,7 +99,8 @@ fn masked_entries_stay_exactly_zero() {
     for _ in 0..5 {
         let (ids, targets) = random_ids(&mut rng, 40, 2, 6);
         let out = m.forward(&ids, false).unwrap();
-        let l = cross_entropy(&out.logits, &targets, &targets.ones_like().unwrap().to_dtype(DType::F32).unwrap()).unwrap();
+        let l =
+            cross_entropy(&out.logits, &targets, &targets.ones_like().unwrap().to_dtype(DType::F32).unwrap()).unwrap();
         let gs = l.backward().unwrap();
         let grads: Vec<Tensor> = m.params().iter().map(|p| gs.get(p.as_tensor()).unwrap().clone()).collect();
         for k in &masks {

@@ -197,7 +197,10 @@ fn masks_from_file(model: &TrainLlama, path: &Path, device: &Device) -> Result<V
         .filter(|k| !model.names().iter().any(|n| *k == n || k.strip_prefix("mask.") == Some(n.as_str())))
         .collect();
     if let Some(k) = extra.first() {
-        return Err(Error::Mask { name: (*k).clone(), msg: format!("{}: no such weight in the model", path.display()) });
+        return Err(Error::Mask {
+            name: (*k).clone(),
+            msg: format!("{}: no such weight in the model", path.display()),
+        });
     }
     Ok(out)
 }
@@ -212,7 +215,9 @@ fn perplexity(model: &TrainLlama, windows: &[(String, Vec<u32>)], step: u64) -> 
         let targets = Tensor::from_vec(w[1..].to_vec(), n, dev)?;
         let weights = Tensor::ones(n, candle_core::DType::F32, dev)?;
         let out = model.forward_no_grad(&ids, false)?;
-        let l = loss::cross_entropy(&out.logits, &targets, &weights)?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        let l = loss::cross_entropy(&out.logits, &targets, &weights)?
+            .to_dtype(candle_core::DType::F64)?
+            .to_scalar::<f64>()?;
         let e = per.entry(group.clone()).or_default();
         e.0 += l * n as f64;
         e.1 += n;
@@ -242,7 +247,9 @@ fn example_perplexity(model: &TrainLlama, examples: &[Example], step: u64) -> Re
     for e in examples {
         let b = data::batch_of(std::iter::once(e), 0, dev)?;
         let out = model.forward_no_grad(&b.ids, false)?;
-        let l = loss::cross_entropy(&out.logits, &b.targets, &b.weights)?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        let l = loss::cross_entropy(&out.logits, &b.targets, &b.weights)?
+            .to_dtype(candle_core::DType::F64)?
+            .to_scalar::<f64>()?;
         nll += l * b.tokens as f64;
         tokens += b.tokens;
     }
@@ -528,7 +535,13 @@ pub struct Update {
 
 /// One optimizer step under frozen masks (Algorithm 1): gradients ⊙ M, global-norm clip, AdamW
 /// at `lr`, weights ⊙ M.
-pub fn masked_update(model: &TrainLlama, masks: &[Mask], opt: &mut AdamW, mut grads: Vec<Tensor>, lr: f64) -> Result<Update> {
+pub fn masked_update(
+    model: &TrainLlama,
+    masks: &[Mask],
+    opt: &mut AdamW,
+    mut grads: Vec<Tensor>,
+    lr: f64,
+) -> Result<Update> {
     let tm = Instant::now();
     for m in masks {
         grads[m.param] = (&grads[m.param] * &m.keep)?;
@@ -657,7 +670,9 @@ pub fn finetune(
         (Some(_), None) => return Err(Error::Recipe("distillation: the teacher model was not given".into())),
         (Some(_), Some(t)) => {
             let (a, b) = (t.config(), input.config());
-            if a.num_hidden_layers != b.num_hidden_layers || a.hidden_size != b.hidden_size || a.vocab_size != b.vocab_size
+            if a.num_hidden_layers != b.num_hidden_layers
+                || a.hidden_size != b.hidden_size
+                || a.vocab_size != b.vocab_size
             {
                 return Err(Error::Recipe(format!(
                     "distillation.teacher: {} blocks × {} hidden × {} vocab, the student {} × {} × {}",
