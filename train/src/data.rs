@@ -21,7 +21,6 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use lacuna_api::DataSource;
 use lacuna_data::{Cache, DatasetName, Split};
 use lacuna_model::chat::{ChatMessage, ChatTemplate};
 use lacuna_model::tokenizer::Tokenizer;

@@ -45,7 +45,7 @@ pub fn tiny_llama(config: &LlamaConfig, seed: u64, sparsity: f64) -> Result<Llam
     let c = config;
     let (h, q, kv, f) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
     let mut t = BTreeMap::new();
-    let mut rand = |shape: Vec<usize>, prune: f64, around: f32, rng: &mut ChaCha8Rng| -> Result<Weight> {
+    let rand = |shape: Vec<usize>, prune: f64, around: f32, rng: &mut ChaCha8Rng| -> Result<Weight> {
         let n: usize = shape.iter().product();
         let v = (0..n)
             .map(|_| if rng.random::<f64>() < prune { 0.0 } else { around + rng.random_range(-0.35f32..0.35) })

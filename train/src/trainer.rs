@@ -350,7 +350,7 @@ fn run(
             step = state.step;
             resumed_at = Some(step);
             optim::verify_sparsity(model, &masks)?;
-            optim::verify_masked_moments(&opt, &masks)?;
+            opt.verify_masked_moments(&masks)?;
         } else if let Some(found) = checkpoint::locate(dir) {
             return Err(Error::Checkpoint {
                 path: found,
@@ -383,7 +383,7 @@ fn run(
     let save = |step: u64, opt: &AdamW, masks: &[Mask], feed: &dyn Feed| -> Result<Option<PathBuf>> {
         let Some(dir) = &opts.checkpoint_dir else { return Ok(None) };
         optim::verify_sparsity(model, masks)?;
-        optim::verify_masked_moments(opt, masks)?;
+        opt.verify_masked_moments(masks)?;
         let state = State {
             format: 1,
             kind: job.kind.to_owned(),
@@ -499,7 +499,7 @@ fn run(
         }
     }
     optim::verify_sparsity(model, &masks)?;
-    optim::verify_masked_moments(&opt, &masks)?;
+    opt.verify_masked_moments(&masks)?;
     let eval_after = if interrupted {
         None
     } else {
