@@ -244,21 +244,23 @@ impl<'t, E: Engine> Scheduler<'t, E> {
             if abandoned && !s.done {
                 tracing::info!(request_id = %r.id, choice = s.index, "client disconnected; sequence released");
             }
+            // The request's last sequence ended: it leaves the table, counted as a success
+            // unless its client went away or it failed.
             if r.live == 0
                 && let Some(r) = self.requests.remove(&s.request)
+                && !abandoned
+                && !r.failed
             {
-                if !abandoned && !r.failed {
-                    let reason = if r.any_length { FinishReason::Length } else { FinishReason::Stop };
-                    self.metrics.request_succeeded(reason);
-                    self.metrics.e2e_request_latency.observe(r.arrived.elapsed().as_secs_f64());
-                    tracing::info!(
-                        request_id = %r.id,
-                        prompt_tokens = r.prompt_tokens,
-                        completion_tokens = r.completion_tokens,
-                        seconds = r.arrived.elapsed().as_secs_f64(),
-                        "request finished"
-                    );
-                }
+                let reason = if r.any_length { FinishReason::Length } else { FinishReason::Stop };
+                self.metrics.request_succeeded(reason);
+                self.metrics.e2e_request_latency.observe(r.arrived.elapsed().as_secs_f64());
+                tracing::info!(
+                    request_id = %r.id,
+                    prompt_tokens = r.prompt_tokens,
+                    completion_tokens = r.completion_tokens,
+                    seconds = r.arrived.elapsed().as_secs_f64(),
+                    "request finished"
+                );
             }
         }
         // Keep the batch in admission order (swap_remove shuffles it).
@@ -531,11 +533,10 @@ mod tests {
         Tokenizer::from_gguf(&file).unwrap()
     }
 
-    fn start(
-        max_batch: usize,
-        prefill_chunk: usize,
-        delay_ms: u64,
-    ) -> (SchedulerHandle, Arc<Mutex<Vec<Call>>>, Arc<Metrics>, JoinHandle<()>) {
+    /// The scheduler, the fake engine's call log, the metrics and the scheduler thread.
+    type Started = (SchedulerHandle, Arc<Mutex<Vec<Call>>>, Arc<Metrics>, JoinHandle<()>);
+
+    fn start(max_batch: usize, prefill_chunk: usize, delay_ms: u64) -> Started {
         let tok = tokenizer();
         assert!(tok.eos_ids().iter().all(|&e| e < base(tok.vocab_size())), "EOS among the fake's tokens");
         let config = LlamaConfig {
