@@ -2,8 +2,9 @@
 //!
 //! The scheduler owns one [`Engine`] on its own thread and drives it with three calls: `prefill`
 //! (chunks of a sequence's prompt), `decode` (one token for each of many sequences) and `release`.
-//! [`LlamaEngine`] implements it on the reference forward pass, one sequence at a time; a batched
-//! runtime drops in by implementing the same four methods.
+//! [`lacuna_model::runtime::Runtime`] implements it with batched decode steps (one pass over
+//! the weights advances every running sequence) and is what `lacuna serve` runs;
+//! [`LlamaEngine`] is the reference forward pass, one sequence at a time.
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
@@ -107,5 +108,29 @@ impl Engine for LlamaEngine {
 
     fn release(&mut self, seq: SeqId) {
         self.caches.remove(&seq);
+    }
+}
+
+/// The batched decode runtime: a `decode` call is one step for up to `max_batch` sequences at
+/// their own positions (larger batches go in slices of `max_batch`).
+impl Engine for lacuna_model::runtime::Runtime {
+    fn config(&self) -> &LlamaConfig {
+        lacuna_model::runtime::Runtime::config(self)
+    }
+
+    fn prefill(&mut self, seq: SeqId, tokens: &[u32]) -> Result<Vec<f32>> {
+        Ok(lacuna_model::runtime::Runtime::prefill(self, seq, tokens)?.to_vec())
+    }
+
+    fn decode(&mut self, batch: &[(SeqId, u32)], logits: &mut Vec<f32>) -> Result<()> {
+        logits.clear();
+        for step in batch.chunks(self.max_batch()) {
+            logits.extend_from_slice(lacuna_model::runtime::Runtime::decode(self, step)?);
+        }
+        Ok(())
+    }
+
+    fn release(&mut self, seq: SeqId) {
+        lacuna_model::runtime::Runtime::release(self, seq);
     }
 }

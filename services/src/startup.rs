@@ -11,11 +11,12 @@ use actix_web::{App, HttpServer, web};
 use anyhow::{Context, Result, bail};
 use lacuna_model::chat::ChatTemplate;
 use lacuna_model::checkpoint::Checkpoint;
+use lacuna_model::runtime::Runtime;
 use lacuna_model::tokenizer::Tokenizer;
 use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
 
-use crate::engine::{Engine, LlamaEngine};
+use crate::engine::Engine;
 use crate::metrics::Metrics;
 use crate::routes::{self, AppState};
 use crate::scheduler::{self, SchedulerConfig};
@@ -49,7 +50,7 @@ pub fn default_model_name(path: &Path) -> String {
 }
 
 impl Application {
-    /// Loads `settings.model` onto the CPU engine and binds `settings.host:port`.
+    /// Loads `settings.model` into the batched CPU runtime and binds `settings.host:port`.
     pub fn build(settings: Settings) -> Result<Self> {
         settings.validate()?;
         let path = settings.model.clone().context("no model given")?;
@@ -58,7 +59,10 @@ impl Application {
         tracing::info!(model = %path.display(), seconds = t0.elapsed().as_secs_f64(), "model loaded");
         let name = settings.served_model_name.clone().unwrap_or_else(|| default_model_name(&path));
         let Checkpoint { model, tokenizer, .. } = ck;
-        Self::build_with_engine(settings, LlamaEngine::new(model), tokenizer, name)
+        let max_context = settings.max_context.unwrap_or(model.config().max_position_embeddings);
+        let runtime = Runtime::new(Arc::new(model), settings.max_batch.max(1), max_context)
+            .context("starting the decode runtime")?;
+        Self::build_with_engine(settings, runtime, tokenizer, name)
     }
 
     /// Like [`Application::build`] with a given engine (a batched runtime, or a test double).
