@@ -185,18 +185,6 @@ impl KvCache {
     pub fn capacity(&self) -> usize {
         self.capacity
     }
-    /// Grows the cache to hold at least `positions` (doubling, so growth is amortised; the
-    /// positions held are kept).
-    pub fn reserve(&mut self, positions: usize) {
-        if positions <= self.capacity {
-            return;
-        }
-        let cap = positions.max(2 * self.capacity);
-        for layer in self.k.iter_mut().chain(self.v.iter_mut()) {
-            layer.resize(cap * self.kv_dim, 0.0);
-        }
-        self.capacity = cap;
-    }
     pub fn clear(&mut self) {
         self.len = 0;
     }

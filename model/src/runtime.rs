@@ -156,7 +156,7 @@ impl Runtime {
                 self.max_context
             )));
         }
-        self.caches[s].reserve((len + tokens.len()).max(INITIAL_POSITIONS).min(self.max_context));
+        self.caches[s].grow((len + tokens.len()).max(INITIAL_POSITIONS).min(self.max_context));
         let logits = self.model.forward_last_logits(tokens, &mut self.caches[s])?;
         let vocab = self.config().vocab_size;
         self.b.logits[..vocab].copy_from_slice(&logits);
@@ -196,7 +196,7 @@ impl Runtime {
             let pos = self.caches[s].len();
             if pos < self.max_context {
                 // Amortised: allocates only when the cache doubles.
-                self.caches[s].reserve((pos + 1).next_power_of_two().min(self.max_context));
+                self.caches[s].grow((pos + 1).next_power_of_two().min(self.max_context));
             }
             if pos >= self.max_context {
                 return Err(Error::Invalid(format!("sequence {seq} is full ({} positions)", self.max_context)));

@@ -235,14 +235,20 @@ enum Kind {
     Chat,
 }
 
+/// The body read within its size limit, parsed as an OpenAI request for the served model.
+async fn read_request(req: &HttpRequest, payload: web::Payload, state: &AppState) -> Result<Request, ApiError> {
+    let body = read_body(req, payload, state.max_body_bytes).await?;
+    let r: Request = openai::parse(&body)?;
+    check_model(state, &r)?;
+    Ok(r)
+}
+
 async fn completions(
     req: HttpRequest,
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let body = read_body(&req, payload, state.max_body_bytes).await?;
-    let r: Request = openai::parse(&body)?;
-    check_model(&state, &r)?;
+    let r = read_request(&req, payload, &state).await?;
     if r.messages.is_some() {
         return Err(ApiError::param("messages", "messages belongs to /v1/chat/completions; send prompt here"));
     }
@@ -273,9 +279,7 @@ async fn chat_completions(
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let body = read_body(&req, payload, state.max_body_bytes).await?;
-    let r: Request = openai::parse(&body)?;
-    check_model(&state, &r)?;
+    let r = read_request(&req, payload, &state).await?;
     if r.prompt.is_some() {
         return Err(ApiError::param("prompt", "prompt belongs to /v1/completions; send messages here"));
     }
