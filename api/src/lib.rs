@@ -4,6 +4,7 @@
 //! Field names are camelCase (Kubernetes convention); unknown keys are rejected so that a typo in a
 //! recipe is an error before any work starts, never a silently ignored setting.
 
+pub mod crd;
 pub mod prune;
 pub mod quantize;
 pub mod train;
@@ -29,6 +30,14 @@ pub enum RecipeError {
 impl RecipeError {
     pub(crate) fn invalid(field: &str, msg: impl Into<String>) -> Self {
         RecipeError::Invalid { field: field.to_owned(), msg: msg.into() }
+    }
+
+    /// The same error with its field placed under `parent` (`sparsity` → `spec.pruning.sparsity`).
+    pub fn within(self, parent: &str) -> Self {
+        match self {
+            RecipeError::Invalid { field, msg } => RecipeError::Invalid { field: format!("{parent}.{field}"), msg },
+            other => other,
+        }
     }
 }
 

@@ -166,6 +166,7 @@ pub struct CalibrationSpec {
     #[serde(default = "default_samples")]
     pub samples: usize,
     #[serde(default = "default_seq_len")]
+    #[schemars(range(min = 2))]
     pub seq_len: usize,
 }
 
@@ -219,9 +220,11 @@ impl FromStr for CalibrationSpec {
 pub struct SparseGptParams {
     /// Columns per adaptive-mask block.
     #[serde(default = "default_blocksize")]
+    #[schemars(range(min = 1))]
     pub blocksize: usize,
     /// Added to the Hessian diagonal as this fraction of its mean (escalated if Cholesky fails).
     #[serde(default = "default_dampening")]
+    #[schemars(range(min = 0.0))]
     pub dampening: f64,
 }
 
@@ -254,6 +257,7 @@ fn default_ignore() -> Vec<String> {
 pub struct PruneRecipe {
     pub method: PruneMethod,
     /// Fraction of each target weight set to zero, in [0, 1). For N:M, implied when omitted.
+    #[schemars(range(min = 0.0, max = 1.0), extend("exclusiveMaximum" = true))]
     pub sparsity: Option<f64>,
     #[serde(default)]
     pub profile: SparsityProfile,

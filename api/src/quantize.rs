@@ -24,12 +24,14 @@ pub struct QuantizeRecipe {
     pub scheme: QuantScheme,
     /// SmoothQuant migration strength α in [0, 1]; 0 disables smoothing.
     #[serde(default = "default_alpha")]
+    #[schemars(range(min = 0.0, max = 1.0))]
     pub smoothquant_alpha: f64,
     /// GPTQ dampening, as a fraction of the mean Hessian diagonal.
     #[serde(default = "default_damp")]
     pub dampening: f64,
     /// GPTQ columns per lazy-update block.
     #[serde(default = "default_block")]
+    #[schemars(range(min = 1))]
     pub block_size: usize,
     /// The N linear layers whose inputs have the highest kurtosis stay unquantized.
     #[serde(default)]

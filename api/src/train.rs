@@ -18,6 +18,7 @@ pub struct DataSource {
     /// (`file:///path`).
     pub name: String,
     /// Relative sampling weight; weights are normalised over the mixture.
+    #[schemars(range(min = 0.0))]
     pub weight: f64,
 }
 
@@ -50,8 +51,10 @@ pub struct OptimizerSpec {
     #[serde(default = "default_weight_decay")]
     pub weight_decay: f64,
     #[serde(default = "default_beta1")]
+    #[schemars(range(min = 0.0, max = 1.0), extend("exclusiveMaximum" = true))]
     pub beta1: f64,
     #[serde(default = "default_beta2")]
+    #[schemars(range(min = 0.0, max = 1.0), extend("exclusiveMaximum" = true))]
     pub beta2: f64,
     #[serde(default = "default_eps")]
     pub eps: f64,
@@ -111,12 +114,15 @@ pub enum TrainDtype {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TrainingSchedule {
     /// Optimizer steps.
+    #[schemars(range(min = 1))]
     pub steps: u64,
     /// Sequences per micro-batch.
     #[serde(default = "default_one")]
+    #[schemars(range(min = 1))]
     pub batch_size: usize,
     /// Micro-batches accumulated per optimizer step.
     #[serde(default = "default_one")]
+    #[schemars(range(min = 1))]
     pub gradient_accumulation: usize,
     #[serde(default)]
     pub dtype: TrainDtype,

@@ -23,9 +23,13 @@ pub fn print_json(v: &impl serde::Serialize) -> Result<()> {
 }
 
 pub fn open_model(arg: &str) -> Result<Checkpoint> {
-    let path = model_path(arg)?;
+    load_model(&model_path(arg)?)
+}
+
+/// Loads the checkpoint at `path` (a spinner while it reads).
+pub fn load_model(path: &std::path::Path) -> Result<Checkpoint> {
     let pb = spinner(&format!("loading {}", path.display()));
-    let ck = Checkpoint::open(&path).with_context(|| format!("loading model {}", path.display()))?;
+    let ck = Checkpoint::open(path).with_context(|| format!("loading model {}", path.display()))?;
     pb.finish_and_clear();
     Ok(ck)
 }

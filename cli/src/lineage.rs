@@ -5,7 +5,6 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
-use lacuna_api::PruneRecipe;
 use lacuna_lineage::{
     Artifact, ArtifactKind, ChainLink, ExecutionKind, ExecutionState, LineageOptions, LineageStore, NewArtifact,
     NewExecution, file_uri, format_timestamp, local_resource, sha256_of_path,
@@ -131,26 +130,30 @@ fn describe(a: &Artifact) -> String {
     s
 }
 
-/// What `lacuna prune` produced, for its lineage report.
-pub struct PruneRun<'a> {
+/// What a stage (`lacuna prune`, `lacuna train …`) produced, for its lineage report.
+pub struct StageRun<'a> {
+    pub kind: ExecutionKind,
     pub model: &'a Path,
     pub recipe_file: Option<&'a Path>,
-    pub recipe: &'a PruneRecipe,
-    pub out: &'a Path,
-    pub bitmask_out: &'a Path,
-    pub sparsity: f64,
-    /// The run's JSON report: a measured `perplexity` (top level or in `summary`) becomes a metric.
-    pub report: &'a serde_json::Value,
+    /// The effective recipe (file plus flags), hashed into the execution's spec.
+    pub recipe: serde_json::Value,
+    /// The outputs: the dense directory, and the bitmask form when one was written.
+    pub outputs: Vec<&'a Path>,
+    pub sparsity: Option<f64>,
+    /// Measurements attached to the outputs (`perplexity`, …).
+    pub metrics: serde_json::Map<String, serde_json::Value>,
+    /// One line on what it did (`sparsegpt to 50.00% sparsity`).
+    pub message: String,
 }
 
-/// Records a finished prune (input model, recipe, both outputs) in the lineage database. Never
-/// fails the run: an unreachable database spools the records, anything else is a warning.
-pub fn report_prune(run: &PruneRun) {
+/// Records a finished stage (input model, recipe, outputs) in the lineage database. Never fails
+/// the run: an unreachable database spools the records, anything else is a warning.
+pub fn report_run(run: &StageRun) {
     if std::env::var(URL_ENV).is_ok_and(|v| v == "off") {
         return;
     }
     let url = std::env::var(URL_ENV).ok().filter(|v| !v.is_empty());
-    let result = runtime().and_then(|rt| rt.block_on(record_prune(url.as_deref(), run)));
+    let result = runtime().and_then(|rt| rt.block_on(record_run(url.as_deref(), run)));
     match result {
         Ok(None) => {}
         Ok(Some((pending, dir))) => eprintln!(
@@ -162,8 +165,30 @@ pub fn report_prune(run: &PruneRun) {
     }
 }
 
+/// Records that `lacuna apply` serves `model` as the service `name` (an execution of kind serve
+/// with the model as input, so the chain ends at the service). Never fails the run.
+pub fn report_serving(model: &Path, name: &str, spec_hash: &str) {
+    if std::env::var(URL_ENV).is_ok_and(|v| v == "off") {
+        return;
+    }
+    let url = std::env::var(URL_ENV).ok().filter(|v| !v.is_empty());
+    let result = runtime().and_then(|rt| {
+        rt.block_on(async {
+            let store = open(url.as_deref()).await?;
+            let input = NewArtifact::new(ArtifactKind::Model, file_uri(model), sha256_of_path(model)?);
+            let input = store.record_artifact(&input).await?;
+            let execution = NewExecution::new(ExecutionKind::Serve, spec_hash, format!("local:{name}"));
+            store.start_execution(&execution, &[input]).await?;
+            anyhow::Ok(())
+        })
+    });
+    if let Err(e) = result {
+        eprintln!("warning: lineage not recorded: {e:#}");
+    }
+}
+
 /// Returns the spool's size and place when records wait there.
-async fn record_prune(url: Option<&str>, run: &PruneRun<'_>) -> Result<Option<(usize, PathBuf)>> {
+async fn record_run(url: Option<&str>, run: &StageRun<'_>) -> Result<Option<(usize, PathBuf)>> {
     let store = open(url).await?;
     let model_sha = sha256_of_path(run.model)?;
     let model = store.record_artifact(&NewArtifact::new(ArtifactKind::Model, file_uri(run.model), &model_sha)).await?;
@@ -172,25 +197,21 @@ async fn record_prune(url: Option<&str>, run: &PruneRun<'_>) -> Result<Option<(u
         let recipe = NewArtifact::new(ArtifactKind::Recipe, file_uri(r), sha256_of_path(r)?);
         inputs.push(store.record_artifact(&recipe).await?);
     }
-    // The spec: the effective recipe (file plus flags) applied to this input.
-    let spec = serde_json::json!({ "recipe": run.recipe, "model_sha256": model_sha });
+    // The spec: the effective recipe applied to this input.
+    let spec = serde_json::json!({ "kind": run.kind, "recipe": run.recipe, "model_sha256": model_sha });
     let spec_hash = hex::encode(Sha256::digest(serde_json::to_vec(&spec)?));
-    let execution = NewExecution::new(ExecutionKind::Prune, spec_hash, local_resource(run.out));
+    let Some(first) = run.outputs.first() else { anyhow::bail!("a stage run without outputs") };
+    let execution = NewExecution::new(run.kind, spec_hash, local_resource(first));
     let id = store.start_execution(&execution, &inputs).await?;
 
-    let perplexity =
-        run.report.get("perplexity").or_else(|| run.report.get("summary").and_then(|s| s.get("perplexity")));
     let mut outputs = Vec::new();
-    for dir in [run.out, run.bitmask_out] {
+    for dir in &run.outputs {
         let mut a = NewArtifact::new(ArtifactKind::Model, file_uri(dir), sha256_of_path(dir)?);
-        a.sparsity = Some(run.sparsity.clamp(0.0, 1.0));
-        if let Some(p) = perplexity.filter(|p| p.is_number()) {
-            a.metrics.insert("perplexity".to_owned(), p.clone());
-        }
+        a.sparsity = run.sparsity.map(|s| s.clamp(0.0, 1.0));
+        a.metrics = run.metrics.clone();
         outputs.push(store.record_artifact(&a).await?);
     }
-    let message = format!("{:?} to {:.2}% sparsity", run.recipe.method, 100.0 * run.sparsity).to_lowercase();
-    store.finish_execution(&id, ExecutionState::Succeeded, &outputs, Some(&message)).await?;
+    store.finish_execution(&id, ExecutionState::Succeeded, &outputs, Some(&run.message)).await?;
     let pending = store.pending().await?;
     Ok((pending > 0).then(|| (pending, store.spool_dir().to_path_buf())))
 }

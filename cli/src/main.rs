@@ -1,11 +1,14 @@
 //! `lacuna`: the command line and the entrypoint of every Lacuna pod.
 
+mod apply;
 mod bench;
 mod commands;
 mod lineage;
 mod prune;
 mod resolve;
 mod serve;
+mod stage;
+mod train;
 
 use std::process::ExitCode;
 
@@ -50,6 +53,12 @@ enum Command {
     Lineage(lineage::LineageCmd),
     /// The OpenAI-compatible inference service (continuous batching, streaming, metrics).
     Serve(Box<serve::ServeArgs>),
+    /// Run lacuna.dev manifests (SparsePretrainJob, FineTuneJob, QuantizeJob,
+    /// SparseInferenceService) on this machine, as the operator runs them in a cluster.
+    Apply(apply::ApplyArgs),
+    /// Sparse pretraining and (SquareHead-distilled) sparse fine-tuning from a recipe.
+    #[command(subcommand)]
+    Train(train::TrainCmd),
     /// The main job on embedded defaults: fetch SmolLM2 and a corpus, chat once, measure perplexity.
     Demo(commands::DemoArgs),
 }
@@ -120,12 +129,15 @@ fn main() -> ExitCode {
         Command::Prune(a) => prune::run(*a),
         Command::Lineage(c) => lineage::run(c),
         Command::Serve(a) => serve::run(*a, cli.verbose),
+        Command::Train(c) => train::run(c),
+        Command::Apply(a) => apply::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::from(1)
+            // A stage run by a Job or `lacuna apply` also reports why it failed.
+            stage::report_failure(&e)
         }
     }
 }

@@ -12,7 +12,7 @@ use lacuna_model::hf::{self, SaveOptions};
 use lacuna_prune::pipeline::{self, Progress, RunOptions};
 
 use crate::bench::peak_rss_bytes;
-use crate::commands::{open_model, print_json};
+use crate::commands::print_json;
 use crate::resolve::spinner;
 
 #[derive(Args)]
@@ -129,7 +129,7 @@ pub fn run(a: PruneArgs) -> Result<()> {
             bail!("{} already exists (pass --overwrite to replace it)", out.display());
         }
     }
-    let mut ck = open_model(&a.model)?;
+    let mut ck = crate::stage::open_input_model(&a.model)?;
     pipeline::preflight(&ck.model, &recipe)?;
 
     let calib = if recipe.method == PruneMethod::Magnitude {
@@ -206,15 +206,20 @@ pub fn run(a: PruneArgs) -> Result<()> {
     });
     std::fs::write(a.out.join("lacuna_prune.json"), serde_json::to_vec_pretty(&report)?)?;
     std::fs::remove_dir_all(&ckpt_dir).with_context(|| format!("removing {}", ckpt_dir.display()))?;
-    crate::lineage::report_prune(&crate::lineage::PruneRun {
+    let perplexity = report.get("perplexity").or_else(|| report["summary"].get("perplexity")).filter(|p| p.is_number());
+    crate::lineage::report_run(&crate::lineage::StageRun {
+        kind: lacuna_lineage::ExecutionKind::Prune,
         model: &ck.path,
         recipe_file: a.recipe.as_deref(),
-        recipe: &recipe,
-        out: &a.out,
-        bitmask_out: &bitmask_out,
-        sparsity: summary.sparsity,
-        report: &report,
+        recipe: serde_json::to_value(&recipe)?,
+        outputs: vec![&a.out, &bitmask_out],
+        sparsity: Some(summary.sparsity),
+        metrics: perplexity.map(|p| [("perplexity".to_owned(), p.clone())].into_iter().collect()).unwrap_or_default(),
+        message: format!("{:?} to {:.2}% sparsity", recipe.method, 100.0 * summary.sparsity).to_lowercase(),
     });
+    let metrics =
+        perplexity.and_then(|p| p.as_f64()).map(|p| [("perplexity".to_owned(), p)].into()).unwrap_or_default();
+    crate::stage::report_success(&a.out, Some(summary.sparsity), metrics)?;
     if a.json {
         return print_json(&report);
     }

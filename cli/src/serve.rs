@@ -57,7 +57,10 @@ pub fn run(a: ServeArgs, verbose: u8) -> Result<()> {
     let mut s = Settings::layered(a.config.as_deref())?;
     let model = a.model.or_else(|| s.model.as_ref().map(|p| p.to_string_lossy().into_owned()));
     if let Some(m) = model {
-        s.model = Some(resolve::model_path(&m)?);
+        let path = resolve::model_path(&m)?;
+        // An inference pod given its input's checksum refuses a model that changed.
+        crate::stage::verify_input(&path)?;
+        s.model = Some(path);
     }
     macro_rules! flag {
         ($($f:ident),*) => { $(if let Some(v) = a.$f { s.$f = v; })* };

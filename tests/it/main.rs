@@ -12,3 +12,4 @@ mod reference;
 mod runtime;
 mod serve;
 mod tokenizer;
+mod train;

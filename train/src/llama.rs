@@ -1,0 +1,277 @@
+//! The Llama as a trainable candle graph: the weights of a [`lacuna_model::Llama`] as `Var`s, a
+//! forward pass over a `[batch, seq]` token batch that returns logits and, on request, every
+//! decoder block's output (what SquareHead distils), and the way back to a `lacuna_model::Llama`.
+//!
+//! The arithmetic is the reference model's (`lacuna_model::llama`): RMSNorm
+//! `x / sqrt(mean(x²) + eps) · w`, RoPE on the two halves of each head (HF `rotate_half`) with the
+//! angle computed in f64, GQA by repeating each KV head over its query group, SwiGLU
+//! `down(silu(gate(x)) · up(x))`, logits through `lm_head` or the tied embedding.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use candle_core::{D, DType, Device, Tensor, Var};
+use lacuna_model::weights::Weight;
+use lacuna_model::{LinearKind, Llama, LlamaConfig};
+
+use crate::{Error, Result};
+
+/// Indices into [`TrainLlama::params`] of one decoder block.
+#[derive(Clone, Debug)]
+struct BlockParams {
+    input_norm: usize,
+    /// q, k, v, o, gate, up, down (the order of [`LinearKind::ALL`]).
+    linears: [usize; 7],
+    post_norm: usize,
+}
+
+/// What a forward pass returns.
+pub struct ForwardOut {
+    /// `[batch · seq, vocab]`.
+    pub logits: Tensor,
+    /// Each decoder block's output (the residual stream after it), `[batch · seq, hidden]`;
+    /// empty unless asked for.
+    pub hidden: Vec<Tensor>,
+}
+
+pub struct TrainLlama {
+    config: LlamaConfig,
+    device: Device,
+    /// Hugging Face names, in `Llama::tensors()` order.
+    names: Vec<String>,
+    shapes: Vec<Vec<usize>>,
+    params: Vec<Var>,
+    embed: usize,
+    blocks: Vec<BlockParams>,
+    norm: usize,
+    lm_head: Option<usize>,
+    inv_freq: Vec<f32>,
+    /// Forward only: weights enter the graph detached (a teacher, an evaluation).
+    frozen: bool,
+}
+
+impl TrainLlama {
+    /// The weights of `model` (any stored dtype, dense or bitmask) as f32 `Var`s on `device`.
+    pub fn from_model(model: &Llama, device: &Device) -> Result<Self> {
+        let config = model.config().clone();
+        let mut names = Vec::new();
+        let mut shapes = Vec::new();
+        let mut params = Vec::new();
+        let mut index = BTreeMap::new();
+        for (name, w) in model.tensors() {
+            let shape = w.shape().to_vec();
+            let t = Tensor::from_vec(w.to_f32_vec(), shape.as_slice(), device)?;
+            index.insert(name.clone(), params.len());
+            params.push(Var::from_tensor(&t)?);
+            names.push(name);
+            shapes.push(shape);
+        }
+        let idx =
+            |n: &str| index.get(n).copied().ok_or_else(|| Error::Recipe(format!("the model has no tensor `{n}`")));
+        let mut blocks = Vec::with_capacity(config.num_hidden_layers);
+        for b in 0..config.num_hidden_layers {
+            let p = format!("model.layers.{b}");
+            let mut linears = [0usize; 7];
+            for (slot, k) in linears.iter_mut().zip(LinearKind::ALL) {
+                *slot = idx(&format!("{p}.{}.weight", k.hf_name()))?;
+            }
+            blocks.push(BlockParams {
+                input_norm: idx(&format!("{p}.input_layernorm.weight"))?,
+                linears,
+                post_norm: idx(&format!("{p}.post_attention_layernorm.weight"))?,
+            });
+        }
+        let lm_head = index.get("lm_head.weight").copied();
+        Ok(Self {
+            inv_freq: config.inv_freq(),
+            embed: idx("model.embed_tokens.weight")?,
+            norm: idx("model.norm.weight")?,
+            config,
+            device: device.clone(),
+            names,
+            shapes,
+            params,
+            blocks,
+            lm_head,
+            frozen: false,
+        })
+    }
+
+    /// The same weights in another float type (f64 for finite-difference checks).
+    pub fn to_dtype(self, dtype: DType) -> Result<Self> {
+        let params = self
+            .params
+            .iter()
+            .map(|p| Var::from_tensor(&p.as_tensor().to_dtype(dtype)?))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self { params, ..self })
+    }
+
+    /// A forward-only copy (its weights never receive gradients): a distillation teacher.
+    pub fn frozen(mut self) -> Self {
+        self.frozen = true;
+        self
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+    /// Hugging Face names of the parameters, in order.
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+    pub fn shapes(&self) -> &[Vec<usize>] {
+        &self.shapes
+    }
+    pub fn params(&self) -> &[Var] {
+        &self.params
+    }
+    pub fn num_params(&self) -> usize {
+        self.shapes.iter().map(|s| s.iter().product::<usize>()).sum()
+    }
+
+    /// Indices of the prunable linears (q/k/v/o/gate/up/down of every block).
+    pub fn prunable(&self) -> Vec<usize> {
+        self.blocks.iter().flat_map(|b| b.linears).collect()
+    }
+
+    fn p(&self, i: usize, frozen: bool) -> Tensor {
+        let t = self.params[i].as_tensor();
+        if frozen || self.frozen { t.detach() } else { t.clone() }
+    }
+
+    /// cos and sin `[seq, head_dim]` (each half repeated, for `rotate_half`).
+    fn rope(&self, seq: usize) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(seq * 2 * half);
+        let mut sin = Vec::with_capacity(seq * 2 * half);
+        for p in 0..seq {
+            for _ in 0..2 {
+                for f in &self.inv_freq {
+                    // As the reference: the angle in f64.
+                    let a = p as f64 * *f as f64;
+                    cos.push(a.cos() as f32);
+                    sin.push(a.sin() as f32);
+                }
+            }
+        }
+        Ok((
+            Tensor::from_vec(cos, (seq, 2 * half), &self.device)?,
+            Tensor::from_vec(sin, (seq, 2 * half), &self.device)?,
+        ))
+    }
+
+    /// Logits (and block outputs when `want_hidden`) of a `[batch, seq]` u32 token batch.
+    pub fn forward(&self, ids: &Tensor, want_hidden: bool) -> Result<ForwardOut> {
+        self.forward_impl(ids, want_hidden, false)
+    }
+
+    /// As [`forward`](Self::forward) with the weights detached: no graph is kept (evaluation).
+    pub fn forward_no_grad(&self, ids: &Tensor, want_hidden: bool) -> Result<ForwardOut> {
+        self.forward_impl(ids, want_hidden, true)
+    }
+
+    fn forward_impl(&self, ids: &Tensor, want_hidden: bool, frozen: bool) -> Result<ForwardOut> {
+        let c = &self.config;
+        let (b, t) = ids.dims2()?;
+        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let eps = c.rms_norm_eps;
+        let embed = self.p(self.embed, frozen);
+        let dt = embed.dtype();
+        let mut x = embed.index_select(&ids.flatten_all()?, 0)?; // [b·t, h]
+        let (cos, sin) = self.rope(t)?;
+        let (cos, sin) = (cos.to_dtype(dt)?, sin.to_dtype(dt)?);
+        let mask = causal_mask(t, &self.device)?.to_dtype(dt)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut hidden = Vec::new();
+        for blk in &self.blocks {
+            let w = |k: usize| self.p(blk.linears[k], frozen);
+            let xn = rms_norm(&x, &self.p(blk.input_norm, frozen), eps)?;
+            let heads = |y: Tensor, n: usize| -> Result<Tensor> {
+                Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
+            };
+            let q = heads(linear(&xn, &w(0))?, nh)?;
+            let k = heads(linear(&xn, &w(1))?, nkv)?;
+            let v = heads(linear(&xn, &w(2))?, nkv)?;
+            let q = apply_rope(&q, &cos, &sin)?;
+            let k = apply_rope(&k, &cos, &sin)?;
+            let (k, v) = (repeat_kv(&k, nh / nkv)?, repeat_kv(&v, nh / nkv)?);
+            let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&mask)?;
+            let probs = softmax_last(&scores)?;
+            let o = probs.matmul(&v)?.transpose(1, 2)?.reshape((b * t, nh * hd))?;
+            x = (x + linear(&o, &w(3))?)?;
+            let xn = rms_norm(&x, &self.p(blk.post_norm, frozen), eps)?;
+            let act = (linear(&xn, &w(4))?.silu()? * linear(&xn, &w(5))?)?;
+            x = (x + linear(&act, &w(6))?)?;
+            if want_hidden {
+                hidden.push(x.clone());
+            }
+        }
+        let xn = rms_norm(&x, &self.p(self.norm, frozen), eps)?;
+        let head = self.p(self.lm_head.unwrap_or(self.embed), frozen);
+        let logits = linear(&xn, &head)?;
+        Ok(ForwardOut { logits, hidden })
+    }
+
+    /// The current weights as a `lacuna_model::Llama` (f32), e.g. to save or to prune.
+    pub fn to_model(&self, origin: &Path) -> Result<Llama> {
+        let mut tensors = BTreeMap::new();
+        for ((name, shape), var) in self.names.iter().zip(&self.shapes).zip(&self.params) {
+            let v = var.as_tensor().flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+            tensors.insert(name.clone(), Weight::from_f32(shape.clone(), v)?);
+        }
+        Ok(Llama::load(self.config.clone(), tensors, origin)?)
+    }
+}
+
+/// `x · wᵀ` for `x` `[n, in]` and `w` `[out, in]`.
+fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    Ok(x.matmul(&w.t()?)?)
+}
+
+fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let inv = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+    Ok(x.broadcast_mul(&inv)?.broadcast_mul(w)?)
+}
+
+/// `x · cos + rotate_half(x) · sin` for `x` `[b, heads, t, hd]`.
+fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let hd = x.dim(D::Minus1)?;
+    let x1 = x.narrow(D::Minus1, 0, hd / 2)?;
+    let x2 = x.narrow(D::Minus1, hd / 2, hd / 2)?;
+    let rot = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    Ok((x.broadcast_mul(cos)? + rot.broadcast_mul(sin)?)?)
+}
+
+/// Each KV head repeated over its group of `n_rep` query heads: `[b, kv, t, hd]` → `[b, kv·n_rep, t, hd]`.
+fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
+    if n_rep == 1 {
+        return Ok(x.clone());
+    }
+    let (b, kv, t, hd) = x.dims4()?;
+    Ok(x.unsqueeze(2)?.broadcast_as((b, kv, n_rep, t, hd))?.contiguous()?.reshape((b, kv * n_rep, t, hd))?)
+}
+
+/// `[t, t]`: 0 on and below the diagonal, −∞ above.
+fn causal_mask(t: usize, device: &Device) -> Result<Tensor> {
+    let m: Vec<f32> = (0..t).flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY })).collect();
+    Ok(Tensor::from_vec(m, (t, t), device)?)
+}
+
+/// Softmax over the last dimension from differentiable primitives (max subtracted, detached).
+pub(crate) fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
+}
+
+/// Log-softmax over the last dimension.
+pub(crate) fn log_softmax_last(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let s = x.broadcast_sub(&max)?;
+    let lse = s.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    Ok(s.broadcast_sub(&lse)?)
+}
