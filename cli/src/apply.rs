@@ -247,7 +247,10 @@ impl Runner {
             ModelUri::Pvc { claim, path } => Ok(self.pvc_root.join(claim).join(path)),
             ModelUri::File { path } => Ok(PathBuf::from(path)),
             ModelUri::S3 { .. } => {
-                bail!("{uri}: s3:// models are read by pods in a cluster; locally use pvc:// or file:// URIs")
+                bail!(
+                    "{uri}: `lacuna apply` keeps its models on this machine (pvc://, file://); s3:// models are for \
+                     stages in a cluster, or a stage run directly (lacuna prune --model s3://… --out s3://…)"
+                )
             }
         }
     }

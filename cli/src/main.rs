@@ -4,6 +4,7 @@ mod apply;
 mod bench;
 mod commands;
 mod lineage;
+mod objects;
 mod prune;
 mod resolve;
 mod serve;

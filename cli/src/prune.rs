@@ -121,8 +121,11 @@ fn sibling(p: &std::path::Path, suffix: &str) -> PathBuf {
     PathBuf::from(s)
 }
 
-pub fn run(a: PruneArgs) -> Result<()> {
+pub fn run(mut a: PruneArgs) -> Result<()> {
     let recipe = recipe(&a)?;
+    // An `s3://` output is written to a staging directory and uploaded when complete.
+    let output = crate::objects::Output::new(&a.out)?;
+    a.out = output.local.clone();
     let bitmask_out = a.bitmask_out.clone().unwrap_or_else(|| sibling(&a.out, "-bitmask"));
     for out in [&a.out, &bitmask_out] {
         if out.exists() && !a.overwrite {
@@ -219,7 +222,8 @@ pub fn run(a: PruneArgs) -> Result<()> {
     });
     let metrics =
         perplexity.and_then(|p| p.as_f64()).map(|p| [("perplexity".to_owned(), p)].into()).unwrap_or_default();
-    crate::stage::report_success(&a.out, Some(summary.sparsity), metrics)?;
+    output.publish(Some(&bitmask_out))?;
+    crate::stage::report_success(&output, Some(summary.sparsity), metrics)?;
     if a.json {
         return print_json(&report);
     }

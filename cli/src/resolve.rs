@@ -17,6 +17,13 @@ pub fn spinner(msg: &str) -> ProgressBar {
 /// A model argument: an existing path (GGUF file or HF directory), or a known model name that is
 /// fetched into the cache on first use.
 pub fn model_path(arg: &str) -> Result<PathBuf> {
+    if let Some(uri) = crate::objects::S3Uri::parse(arg) {
+        let uri = uri?;
+        let pb = spinner(&format!("downloading {uri}"));
+        let dir = crate::objects::fetch(&uri)?;
+        pb.finish_and_clear();
+        return Ok(dir);
+    }
     let p = Path::new(arg);
     if p.exists() {
         return Ok(p.to_path_buf());

@@ -21,6 +21,7 @@ use lacuna_api::crd::{OutputArtifact, PodReport};
 use lacuna_model::checkpoint::Checkpoint;
 
 use crate::commands::load_model;
+use crate::objects::Output;
 use crate::resolve::model_path;
 
 /// Exit code of a stage whose input does not have the checksum it was given (`EX_DATAERR`).
@@ -64,15 +65,15 @@ pub fn verify_input(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Writes the success report (when `LACUNA_REPORT_PATH` is set): `out`'s URI and SHA-256, the
-/// sparsity and the metrics.
-pub fn report_success(out: &Path, sparsity: Option<f64>, metrics: BTreeMap<String, f64>) -> Result<()> {
+/// Writes the success report (when `LACUNA_REPORT_PATH` is set): the output's URI and SHA-256,
+/// the sparsity and the metrics.
+pub fn report_success(out: &Output, sparsity: Option<f64>, metrics: BTreeMap<String, f64>) -> Result<()> {
     let Some(report_path) = report_path() else {
         return Ok(());
     };
-    let uri =
-        std::env::var(OUTPUT_URI_ENV).ok().filter(|u| !u.is_empty()).unwrap_or_else(|| lacuna_lineage::file_uri(out));
-    let sha256 = lacuna_lineage::sha256_of_path(out).with_context(|| format!("hashing output {}", out.display()))?;
+    let uri = std::env::var(OUTPUT_URI_ENV).ok().filter(|u| !u.is_empty()).unwrap_or_else(|| out.uri());
+    let sha256 = lacuna_lineage::sha256_of_path(&out.local)
+        .with_context(|| format!("hashing output {}", out.local.display()))?;
     let metrics = metrics.into_iter().filter(|(_, v)| v.is_finite()).collect();
     let output = OutputArtifact { uri, sha256: Some(sha256), sparsity: sparsity.map(|s| s.clamp(0.0, 1.0)), metrics };
     write_report(&report_path, &PodReport::Succeeded { output })

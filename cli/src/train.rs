@@ -85,6 +85,8 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
 
 /// Output paths, refused early if they exist.
 struct Outputs {
+    /// Where the model goes: `out` itself, or an `s3://` prefix `out` is uploaded to.
+    target: crate::objects::Output,
     out: PathBuf,
     bitmask: PathBuf,
     checkpoint: PathBuf,
@@ -92,11 +94,14 @@ struct Outputs {
 }
 
 fn outputs(a: &TrainArgs) -> Result<Outputs> {
+    let target = crate::objects::Output::new(&a.out)?;
+    let out = target.local.clone();
     let o = Outputs {
-        out: a.out.clone(),
-        bitmask: a.bitmask_out.clone().unwrap_or_else(|| sibling(&a.out, "-bitmask")),
-        checkpoint: a.checkpoint_dir.clone().unwrap_or_else(|| sibling(&a.out, ".checkpoint")),
-        metrics: a.metrics.clone().unwrap_or_else(|| sibling(&a.out, ".metrics.jsonl")),
+        bitmask: a.bitmask_out.clone().unwrap_or_else(|| sibling(&out, "-bitmask")),
+        checkpoint: a.checkpoint_dir.clone().unwrap_or_else(|| sibling(&out, ".checkpoint")),
+        metrics: a.metrics.clone().unwrap_or_else(|| sibling(&out, ".metrics.jsonl")),
+        target,
+        out,
     };
     for p in [&o.out, &o.bitmask] {
         if p.exists() && !a.overwrite {
@@ -267,7 +272,8 @@ fn report_outputs(
         metrics: metrics.iter().map(|(k, v)| (k.clone(), serde_json::json!(v))).collect(),
         message: format!("{kind} for {} steps", s.steps),
     });
-    crate::stage::report_success(&o.out, sparsity, metrics)
+    o.target.publish(sparsity.is_some().then_some(o.bitmask.as_path()))?;
+    crate::stage::report_success(&o.target, sparsity, metrics)
 }
 
 fn finish(a: &TrainArgs, o: &Outputs, s: &TrainSummary, report: &serde_json::Value) -> Result<()> {

@@ -12,6 +12,7 @@ use lacuna_model::hf::{self, SaveOptions};
 use lacuna_train::testing::{tiny_config, tiny_llama};
 
 mod apply;
+mod s3;
 
 fn lacuna() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_lacuna"));
