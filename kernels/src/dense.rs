@@ -201,6 +201,69 @@ pub(crate) mod avx2 {
     }
     dot!(dot_bf16, bf16, load_bf16);
     dot!(dot_f16, f16, load_f16);
+
+    /// Batched decode: `out[r · N + i] = w[r] · x[i]` for every row of `w` (`[rows, cols]`) and
+    /// the `N` activation rows of `x` (`[N, cols]`). Each 8-column block of a weight row is loaded
+    /// once and multiplied into `N` accumulators (the activations stay in L1), so the weights are
+    /// streamed once for the whole batch; with `N ≤ 4` two blocks are in flight (two accumulator
+    /// sets) so that enough independent FMA chains cover the FMA latency.
+    ///
+    /// # Safety
+    /// AVX2, FMA and F16C (the features `load_f32` is compiled for: with fewer, it is not inlined
+    /// and every load becomes a call); `w.len() == out.len() / N · cols`, `x.len() == N · cols`,
+    /// `out.len() % N == 0`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(crate) unsafe fn gemv_multi_f32<const N: usize>(w: &[f32], cols: usize, x: &[f32], out: &mut [f32]) {
+        let rows = out.len() / N;
+        let full = cols / 8;
+        let (wp, xp) = (w.as_ptr(), x.as_ptr());
+        for r in 0..rows {
+            // SAFETY: row r < rows starts here (w is [rows, cols]).
+            let wr = unsafe { wp.add(r * cols) };
+            let mut a0 = [_mm256_setzero_ps(); N];
+            let mut a1 = [_mm256_setzero_ps(); N];
+            let mut j = 0;
+            if N <= 4 {
+                while j + 2 <= full {
+                    let o = 8 * j;
+                    _mm_prefetch::<_MM_HINT_T0>(wr.wrapping_add(o + PREFETCH) as *const i8);
+                    // SAFETY: columns o .. o + 16 <= cols of row r and of every x row.
+                    unsafe {
+                        let (w0, w1) = (load_f32(wr.add(o)), load_f32(wr.add(o + 8)));
+                        for i in 0..N {
+                            let xi = xp.add(i * cols + o);
+                            a0[i] = _mm256_fmadd_ps(w0, load_f32(xi), a0[i]);
+                            a1[i] = _mm256_fmadd_ps(w1, load_f32(xi.add(8)), a1[i]);
+                        }
+                    }
+                    j += 2;
+                }
+            }
+            while j < full {
+                let o = 8 * j;
+                if o % 16 == 0 {
+                    _mm_prefetch::<_MM_HINT_T0>(wr.wrapping_add(o + PREFETCH) as *const i8);
+                }
+                // SAFETY: columns o .. o + 8 <= cols of row r and of every x row.
+                unsafe {
+                    let w0 = load_f32(wr.add(o));
+                    for i in 0..N {
+                        a0[i] = _mm256_fmadd_ps(w0, load_f32(xp.add(i * cols + o)), a0[i]);
+                    }
+                }
+                j += 1;
+            }
+            let row = &w[r * cols..(r + 1) * cols];
+            for i in 0..N {
+                let xi = &x[i * cols..(i + 1) * cols];
+                let mut sum = hsum(_mm256_add_ps(a0[i], a1[i]));
+                for c in 8 * full..cols {
+                    sum += row[c] * xi[c];
+                }
+                out[r * N + i] = sum;
+            }
+        }
+    }
 }
 
 /// `Σ a[i]·b[i]` on the process's kernel path (attention scores); `None` when the lengths differ.
@@ -406,6 +469,28 @@ pub(crate) fn rows_into<T: Element>(isa: Isa, w: &DenseMatrix<'_, T>, x: &[f32],
         // SAFETY: AVX-512 is supported (callers check `isa`); rows is [out.len(), cols] and x
         // has cols values (the product's checked shapes).
         unsafe { avx512::gemv_f32(rows, cols, &x[..cols], out) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if (2..=GEMV_MAX_N).contains(&n)
+        && matches!(isa, Isa::Avx2 | Isa::Avx512)
+        && let Some(wf) = T::as_f32(w.data)
+    {
+        let rows = &wf[r0 * cols..(r0 + out.len() / n) * cols];
+        let x = &x[..n * cols];
+        // SAFETY: AVX2, FMA and F16C are supported (`Isa::Avx2`/`Avx512` come from `cpu` only after
+        // detecting them); rows is [out.len() / n, cols], x is [n, cols], out is [rows, n].
+        unsafe {
+            match n {
+                2 => avx2::gemv_multi_f32::<2>(rows, cols, x, out),
+                3 => avx2::gemv_multi_f32::<3>(rows, cols, x, out),
+                4 => avx2::gemv_multi_f32::<4>(rows, cols, x, out),
+                5 => avx2::gemv_multi_f32::<5>(rows, cols, x, out),
+                6 => avx2::gemv_multi_f32::<6>(rows, cols, x, out),
+                7 => avx2::gemv_multi_f32::<7>(rows, cols, x, out),
+                _ => avx2::gemv_multi_f32::<8>(rows, cols, x, out),
+            }
+        }
         return;
     }
     for (j, o) in out.chunks_mut(n).enumerate() {

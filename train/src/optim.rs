@@ -129,8 +129,10 @@ impl AdamW {
                 w.clone()
             };
             p.set(&(decayed - upd.affine(lr, 0.0)?)?)?;
-            self.m[i] = m;
-            self.v[i] = v;
+            // Detached: moments built from tracked gradients would otherwise hold every step's
+            // graph (and activations) alive through the chain m_t → m_{t-1} → ….
+            self.m[i] = m.detach();
+            self.v[i] = v.detach();
         }
         Ok(())
     }

@@ -127,6 +127,9 @@ fn masked_entries_stay_exactly_zero() {
         }
     }
     assert!(raw_nonzero_on_pruned, "the raw gradients must reach pruned entries, or the test proves nothing");
+    // The gradients came from a graph; the optimizer state must not keep it (or every step's
+    // activations) alive.
+    assert!(opt.m.iter().chain(&opt.v).all(|t| !t.track_op()), "Adam moments hold a backprop graph");
     crate::optim::verify_sparsity(&m, &masks).unwrap();
     opt.verify_masked_moments(&masks).unwrap();
     for k in &masks {

@@ -446,8 +446,12 @@ fn run(
             let gs = (total / accum as f64)?.backward()?;
             for (g, p) in grads.iter_mut().zip(model.params()) {
                 if let Some(new) = gs.get(p.as_tensor()) {
+                    // Detached: a gradient computed from the graph records the ops that made it,
+                    // and the Adam moments built from it would keep every step's activations
+                    // alive (memory grew by gigabytes per step).
+                    let new = new.detach();
                     *g = Some(match g.take() {
-                        None => new.clone(),
+                        None => new,
                         Some(acc) => (acc + new)?,
                     });
                 }
