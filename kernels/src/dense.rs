@@ -230,10 +230,10 @@ pub(crate) mod avx2 {
                     // SAFETY: columns o .. o + 16 <= cols of row r and of every x row.
                     unsafe {
                         let (w0, w1) = (load_f32(wr.add(o)), load_f32(wr.add(o + 8)));
-                        for i in 0..N {
+                        for (i, (s0, s1)) in a0.iter_mut().zip(a1.iter_mut()).enumerate() {
                             let xi = xp.add(i * cols + o);
-                            a0[i] = _mm256_fmadd_ps(w0, load_f32(xi), a0[i]);
-                            a1[i] = _mm256_fmadd_ps(w1, load_f32(xi.add(8)), a1[i]);
+                            *s0 = _mm256_fmadd_ps(w0, load_f32(xi), *s0);
+                            *s1 = _mm256_fmadd_ps(w1, load_f32(xi.add(8)), *s1);
                         }
                     }
                     j += 2;
@@ -247,20 +247,17 @@ pub(crate) mod avx2 {
                 // SAFETY: columns o .. o + 8 <= cols of row r and of every x row.
                 unsafe {
                     let w0 = load_f32(wr.add(o));
-                    for i in 0..N {
-                        a0[i] = _mm256_fmadd_ps(w0, load_f32(xp.add(i * cols + o)), a0[i]);
+                    for (i, s0) in a0.iter_mut().enumerate() {
+                        *s0 = _mm256_fmadd_ps(w0, load_f32(xp.add(i * cols + o)), *s0);
                     }
                 }
                 j += 1;
             }
             let row = &w[r * cols..(r + 1) * cols];
-            for i in 0..N {
-                let xi = &x[i * cols..(i + 1) * cols];
-                let mut sum = hsum(_mm256_add_ps(a0[i], a1[i]));
-                for c in 8 * full..cols {
-                    sum += row[c] * xi[c];
-                }
-                out[r * N + i] = sum;
+            let outs = &mut out[r * N..(r + 1) * N];
+            for (((o, xi), s0), s1) in outs.iter_mut().zip(x.chunks_exact(cols)).zip(a0).zip(a1) {
+                let tail: f32 = row[8 * full..].iter().zip(&xi[8 * full..]).map(|(w, x)| w * x).sum();
+                *o = hsum(_mm256_add_ps(s0, s1)) + tail;
             }
         }
     }
@@ -473,6 +470,7 @@ pub(crate) fn rows_into<T: Element>(isa: Isa, w: &DenseMatrix<'_, T>, x: &[f32],
     }
     #[cfg(target_arch = "x86_64")]
     if (2..=GEMV_MAX_N).contains(&n)
+        && cols > 0
         && matches!(isa, Isa::Avx2 | Isa::Avx512)
         && let Some(wf) = T::as_f32(w.data)
     {
