@@ -26,6 +26,7 @@ use lacuna_api::crd::{ModelInput, ModelUri, OutputArtifact, PodReport, ResolvedI
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::resolve::sibling;
 use crate::stage::{EXIT_CHECKSUM_MISMATCH, OUTPUT_URI_ENV};
 
 #[derive(Args)]
@@ -65,12 +66,7 @@ impl Item {
     }
 
     fn model(&self) -> &ModelInput {
-        match &self.manifest {
-            Manifest::SparsePretrainJob(r) => &r.spec.model,
-            Manifest::FineTuneJob(r) => &r.spec.model,
-            Manifest::QuantizeJob(r) => &r.spec.model,
-            Manifest::SparseInferenceService(r) => &r.spec.model,
-        }
+        self.manifest.model()
     }
 
     /// The job's stages, output URI and run policy; `None` for a service.
@@ -194,13 +190,8 @@ fn load(paths: &[PathBuf], namespace: &str) -> Result<Vec<Item>> {
         let text = std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?;
         let manifests = manifest::from_yaml(&text).with_context(|| format!("{}: invalid manifest", f.display()))?;
         for m in manifests {
-            let ns = match &m {
-                Manifest::SparsePretrainJob(r) => r.metadata.namespace.clone(),
-                Manifest::FineTuneJob(r) => r.metadata.namespace.clone(),
-                Manifest::QuantizeJob(r) => r.metadata.namespace.clone(),
-                Manifest::SparseInferenceService(r) => r.metadata.namespace.clone(),
-            };
-            let item = Item { file: f.clone(), namespace: ns.unwrap_or_else(|| namespace.to_owned()), manifest: m };
+            let ns = m.namespace().unwrap_or(namespace).to_owned();
+            let item = Item { file: f.clone(), namespace: ns, manifest: m };
             if let Some(other) = items.iter().find(|o| {
                 o.namespace == item.namespace && o.manifest.name() == item.manifest.name() && is_job(o) == is_job(&item)
             }) {
@@ -429,7 +420,7 @@ impl Runner {
             if attempt > 1 || out.exists() {
                 cmd.arg("--overwrite");
             }
-            if stage.command.first() == Some(&"train") && checkpoint_of(&out).exists() {
+            if stage.command.first() == Some(&"train") && sibling(&out, ".checkpoint").exists() {
                 cmd.arg("--resume");
             }
             let code = wait(cmd, deadline).map_err(stage_failed)?;
@@ -516,13 +507,6 @@ impl Runner {
 struct StageFailure {
     reason: String,
     message: String,
-}
-
-/// The training checkpoint next to an output (`<out>.checkpoint`, as `lacuna train` names it).
-fn checkpoint_of(out: &Path) -> PathBuf {
-    let mut s = out.as_os_str().to_owned();
-    s.push(".checkpoint");
-    PathBuf::from(s)
 }
 
 /// Waits for the child; kills it at the deadline (`None`: killed).

@@ -1,7 +1,8 @@
 //! `lacuna lineage show`: the chain of executions and artifacts behind a model or a job; and the
 //! best-effort lineage report of a local `lacuna prune` run.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
@@ -149,14 +150,38 @@ pub struct StageRun<'a> {
 /// Records a finished stage (input model, recipe, outputs) in the lineage database. Never fails
 /// the run: an unreachable database spools the records, anything else is a warning.
 pub fn report_run(run: &StageRun) {
+    best_effort(|store| record_run(store, run));
+}
+
+/// Records that `lacuna apply` serves `model` as the service `name` (an execution of kind serve
+/// with the model as input, so the chain ends at the service). Never fails the run.
+pub fn report_serving(model: &Path, name: &str, spec_hash: &str) {
+    best_effort(|store| async move {
+        let input = NewArtifact::new(ArtifactKind::Model, file_uri(model), sha256_of_path(model)?);
+        let input = store.record_artifact(&input).await?;
+        let execution = NewExecution::new(ExecutionKind::Serve, spec_hash, format!("local:{name}"));
+        store.start_execution(&execution, &[input]).await?;
+        Ok(())
+    });
+}
+
+/// A lineage write that never fails the run: skipped when `LACUNA_LINEAGE_URL=off`; an error is a
+/// warning, and so are records left in the spool because the database is unreachable.
+fn best_effort<F: std::future::Future<Output = Result<()>>>(write: impl FnOnce(Arc<LineageStore>) -> F) {
     if std::env::var(URL_ENV).is_ok_and(|v| v == "off") {
         return;
     }
     let url = std::env::var(URL_ENV).ok().filter(|v| !v.is_empty());
-    let result = runtime().and_then(|rt| rt.block_on(record_run(url.as_deref(), run)));
+    let result = runtime().and_then(|rt| {
+        rt.block_on(async {
+            let store = Arc::new(open(url.as_deref()).await?);
+            write(store.clone()).await?;
+            anyhow::Ok((store.pending().await?, store.spool_dir().to_path_buf()))
+        })
+    });
     match result {
-        Ok(None) => {}
-        Ok(Some((pending, dir))) => eprintln!(
+        Ok((0, _)) => {}
+        Ok((pending, dir)) => eprintln!(
             "warning: lineage database unreachable; {pending} record(s) spooled in {} and replayed on the next \
              successful connection",
             dir.display()
@@ -165,31 +190,7 @@ pub fn report_run(run: &StageRun) {
     }
 }
 
-/// Records that `lacuna apply` serves `model` as the service `name` (an execution of kind serve
-/// with the model as input, so the chain ends at the service). Never fails the run.
-pub fn report_serving(model: &Path, name: &str, spec_hash: &str) {
-    if std::env::var(URL_ENV).is_ok_and(|v| v == "off") {
-        return;
-    }
-    let url = std::env::var(URL_ENV).ok().filter(|v| !v.is_empty());
-    let result = runtime().and_then(|rt| {
-        rt.block_on(async {
-            let store = open(url.as_deref()).await?;
-            let input = NewArtifact::new(ArtifactKind::Model, file_uri(model), sha256_of_path(model)?);
-            let input = store.record_artifact(&input).await?;
-            let execution = NewExecution::new(ExecutionKind::Serve, spec_hash, format!("local:{name}"));
-            store.start_execution(&execution, &[input]).await?;
-            anyhow::Ok(())
-        })
-    });
-    if let Err(e) = result {
-        eprintln!("warning: lineage not recorded: {e:#}");
-    }
-}
-
-/// Returns the spool's size and place when records wait there.
-async fn record_run(url: Option<&str>, run: &StageRun<'_>) -> Result<Option<(usize, PathBuf)>> {
-    let store = open(url).await?;
+async fn record_run(store: Arc<LineageStore>, run: &StageRun<'_>) -> Result<()> {
     let model_sha = sha256_of_path(run.model)?;
     let model = store.record_artifact(&NewArtifact::new(ArtifactKind::Model, file_uri(run.model), &model_sha)).await?;
     let mut inputs = vec![model];
@@ -212,6 +213,5 @@ async fn record_run(url: Option<&str>, run: &StageRun<'_>) -> Result<Option<(usi
         outputs.push(store.record_artifact(&a).await?);
     }
     store.finish_execution(&id, ExecutionState::Succeeded, &outputs, Some(&run.message)).await?;
-    let pending = store.pending().await?;
-    Ok((pending > 0).then(|| (pending, store.spool_dir().to_path_buf())))
+    Ok(())
 }

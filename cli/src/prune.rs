@@ -13,6 +13,7 @@ use lacuna_prune::pipeline::{self, Progress, RunOptions};
 
 use crate::bench::peak_rss_bytes;
 use crate::commands::print_json;
+use crate::resolve::sibling;
 use crate::resolve::spinner;
 
 #[derive(Args)]
@@ -113,12 +114,6 @@ pub fn recipe(a: &PruneArgs) -> Result<PruneRecipe> {
     }
     r.validate()?;
     Ok(r)
-}
-
-fn sibling(p: &std::path::Path, suffix: &str) -> PathBuf {
-    let mut s = p.to_path_buf().into_os_string();
-    s.push(suffix);
-    PathBuf::from(s)
 }
 
 pub fn run(mut a: PruneArgs) -> Result<()> {

@@ -16,6 +16,14 @@ pub fn spinner(msg: &str) -> ProgressBar {
 
 /// A model argument: an existing path (GGUF file or HF directory), or a known model name that is
 /// fetched into the cache on first use.
+/// `p` with `suffix` appended to its last component: a stage's side outputs (`-bitmask`,
+/// `.checkpoint`, `.metrics.jsonl`) live beside its output.
+pub fn sibling(p: &Path, suffix: &str) -> PathBuf {
+    let mut s = p.as_os_str().to_owned();
+    s.push(suffix);
+    PathBuf::from(s)
+}
+
 pub fn model_path(arg: &str) -> Result<PathBuf> {
     if let Some(uri) = crate::objects::S3Uri::parse(arg) {
         let uri = uri?;

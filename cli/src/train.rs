@@ -18,7 +18,7 @@ use lacuna_train::trainer::{self, Event, TrainSummary};
 use lacuna_train::{RunOptions, data};
 
 use crate::commands::{open_model, print_json};
-use crate::resolve::spinner;
+use crate::resolve::{sibling, spinner};
 
 #[derive(Subcommand)]
 pub enum TrainCmd {
@@ -63,12 +63,6 @@ pub struct TrainArgs {
     pub throttle_ms: u64,
     #[arg(long)]
     pub json: bool,
-}
-
-fn sibling(p: &Path, suffix: &str) -> PathBuf {
-    let mut s = p.to_path_buf().into_os_string();
-    s.push(suffix);
-    PathBuf::from(s)
 }
 
 fn read_recipe<T: serde::de::DeserializeOwned>(p: &Path) -> Result<T> {

@@ -18,14 +18,32 @@ pub enum Manifest {
 }
 
 impl Manifest {
-    pub fn name(&self) -> &str {
-        let m = match self {
+    fn metadata(&self) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+        match self {
             Manifest::SparsePretrainJob(r) => &r.metadata,
             Manifest::FineTuneJob(r) => &r.metadata,
             Manifest::QuantizeJob(r) => &r.metadata,
             Manifest::SparseInferenceService(r) => &r.metadata,
-        };
-        m.name.as_deref().unwrap_or("")
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        self.metadata().name.as_deref().unwrap_or("")
+    }
+
+    /// The namespace its metadata names, if any.
+    pub fn namespace(&self) -> Option<&str> {
+        self.metadata().namespace.as_deref()
+    }
+
+    /// The model it reads.
+    pub fn model(&self) -> &super::ModelInput {
+        match self {
+            Manifest::SparsePretrainJob(r) => &r.spec.model,
+            Manifest::FineTuneJob(r) => &r.spec.model,
+            Manifest::QuantizeJob(r) => &r.spec.model,
+            Manifest::SparseInferenceService(r) => &r.spec.model,
+        }
     }
 
     pub fn kind(&self) -> &'static str {
