@@ -215,36 +215,64 @@ fn expand_row_scalar<T: BitmaskValue>(mask: &[u8], vals: &[T], dst: &mut [f32]) 
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    //! 8 lanes per mask byte: the byte's set bits load that many packed values, and a 256-entry
-    //! table of lane indices (`_mm256_permutevar8x32_ps`) moves each value to its column.
+    //! 8 lanes per mask byte. f32: a masked load of the byte's popcount values (lanes past them
+    //! read as zero) and a cross-lane `vpermps` from a 256-entry table that sends each value to
+    //! its column and every clear column to lane 7, which is zero unless all 8 bits are set.
+    //! bf16: the low nibble's values widened into the low 128 bits and the high nibble's into the
+    //! high 128 bits, placed by an in-lane `vpermilps` and zeroed under the clear bits by a blend
+    //! (no masked 16-bit load in AVX2). One row at a time, consecutive bytes rotating over
+    //! accumulator sets, the packed values prefetched ahead: the structure of the AVX-512 kernel.
+    //! (On the 2-vCPU Zen 3 VM of docs/benchmarks.md the variants tried — blend after `vpermps`,
+    //! nibble halves, four rows interleaved, gathering the activations instead of expanding the
+    //! weights — all ran within the machine's ±30% noise of each other in cache.)
     use half::bf16;
     use std::arch::x86_64::*;
 
-    /// Lane `k` of entry `b` (byte `k` of the u64) is the rank of bit `k` among the set bits of `b`,
-    /// or 7 when bit `k` is clear: a clear bit means fewer than 8 values were loaded, so lane 7 is
-    /// one of the zeroed lanes past them.
-    static EXPAND_IDX: [u64; 256] = {
-        let mut t = [0u64; 256];
+    /// Lane `k` of entry `b`: for a set bit `k`, its rank among the set bits of its nibble of `b`
+    /// (lanes 0–3 the low nibble, 4–7 the high one); for a clear bit, `i32::MIN`. `vpermilps`
+    /// reads only an index's low 2 bits and `vblendvps` its sign bit, so one entry both places the
+    /// values and selects the lanes to zero.
+    #[repr(C, align(32))]
+    struct PlaceTable([[i32; 8]; 256]);
+    static PLACE: PlaceTable = {
+        let mut t = [[0i32; 8]; 256];
         let mut b = 0;
         while b < 256 {
-            let (mut rank, mut e, mut k) = (0u64, 0u64, 0);
+            let mut k = 0;
             while k < 8 {
-                let lane = if (b >> k) & 1 == 1 {
-                    rank += 1;
-                    rank - 1
-                } else {
-                    7
-                };
-                e |= lane << (8 * k);
+                let half = k / 4 * 4;
+                let below = (b >> half) & ((1 << (k - half)) - 1);
+                t[b][k] = if (b >> k) & 1 == 1 { (below as u32).count_ones() as i32 } else { i32::MIN };
                 k += 1;
             }
-            t[b] = e;
             b += 1;
         }
-        t
+        PlaceTable(t)
+    };
+    /// Lane `k` of entry `b`: for a set bit `k`, its rank among the set bits of `b`; for a clear
+    /// bit, 7 (a lane the masked load left zero whenever a bit is clear).
+    #[repr(C, align(32))]
+    struct SpreadTable([[i32; 8]; 256]);
+    static SPREAD: SpreadTable = {
+        let mut t = [[7i32; 8]; 256];
+        let mut b = 0;
+        while b < 256 {
+            let (mut rank, mut k) = (0, 0);
+            while k < 8 {
+                if (b >> k) & 1 == 1 {
+                    t[b][k] = rank;
+                    rank += 1;
+                }
+                k += 1;
+            }
+            b += 1;
+        }
+        SpreadTable(t)
     };
     /// Loading 8 lanes at `8 - k` gives a mask of the first `k` lanes.
     static FIRST: [i32; 16] = [-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0];
+    /// How far ahead of the packed values the kernels prefetch (as on AVX-512 and the dense GEMV).
+    const PREFETCH_BYTES: usize = 2048;
 
     #[target_feature(enable = "avx2,fma,f16c,popcnt")]
     #[inline]
@@ -254,54 +282,63 @@ mod avx2 {
         unsafe { _mm256_loadu_si256(FIRST.as_ptr().add(8 - k.min(8)) as *const __m256i) }
     }
 
-    /// The first `pc` values at `p` widened to f32 in lanes 0..pc, zeros above.
-    /// Caller: `pc <= 8` and `pc <= avail`, the values readable at `p`; unless `CHECKED`, also
-    /// `avail >= 8` (lets a load skip the end-of-array check).
+    /// Byte `m`'s values (the low nibble's in lanes 0–3, the high nibble's in 4–7) moved to their
+    /// columns, zeros elsewhere.
     #[target_feature(enable = "avx2,fma,f16c,popcnt")]
     #[inline]
-    unsafe fn load_f32<const CHECKED: bool>(p: *const f32, pc: usize, _avail: usize) -> __m256 {
-        // SAFETY: lanes past `pc` are masked off and VMASKMOVPS does not touch (or fault on) them.
-        unsafe { _mm256_maskload_ps(p, first_lanes(pc)) }
-    }
-    #[target_feature(enable = "avx2,fma,f16c,popcnt")]
-    #[inline]
-    unsafe fn load_bf16<const CHECKED: bool>(p: *const bf16, pc: usize, avail: usize) -> __m256 {
-        let h = if !CHECKED || avail >= 8 {
-            // SAFETY: 8 readable bf16 at `p`.
-            unsafe { _mm_loadu_si128(p as *const __m128i) }
-        } else {
-            // Only at the very end of the value array.
-            let mut buf = [0u16; 8];
-            // SAFETY: `pc <= avail` values are readable at `p`; `buf` holds 8.
-            unsafe { std::ptr::copy_nonoverlapping(p as *const u16, buf.as_mut_ptr(), pc.min(8)) };
-            // SAFETY: `buf` is 16 bytes.
-            unsafe { _mm_loadu_si128(buf.as_ptr() as *const __m128i) }
-        };
-        let wide = _mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h));
-        _mm256_castsi256_ps(_mm256_and_si256(wide, first_lanes(pc)))
+    fn place(v: __m256, m: u8) -> __m256 {
+        // SAFETY: `m` indexes the 256-entry table; each entry is 32 aligned bytes.
+        let idx = unsafe { _mm256_load_si256(PLACE.0.as_ptr().add(m as usize) as *const __m256i) };
+        _mm256_blendv_ps(_mm256_permutevar_ps(v, idx), _mm256_setzero_ps(), _mm256_castsi256_ps(idx))
     }
 
+    /// The dense 8 columns of mask byte `m` whose values start at `p`. Caller: unless `CHECKED`,
+    /// 8 values are readable at `p`; if `CHECKED`, popcount(m) are (and only those are read).
     #[target_feature(enable = "avx2,fma,f16c,popcnt")]
     #[inline]
-    fn expand(v: __m256, m: u8) -> __m256 {
-        // SAFETY: `m` indexes a 256-entry table; the load reads the 8 bytes of one entry.
-        let idx =
-            unsafe { _mm256_cvtepu8_epi32(_mm_loadl_epi64(EXPAND_IDX.as_ptr().add(m as usize) as *const __m128i)) };
+    unsafe fn byte_f32<const CHECKED: bool>(m: u8, p: *const f32) -> __m256 {
+        let pc = m.count_ones() as usize;
+        // SAFETY: lanes past `pc` are masked off and VMASKMOVPS does not touch (or fault on) them.
+        let v = unsafe { _mm256_maskload_ps(p, first_lanes(pc)) };
+        // SAFETY: `m` indexes the 256-entry table; each entry is 32 aligned bytes.
+        let idx = unsafe { _mm256_load_si256(SPREAD.0.as_ptr().add(m as usize) as *const __m256i) };
         _mm256_permutevar8x32_ps(v, idx)
+    }
+    #[target_feature(enable = "avx2,fma,f16c,popcnt")]
+    #[inline]
+    unsafe fn byte_bf16<const CHECKED: bool>(m: u8, p: *const bf16) -> __m256 {
+        let lo = (m & 15).count_ones() as usize;
+        let h = if CHECKED {
+            let hi = (m >> 4).count_ones() as usize;
+            let mut buf = [0u16; 8];
+            // SAFETY: lo + hi = popcount(m) values are readable at p (caller); buf holds 4 + 4.
+            unsafe {
+                std::ptr::copy_nonoverlapping(p as *const u16, buf.as_mut_ptr(), lo);
+                std::ptr::copy_nonoverlapping((p as *const u16).add(lo), buf.as_mut_ptr().add(4), hi);
+                _mm_loadu_si128(buf.as_ptr() as *const __m128i)
+            }
+        } else {
+            // SAFETY: lo <= 4, so both 4-value (8-byte) loads lie within the 8 readable values.
+            unsafe {
+                let a = _mm_loadl_epi64(p as *const __m128i);
+                let b = _mm_loadl_epi64(p.add(lo) as *const __m128i);
+                _mm_unpacklo_epi64(a, b)
+            }
+        };
+        // bf16 is the top half of an f32.
+        place(_mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h))), m)
     }
 
     use crate::dense::avx2::hsum;
 
     macro_rules! kernels {
-        ($t:ty, $load:ident, $gemv:ident, $expand:ident) => {
-            /// A block's rows, `R` at a time, against `N` activation rows: the `R` rows share every
-            /// x load and their `R · N` accumulators are independent FMA chains.
+        ($t:ty, $byte:ident, $gemv:ident, $row:ident, $expand:ident) => {
+            /// A block's rows against `N` activation rows, one row at a time (see [`$row`]).
             ///
             /// # Safety
             /// The contract of `Sealed::gemv_block` with `out.len() == offsets.len() * N`.
-            #[allow(clippy::needless_range_loop)] // parallel arrays indexed by the same row
             #[target_feature(enable = "avx2,fma,f16c,popcnt")]
-            pub(super) unsafe fn $gemv<const N: usize, const R: usize>(
+            pub(super) unsafe fn $gemv<const N: usize, const U: usize>(
                 mask: &[u8],
                 vals: &[$t],
                 offsets: &[i64],
@@ -309,88 +346,106 @@ mod avx2 {
                 x: &[f32],
                 out: &mut [f32],
             ) {
-                let rows = offsets.len();
-                let (mb, full, rem) = (cols.div_ceil(8), cols / 8, cols % 8);
-                let xp = x.as_ptr();
-                let mut r = 0;
-                while r + R <= rows {
-                    let mut mp = [mask.as_ptr(); R];
-                    let mut p = [vals.as_ptr(); R];
-                    // Values readable from p[k] on.
-                    let mut avail = [0usize; R];
-                    for k in 0..R {
-                        let off = offsets[r + k] as usize;
-                        // SAFETY: row r + k < rows owns mask bytes (r + k) mb .. (r + k + 1) mb;
-                        // its offset lies within vals (contract).
-                        unsafe {
-                            mp[k] = mask.as_ptr().add((r + k) * mb);
-                            p[k] = vals.as_ptr().add(off);
-                        }
-                        avail[k] = vals.len() - off;
-                    }
-                    // Several rows at once only where whole-vector loads cannot pass the end of
-                    // the values (a branch per load there makes LLVM spill the row state); the
-                    // last few rows go one at a time with checked loads.
-                    let unchecked = R > 1;
-                    if unchecked && avail.iter().any(|&a| a < cols + 8) {
-                        break;
-                    }
-                    let mut acc = [[_mm256_setzero_ps(); N]; R];
-                    for j in 0..full {
-                        let mut w = [_mm256_setzero_ps(); R];
-                        for k in 0..R {
-                            // SAFETY: byte j < full <= mb of row r + k; the set bits read so far
-                            // count the values consumed, which the contract bounds by what vals
-                            // holds from the row's offset on, so pc <= avail[k].
-                            unsafe {
-                                let m = *mp[k].add(j);
-                                let pc = m.count_ones() as usize;
-                                let v = if unchecked {
-                                    $load::<false>(p[k], pc, avail[k])
-                                } else {
-                                    $load::<true>(p[k], pc, avail[k])
-                                };
-                                w[k] = expand(v, m);
-                                p[k] = p[k].add(pc);
-                                avail[k] -= pc;
-                            }
-                        }
-                        for i in 0..N {
-                            // SAFETY: x row i has cols >= 8 (j + 1) columns.
-                            let xv = unsafe { _mm256_loadu_ps(xp.add(i * cols + 8 * j)) };
-                            for k in 0..R {
-                                acc[k][i] = _mm256_fmadd_ps(w[k], xv, acc[k][i]);
-                            }
+                let mb = cols.div_ceil(8);
+                for (r, &offset) in offsets.iter().enumerate() {
+                    let offset = offset as usize;
+                    let row_mask = &mask[r * mb..(r + 1) * mb];
+                    let o = &mut out[r * N..(r + 1) * N];
+                    // Whole-vector loads read at most 8 values past the row's last one: every row
+                    // but the matrix's last few has them; those take masked loads.
+                    // SAFETY: the contract of `gemv_block` for this one row.
+                    unsafe {
+                        if vals.len() - offset >= cols + 8 {
+                            $row::<N, U, false>(row_mask, vals[offset..].as_ptr(), cols, x, o)
+                        } else {
+                            $row::<N, U, true>(row_mask, vals[offset..].as_ptr(), cols, x, o)
                         }
                     }
-                    if rem > 0 {
-                        let mut w = [_mm256_setzero_ps(); R];
-                        for k in 0..R {
-                            // SAFETY: byte `full` exists (mb = full + 1); its padding bits are zero
-                            // so its set bits are the row's remaining values.
-                            unsafe {
-                                let m = *mp[k].add(full);
-                                w[k] = expand($load::<true>(p[k], m.count_ones() as usize, avail[k]), m);
-                            }
-                        }
-                        for i in 0..N {
-                            // SAFETY: the masked load reads only the `rem` columns left in x row i.
-                            let xv = unsafe { _mm256_maskload_ps(xp.add(i * cols + 8 * full), first_lanes(rem)) };
-                            for k in 0..R {
-                                acc[k][i] = _mm256_fmadd_ps(w[k], xv, acc[k][i]);
-                            }
-                        }
-                    }
-                    for k in 0..R {
-                        for i in 0..N {
-                            out[(r + k) * N + i] = hsum(acc[k][i]);
-                        }
-                    }
-                    r += R;
                 }
-                if r < rows && R > 1 {
-                    // SAFETY: the remaining rows are a block satisfying the same contract.
-                    unsafe { $gemv::<N, 1>(&mask[r * mb..], vals, &offsets[r..], cols, x, &mut out[r * N..]) };
+            }
+
+            /// One row against `N` activation rows with its mask byte, value pointer and
+            /// accumulators in registers. Consecutive bytes rotate over `U` sets of `N`
+            /// accumulators so that an accumulator's next FMA never waits on its previous one
+            /// (`U · N + 3 <= 16` ymm).
+            ///
+            /// # Safety
+            /// AVX2, FMA, F16C, POPCNT; `mask` is the row's `cols.div_ceil(8)` bytes with zero
+            /// padding bits; the row's values start at `p` and, unless `CHECKED`, `cols + 8`
+            /// values are readable from `p` (else exactly as many as the row has);
+            /// `x.len() == N · cols`, `out.len() == N`.
+            #[allow(clippy::needless_range_loop)] // accumulators indexed by activation row
+            #[target_feature(enable = "avx2,fma,f16c,popcnt")]
+            #[inline]
+            unsafe fn $row<const N: usize, const U: usize, const CHECKED: bool>(
+                mask: &[u8],
+                mut p: *const $t,
+                cols: usize,
+                x: &[f32],
+                out: &mut [f32],
+            ) {
+                let (full, rem) = (cols / 8, cols % 8);
+                let (mp, xp) = (mask.as_ptr(), x.as_ptr());
+                let zero = _mm256_setzero_ps();
+                let (mut a0, mut a1, mut a2, mut a3) = ([zero; N], [zero; N], [zero; N], [zero; N]);
+                let mut j = 0;
+                // One mask byte into accumulator set `$acc`.
+                macro_rules! byte {
+                    ($acc:ident) => {
+                        // SAFETY: byte j < full <= mask.len(); the set bits read so far count the
+                        // values consumed, so p stays within the row's values and, unchecked,
+                        // 8 values are readable at p (caller); x row i has cols >= 8 (j + 1).
+                        unsafe {
+                            let m = *mp.add(j);
+                            let w = $byte::<CHECKED>(m, p);
+                            p = p.add(m.count_ones() as usize);
+                            for i in 0..N {
+                                let xv = _mm256_loadu_ps(xp.add(i * cols + 8 * j));
+                                $acc[i] = _mm256_fmadd_ps(w, xv, $acc[i]);
+                            }
+                        }
+                        j += 1;
+                    };
+                }
+                while j + 4 <= full {
+                    // The row's packed values ahead (prefetches never fault).
+                    _mm_prefetch::<_MM_HINT_T0>((p as *const i8).wrapping_add(PREFETCH_BYTES));
+                    byte!(a0);
+                    if U >= 2 {
+                        byte!(a1);
+                    } else {
+                        byte!(a0);
+                    }
+                    if U >= 3 {
+                        byte!(a2);
+                    } else {
+                        byte!(a0);
+                    }
+                    if U >= 4 {
+                        byte!(a3);
+                    } else if U >= 2 {
+                        byte!(a1);
+                    } else {
+                        byte!(a0);
+                    }
+                }
+                while j < full {
+                    byte!(a0);
+                }
+                if rem > 0 {
+                    // SAFETY: byte `full` exists; its padding bits are zero so its set bits are
+                    // the row's remaining values (a checked load reads only those); the masked
+                    // x load reads only the `rem` columns left in each x row.
+                    unsafe {
+                        let w = $byte::<true>(*mp.add(full), p);
+                        for i in 0..N {
+                            let xv = _mm256_maskload_ps(xp.add(i * cols + 8 * full), first_lanes(rem));
+                            a0[i] = _mm256_fmadd_ps(w, xv, a0[i]);
+                        }
+                    }
+                }
+                for i in 0..N {
+                    out[i] = hsum(_mm256_add_ps(_mm256_add_ps(a0[i], a1[i]), _mm256_add_ps(a2[i], a3[i])));
                 }
             }
 
@@ -403,11 +458,13 @@ mod avx2 {
                 let mut p = vals.as_ptr();
                 let mut avail = vals.len();
                 for j in 0..full {
-                    // SAFETY: as in the product: pc <= avail; dst has cols >= 8 (j + 1) slots.
+                    // SAFETY: as in the product (pc <= avail values are readable at p, 8 when the
+                    // unchecked load is taken); dst has cols >= 8 (j + 1) slots.
                     unsafe {
                         let m = *mp.add(j);
                         let pc = m.count_ones() as usize;
-                        _mm256_storeu_ps(dp.add(8 * j), expand($load::<true>(p, pc, avail), m));
+                        let w = if avail >= 8 { $byte::<false>(m, p) } else { $byte::<true>(m, p) };
+                        _mm256_storeu_ps(dp.add(8 * j), w);
                         p = p.add(pc);
                         avail -= pc;
                     }
@@ -416,16 +473,15 @@ mod avx2 {
                 if rem > 0 {
                     // SAFETY: byte `full` exists; the masked store writes the `rem` slots left.
                     unsafe {
-                        let m = *mp.add(full);
-                        let w = expand($load::<true>(p, m.count_ones() as usize, avail), m);
+                        let w = $byte::<true>(*mp.add(full), p);
                         _mm256_maskstore_ps(dp.add(8 * full), first_lanes(rem), w);
                     }
                 }
             }
         };
     }
-    kernels!(f32, load_f32, gemv_f32, expand_f32);
-    kernels!(bf16, load_bf16, gemv_bf16, expand_bf16);
+    kernels!(f32, byte_f32, gemv_f32, row_f32, expand_f32);
+    kernels!(bf16, byte_bf16, gemv_bf16, row_bf16, expand_bf16);
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -1058,6 +1114,22 @@ pub fn matmul_on<T: BitmaskValue>(isa: Isa, w: &BitmaskView<'_, T>, x: &[f32], n
         y.par_chunks_mut(per).enumerate().for_each(|(t, out)| gemv(t, out));
         return Ok(());
     }
+    if dense::is_small_batch(isa, n) {
+        // Batched decode: each task expands a cache chunk of its rows at a time and multiplies it
+        // while it sits in L2.
+        let mut yt = vec![0f32; rows * n];
+        yt.par_chunks_mut(per * n).enumerate().for_each(|(t, out)| {
+            dense::small_gemm_produced(cols, x, n, t * per, out, |r, dst| {
+                for (j, d) in dst.chunks_exact_mut(cols).enumerate() {
+                    let (mask, vals) = w.row_parts(r + j);
+                    // SAFETY: the view was validated; d.len() == cols; `isa` is supported.
+                    unsafe { T::expand_row(isa, mask, vals, cols, d) };
+                }
+            })
+        });
+        dense::scatter_transposed(&yt, n, rows, y);
+        return Ok(());
+    }
     if n > dense::GEMV_MAX_N && isa != Isa::Scalar {
         // Prefill is compute-bound: expand blocks of rows to dense f32 (in parallel; a few MiB
         // each) and run the same multithreaded GEMM as dense f32 weights. Expanding costs one
@@ -1139,7 +1211,7 @@ mod tests {
                     assert_eq!(m.to_dense(), dense);
                     let v = m.view();
                     let dm = DenseMatrix::new(&dense, rows, cols).unwrap();
-                    for &n in &[1usize, 2, 3, 4, 5, 7, 8, 9, 33] {
+                    for &n in &[1usize, 2, 3, 4, 5, 7, 8, 9, 14, 32, 33] {
                         let x: Vec<f32> = (0..n * cols).map(|_| rng.random_range(-1.0f32..1.0)).collect();
                         let want = dense::matmul_reference(&dm, &x, n);
                         // f32 rounding error of a sum grows with the sum of |terms|.

@@ -261,6 +261,107 @@ pub(crate) mod avx2 {
             }
         }
     }
+
+    /// Weight rows per cache chunk of [`gemm_f32`]: 48 rows of ≤ 2048 f32 columns stay in L2 while
+    /// every group of activation rows passes over them.
+    const CHUNK_ROWS: usize = 48;
+
+    /// Small-batch GEMM without packing: `out[r · n + i] = w[r] · x[i]` (`out` is `[rows, n]`) for
+    /// the rows of `w` (`[rows, cols]`) and the `n` rows of `x` (`[n, cols]`). Both operands are
+    /// read along their contiguous columns, so a tile of `R` weight rows × `N` activation rows keeps
+    /// `R · N` independent FMA chains in registers and loads `R + N` vectors for `R · N` FMAs; the
+    /// weights stream from memory once per chunk of [`CHUNK_ROWS`] rows and are re-read from L2 by
+    /// each group of 4 activation rows (which stay in L1).
+    ///
+    /// # Safety
+    /// AVX2, FMA and F16C; `n >= 1`, `x.len() == n · cols`, `w.len() == out.len() / n · cols`,
+    /// `out.len() % n == 0`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(crate) unsafe fn gemm_f32(w: &[f32], cols: usize, x: &[f32], n: usize, out: &mut [f32]) {
+        let rows = out.len() / n;
+        let mut r0 = 0;
+        while r0 < rows {
+            let r1 = (r0 + CHUNK_ROWS).min(rows);
+            let mut i = 0;
+            while i < n {
+                let g = (n - i).min(4);
+                let mut r = r0;
+                while r + 3 <= r1 {
+                    // SAFETY: rows r .. r + 3 < rows and x rows i .. i + g <= n (the caller's
+                    // shapes); out[(r + k) n + i + ii] < rows · n.
+                    unsafe {
+                        match g {
+                            4 => tile::<3, 4>(w, cols, x, n, r, i, out),
+                            3 => tile::<3, 3>(w, cols, x, n, r, i, out),
+                            2 => tile::<3, 2>(w, cols, x, n, r, i, out),
+                            _ => tile::<3, 1>(w, cols, x, n, r, i, out),
+                        }
+                    }
+                    r += 3;
+                }
+                while r < r1 {
+                    // SAFETY: as above for one weight row.
+                    unsafe {
+                        match g {
+                            4 => tile::<1, 4>(w, cols, x, n, r, i, out),
+                            3 => tile::<1, 3>(w, cols, x, n, r, i, out),
+                            2 => tile::<1, 2>(w, cols, x, n, r, i, out),
+                            _ => tile::<1, 1>(w, cols, x, n, r, i, out),
+                        }
+                    }
+                    r += 1;
+                }
+                i += g;
+            }
+            r0 = r1;
+        }
+    }
+
+    /// One `R × N` tile of [`gemm_f32`]: weight rows `r ..`, activation rows `i ..`.
+    ///
+    /// # Safety
+    /// AVX2, FMA and F16C; `r + R` weight rows and `i + N <= n` activation rows exist; `out` is
+    /// `[rows, n]`.
+    #[allow(clippy::needless_range_loop)] // accumulators indexed by weight row and activation row
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn tile<const R: usize, const N: usize>(
+        w: &[f32],
+        cols: usize,
+        x: &[f32],
+        n: usize,
+        r: usize,
+        i: usize,
+        out: &mut [f32],
+    ) {
+        let full = cols / 8;
+        let (wp, xp) = (w.as_ptr(), x.as_ptr());
+        let mut acc = [[_mm256_setzero_ps(); N]; R];
+        for j in 0..full {
+            let o = 8 * j;
+            let mut wv = [_mm256_setzero_ps(); R];
+            for k in 0..R {
+                // SAFETY: columns o .. o + 8 <= cols of weight row r + k (caller).
+                wv[k] = unsafe { load_f32(wp.add((r + k) * cols + o)) };
+            }
+            for ii in 0..N {
+                // SAFETY: columns o .. o + 8 <= cols of activation row i + ii (caller).
+                let xv = unsafe { load_f32(xp.add((i + ii) * cols + o)) };
+                for k in 0..R {
+                    acc[k][ii] = _mm256_fmadd_ps(wv[k], xv, acc[k][ii]);
+                }
+            }
+        }
+        for k in 0..R {
+            let wr = &w[(r + k) * cols + 8 * full..(r + k + 1) * cols];
+            for ii in 0..N {
+                let xr = &x[(i + ii) * cols + 8 * full..(i + ii + 1) * cols];
+                let tail: f32 = wr.iter().zip(xr).map(|(a, b)| a * b).sum();
+                out[(r + k) * n + i + ii] = hsum(acc[k][ii]) + tail;
+            }
+        }
+    }
 }
 
 /// `Σ a[i]·b[i]` on the process's kernel path (attention scores); `None` when the lengths differ.
@@ -402,6 +503,60 @@ pub(crate) const GEMV_MAX_N: usize = 8;
 /// Weight rows per GEMM panel: 64 rows × ≤ 4096 cols × 4 B ≤ 1 MiB of widened f32 per thread.
 pub(crate) const PANEL_ROWS: usize = 64;
 
+/// Up to this many activation rows (batched decode) the unpacked register-tiled GEMM
+/// (`avx2::gemm_f32`) beats the packing GEMM; from 64 rows on (prefill) the gemm crate wins.
+pub(crate) const SMALL_GEMM_MAX_N: usize = 32;
+
+/// Whether an `n`-row product on `isa` takes the small-batch GEMM ([`small_gemm`]).
+pub(crate) fn is_small_batch(isa: Isa, n: usize) -> bool {
+    n > GEMV_MAX_N && n <= SMALL_GEMM_MAX_N && matches!(isa, Isa::Avx2 | Isa::Avx512)
+}
+
+/// Small-batch product `out[r · n + i] = w[r] · x[i]` (`w` `[rows, cols]` f32, `x` `[n, cols]`,
+/// `out` `[rows, n]`) on this thread: the register-tiled AVX2 kernel, or the gemm crate on a CPU
+/// without AVX2.
+pub(crate) fn small_gemm(w: &[f32], cols: usize, x: &[f32], n: usize, out: &mut [f32]) {
+    assert!(
+        n > 0 && x.len() == n * cols && out.len().is_multiple_of(n) && w.len() == out.len() / n * cols,
+        "small_gemm: shapes checked by callers"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if cpu::supports(Isa::Avx2) {
+        // SAFETY: AVX2, FMA and F16C are present (`Isa::Avx2` is only supported after detecting
+        // all three); the shapes are asserted above.
+        unsafe { avx2::gemm_f32(w, cols, x, n, out) };
+        return;
+    }
+    gemm_panel(x, n, cols, w, out.len() / n, out);
+}
+
+/// [`small_gemm`] over weight rows `r0 .. r0 + out.len() / n` that are not stored as f32: `fill(r,
+/// dst)` writes dense f32 rows `r ..` into `dst` (widened or expanded), a cache chunk at a time,
+/// into this thread's scratch panel, which the product then reads from L2.
+pub(crate) fn small_gemm_produced(
+    cols: usize,
+    x: &[f32],
+    n: usize,
+    r0: usize,
+    out: &mut [f32],
+    fill: impl Fn(usize, &mut [f32]),
+) {
+    const CHUNK: usize = 48;
+    if cols == 0 {
+        out.fill(0.0);
+        return;
+    }
+    let rows = out.len() / n;
+    with_scratch(CHUNK * cols, |panel| {
+        for c0 in (0..rows).step_by(CHUNK) {
+            let cr = CHUNK.min(rows - c0);
+            let dst = &mut panel[..cr * cols];
+            fill(r0 + c0, dst);
+            small_gemm(dst, cols, x, n, &mut out[c0 * n..(c0 + cr) * n]);
+        }
+    })
+}
+
 pub(crate) fn rows_per_task(rows: usize) -> usize {
     // Two tasks per thread: a thread that loses its core has its second task stolen instead of
     // stalling the others at the end of the product, while each task still streams a long
@@ -425,6 +580,21 @@ pub fn matmul_on<T: Element>(isa: Isa, w: &DenseMatrix<'_, T>, x: &[f32], n: usi
     if n == 1 {
         let per = rows_per_task(rows);
         y.par_chunks_mut(per).enumerate().for_each(|(t, out)| rows_into(isa, w, x, 1, t * per, out));
+        return Ok(());
+    }
+    if is_small_batch(isa, n) {
+        let mut yt = vec![0f32; rows * n];
+        let per = rows_per_task(rows);
+        yt.par_chunks_mut(per * n).enumerate().for_each(|(t, out)| {
+            let r0 = t * per;
+            match T::as_f32(w.data) {
+                Some(wf) => small_gemm(&wf[r0 * cols..(r0 + out.len() / n) * cols], cols, x, n, out),
+                None => {
+                    small_gemm_produced(cols, x, n, r0, out, |r, dst| T::widen(&w.data[r * cols..][..dst.len()], dst))
+                }
+            }
+        });
+        scatter_transposed(&yt, n, rows, y);
         return Ok(());
     }
     if n > GEMV_MAX_N
@@ -778,9 +948,15 @@ mod tests {
 
     fn check<T: Element>(conv: impl Fn(f32) -> T) {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
-        for &cols in &[0usize, 1, 7, 15, 16, 17, 63, 64, 65, 576] {
-            for &rows in &[1usize, 3, 70] {
-                for &n in &[1usize, 2, 8, 9, 33] {
+        for &cols in &[0usize, 1, 7, 15, 16, 17, 63, 64, 65, 576, 1536, 4096] {
+            // 200 rows: tasks of 50 rows cross the small-batch GEMM's 48-row cache chunks.
+            for &rows in &[1usize, 3, 70, 200] {
+                // 2..=8: multi-row GEMV; 9..=32: the small-batch GEMM (every tile remainder); 33:
+                // the gemm crate.
+                for &n in &[1usize, 2, 8, 9, 14, 32, 33] {
+                    if rows * cols * n > 4_000_000 {
+                        continue;
+                    }
                     let w: Vec<T> = rand_vec(&mut rng, rows * cols).into_iter().map(&conv).collect();
                     let x = rand_vec(&mut rng, n * cols);
                     let m = DenseMatrix::new(&w, rows, cols).unwrap();
