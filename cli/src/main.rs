@@ -105,6 +105,7 @@ fn init_logging(verbose: u8) {
 }
 
 fn main() -> ExitCode {
+    stage::started();
     let cli = Cli::parse();
     // `serve` installs its own subscriber (with OTLP trace export).
     if !matches!(cli.command, Command::Serve(_)) {

@@ -112,3 +112,10 @@ fn write_report(path: &Path, report: &PodReport) -> Result<()> {
     std::fs::write(path, serde_json::to_vec(report)?)
         .with_context(|| format!("writing the report to {}", path.display()))
 }
+
+/// When this process began (the first call, made first thing in `main`): a stage's lineage
+/// execution spans its whole run although it is reported at the end.
+pub fn started() -> std::time::SystemTime {
+    static STARTED: std::sync::OnceLock<std::time::SystemTime> = std::sync::OnceLock::new();
+    *STARTED.get_or_init(std::time::SystemTime::now)
+}

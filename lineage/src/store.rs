@@ -224,11 +224,22 @@ impl LineageStore {
         execution: &NewExecution,
         inputs: &[ArtifactId],
     ) -> Result<ExecutionId, LineageError> {
+        self.start_execution_at(execution, inputs, now_ms()).await
+    }
+
+    /// [`start_execution`](Self::start_execution) for a run that began earlier (`started_at`, Unix
+    /// milliseconds): a local stage reports its whole run when it has finished.
+    pub async fn start_execution_at(
+        &self,
+        execution: &NewExecution,
+        inputs: &[ArtifactId],
+        started_at: i64,
+    ) -> Result<ExecutionId, LineageError> {
         execution.validate()?;
         if execution.kind == ExecutionKind::Delete {
             return Err(invalid("kind", "delete is recorded by record_deletion".to_owned()));
         }
-        let record = Record::StartExecution { execution: execution.clone(), inputs: inputs.to_vec(), at: now_ms() };
+        let record = Record::StartExecution { execution: execution.clone(), inputs: inputs.to_vec(), at: started_at };
         self.write(record).await?;
         Ok(execution.id())
     }

@@ -91,6 +91,7 @@ async fn suite(backend: &str, url: String, scratch: PathBuf) {
     execution_and_events_are_one_transaction(&store, &url).await;
     chain_walks_a_pipeline(&store).await;
     deletion_is_recorded(&store, &url).await;
+    a_run_reported_at_its_end_keeps_its_start(&store).await;
     outbox_replays_exactly_once(&url, &scratch).await;
     eprintln!("lineage suite passed on {backend}");
 }
@@ -269,6 +270,20 @@ async fn chain_walks_a_pipeline(store: &LineageStore) {
     );
     let err = store.chain("no-such-job").await.unwrap_err();
     assert!(matches!(&err, LineageError::NotFound { query, .. } if query == "no-such-job"), "{err}");
+}
+
+/// A local stage reports its run when it has finished: the execution still spans the run.
+async fn a_run_reported_at_its_end_keeps_its_start(store: &LineageStore) {
+    let input = store.record_artifact(&model("file:///span/base", "span-base", None)).await.unwrap();
+    let began =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64 - 15 * 60 * 1000;
+    let exec = NewExecution::new(ExecutionKind::Prune, sha("span"), "local:/runs/span");
+    let id = store.start_execution_at(&exec, &[input], began).await.unwrap();
+    store.finish_execution(&id, ExecutionState::Succeeded, &[], None).await.unwrap();
+    let e = store.execution(&id).await.unwrap().expect("the execution is recorded");
+    assert_eq!(e.started_at, began);
+    let finished = e.finished_at.expect("finished");
+    assert!(finished - e.started_at >= 15 * 60 * 1000, "span {} ms", finished - e.started_at);
 }
 
 async fn deletion_is_recorded(store: &LineageStore, url: &str) {
