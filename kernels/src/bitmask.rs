@@ -125,7 +125,7 @@ macro_rules! sealed_impl {
                         }
                     },
                     #[cfg(target_arch = "x86_64")]
-                    // SAFETY: as above; 16 ymm registers bound `R · (N + 1)`.
+                    // SAFETY: as above; accumulator sets as on AVX-512 (`U · N + 3 <= 16` ymm).
                     Isa::Avx2 => unsafe {
                         match n {
                             1 => avx2::$avx2_gemv::<1, 4>(a.0, a.1, a.2, a.3, a.4, a.5),
