@@ -145,8 +145,6 @@ pub struct StageRun<'a> {
     pub metrics: serde_json::Map<String, serde_json::Value>,
     /// One line on what it did (`sparsegpt to 50.00% sparsity`).
     pub message: String,
-    /// When the stage began: the execution spans the run, not the moment it was reported.
-    pub started: std::time::SystemTime,
 }
 
 /// Records a finished stage (input model, recipe, outputs) in the lineage database. Never fails
@@ -205,7 +203,8 @@ async fn record_run(store: Arc<LineageStore>, run: &StageRun<'_>) -> Result<()> 
     let spec_hash = hex::encode(Sha256::digest(serde_json::to_vec(&spec)?));
     let Some(first) = run.outputs.first() else { anyhow::bail!("a stage run without outputs") };
     let execution = NewExecution::new(run.kind, spec_hash, local_resource(first));
-    let started = run.started.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+    // The execution spans the stage's whole run (this process), not the moment it is reported.
+    let started = crate::stage::started().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
     let id = store.start_execution_at(&execution, &inputs, started).await?;
 
     let mut outputs = Vec::new();

@@ -214,7 +214,6 @@ pub fn run(mut a: PruneArgs) -> Result<()> {
         sparsity: Some(summary.sparsity),
         metrics: perplexity.map(|p| [("perplexity".to_owned(), p.clone())].into_iter().collect()).unwrap_or_default(),
         message: format!("{:?} to {:.2}% sparsity", recipe.method, 100.0 * summary.sparsity).to_lowercase(),
-        started: crate::stage::started(),
     });
     let metrics =
         perplexity.and_then(|p| p.as_f64()).map(|p| [("perplexity".to_owned(), p)].into()).unwrap_or_default();

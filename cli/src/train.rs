@@ -265,7 +265,6 @@ fn report_outputs(
         sparsity,
         metrics: metrics.iter().map(|(k, v)| (k.clone(), serde_json::json!(v))).collect(),
         message: format!("{kind} for {} steps", s.steps),
-        started: crate::stage::started(),
     });
     o.target.publish(sparsity.is_some().then_some(o.bitmask.as_path()))?;
     crate::stage::report_success(&o.target, sparsity, metrics)

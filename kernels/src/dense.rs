@@ -262,15 +262,13 @@ pub(crate) mod avx2 {
         }
     }
 
-    /// Weight rows per cache chunk of [`gemm_f32`]: 48 rows of ≤ 2048 f32 columns stay in L2 while
-    /// every group of activation rows passes over them.
-    const CHUNK_ROWS: usize = 48;
+    use super::SMALL_GEMM_CHUNK_ROWS;
 
     /// Small-batch GEMM without packing: `out[r · n + i] = w[r] · x[i]` (`out` is `[rows, n]`) for
     /// the rows of `w` (`[rows, cols]`) and the `n` rows of `x` (`[n, cols]`). Both operands are
     /// read along their contiguous columns, so a tile of `R` weight rows × `N` activation rows keeps
     /// `R · N` independent FMA chains in registers and loads `R + N` vectors for `R · N` FMAs; the
-    /// weights stream from memory once per chunk of [`CHUNK_ROWS`] rows and are re-read from L2 by
+    /// weights stream from memory once per chunk of [`SMALL_GEMM_CHUNK_ROWS`] rows and are re-read from L2 by
     /// each group of 4 activation rows (which stay in L1).
     ///
     /// # Safety
@@ -281,39 +279,55 @@ pub(crate) mod avx2 {
         let rows = out.len() / n;
         let mut r0 = 0;
         while r0 < rows {
-            let r1 = (r0 + CHUNK_ROWS).min(rows);
+            let r1 = (r0 + SMALL_GEMM_CHUNK_ROWS).min(rows);
             let mut i = 0;
             while i < n {
                 let g = (n - i).min(4);
                 let mut r = r0;
-                while r + 3 <= r1 {
-                    // SAFETY: rows r .. r + 3 < rows and x rows i .. i + g <= n (the caller's
-                    // shapes); out[(r + k) n + i + ii] < rows · n.
-                    unsafe {
-                        match g {
-                            4 => tile::<3, 4>(w, cols, x, n, r, i, out),
-                            3 => tile::<3, 3>(w, cols, x, n, r, i, out),
-                            2 => tile::<3, 2>(w, cols, x, n, r, i, out),
-                            _ => tile::<3, 1>(w, cols, x, n, r, i, out),
-                        }
-                    }
-                    r += 3;
-                }
                 while r < r1 {
-                    // SAFETY: as above for one weight row.
+                    // Three weight rows per tile, single rows for the chunk's last one or two.
+                    let k = if r + 3 <= r1 { 3 } else { 1 };
+                    // SAFETY: rows r .. r + k <= rows and x rows i .. i + g <= n (the caller's
+                    // shapes); out[(r + k') n + i + ii] < rows · n.
                     unsafe {
-                        match g {
-                            4 => tile::<1, 4>(w, cols, x, n, r, i, out),
-                            3 => tile::<1, 3>(w, cols, x, n, r, i, out),
-                            2 => tile::<1, 2>(w, cols, x, n, r, i, out),
-                            _ => tile::<1, 1>(w, cols, x, n, r, i, out),
+                        match k {
+                            3 => tile_group::<3>(w, cols, x, n, r, i, g, out),
+                            _ => tile_group::<1>(w, cols, x, n, r, i, g, out),
                         }
                     }
-                    r += 1;
+                    r += k;
                 }
                 i += g;
             }
             r0 = r1;
+        }
+    }
+
+    /// The tile of `R` weight rows from `r` and `g` (1–4) activation rows from `i`.
+    ///
+    /// # Safety
+    /// As [`tile`] with `N = g`.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn tile_group<const R: usize>(
+        w: &[f32],
+        cols: usize,
+        x: &[f32],
+        n: usize,
+        r: usize,
+        i: usize,
+        g: usize,
+        out: &mut [f32],
+    ) {
+        // SAFETY: the caller's contract.
+        unsafe {
+            match g {
+                4 => tile::<R, 4>(w, cols, x, n, r, i, out),
+                3 => tile::<R, 3>(w, cols, x, n, r, i, out),
+                2 => tile::<R, 2>(w, cols, x, n, r, i, out),
+                _ => tile::<R, 1>(w, cols, x, n, r, i, out),
+            }
         }
     }
 
@@ -506,6 +520,10 @@ pub(crate) const PANEL_ROWS: usize = 64;
 /// Up to this many activation rows (batched decode) the unpacked register-tiled GEMM
 /// (`avx2::gemm_f32`) beats the packing GEMM; from 64 rows on (prefill) the gemm crate wins.
 pub(crate) const SMALL_GEMM_MAX_N: usize = 32;
+/// Weight rows per cache chunk of the small-batch GEMM: 48 rows of ≤ 2048 f32 columns stay in L2
+/// while every group of activation rows passes over them (and non-f32 rows are produced into a
+/// panel of this many rows).
+pub(crate) const SMALL_GEMM_CHUNK_ROWS: usize = 48;
 
 /// Whether an `n`-row product on `isa` takes the small-batch GEMM ([`small_gemm`]).
 pub(crate) fn is_small_batch(isa: Isa, n: usize) -> bool {
@@ -541,15 +559,14 @@ pub(crate) fn small_gemm_produced(
     out: &mut [f32],
     fill: impl Fn(usize, &mut [f32]),
 ) {
-    const CHUNK: usize = 48;
     if cols == 0 {
         out.fill(0.0);
         return;
     }
     let rows = out.len() / n;
-    with_scratch(CHUNK * cols, |panel| {
-        for c0 in (0..rows).step_by(CHUNK) {
-            let cr = CHUNK.min(rows - c0);
+    with_scratch(SMALL_GEMM_CHUNK_ROWS * cols, |panel| {
+        for c0 in (0..rows).step_by(SMALL_GEMM_CHUNK_ROWS) {
+            let cr = SMALL_GEMM_CHUNK_ROWS.min(rows - c0);
             let dst = &mut panel[..cr * cols];
             fill(r0 + c0, dst);
             small_gemm(dst, cols, x, n, &mut out[c0 * n..(c0 + cr) * n]);
