@@ -12,7 +12,7 @@ use std::time::Duration;
 use criterion::{Criterion, Throughput};
 use half::bf16;
 use lacuna_kernels::bitmask::{self, BitmaskMatrix, BitmaskValue};
-use lacuna_kernels::{cpu, dense};
+use lacuna_kernels::{cpu, dense, pages};
 use rand::{Rng, SeedableRng};
 
 const N: usize = 8192;
@@ -31,8 +31,10 @@ fn weights(rows: usize, sparsity: f64, seed: u64) -> Vec<f32> {
     (0..rows * N).map(|_| if rng.random_bool(sparsity) { 0.0 } else { rng.random_range(0.01f32..1.0) }).collect()
 }
 
-fn bench_sparse<T: BitmaskValue>(c: &mut Criterion, m: &BitmaskMatrix<T>, x: &[f32], label: &str) {
+fn bench_sparse<T: BitmaskValue + bytemuck::Pod>(c: &mut Criterion, m: &BitmaskMatrix<T>, x: &[f32], label: &str) {
     let v = m.view();
+    // On 2 MiB pages, as the runtime keeps the weights it streams.
+    pages::prefer_huge_pages([v.bitmask(), bytemuck::cast_slice(v.values()), bytemuck::cast_slice(v.row_offsets())]);
     let mut y = vec![0f32; v.rows()];
     let mut g = c.benchmark_group("gemv");
     g.throughput(Throughput::Bytes(v.nbytes() as u64));
@@ -40,9 +42,10 @@ fn bench_sparse<T: BitmaskValue>(c: &mut Criterion, m: &BitmaskMatrix<T>, x: &[f
     g.finish();
 }
 
-fn bench_dense<T: dense::Element>(c: &mut Criterion, w: &[T], x: &[f32], label: &str) {
+fn bench_dense<T: dense::Element + bytemuck::Pod>(c: &mut Criterion, w: &[T], x: &[f32], label: &str) {
     let rows = w.len() / N;
     let m = dense::DenseMatrix::new(w, rows, N).unwrap();
+    pages::prefer_huge_pages([bytemuck::cast_slice(w)]);
     let mut y = vec![0f32; rows];
     let mut g = c.benchmark_group("gemv");
     g.throughput(Throughput::Bytes(std::mem::size_of_val(w) as u64));

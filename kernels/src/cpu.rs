@@ -127,6 +127,8 @@ pub fn measure_read_bandwidth(bytes: usize) -> f64 {
     let len = (bytes / 4).max(1);
     // Filled in parallel so that first-touch places pages near the threads that will read them.
     let mut buf = vec![0f32; len];
+    // On the pages the runtime gives the weights it streams (see `pages`).
+    crate::pages::prefer_huge_pages([bytemuck::cast_slice(&buf[..])]);
     let per = len.div_ceil(threads() * 4).max(1);
     buf.par_chunks_mut(per).enumerate().for_each(|(t, c)| {
         for (i, w) in c.iter_mut().enumerate() {

@@ -506,6 +506,10 @@ impl<'a, T: Element> DenseMatrix<'a, T> {
     pub fn cols(&self) -> usize {
         self.cols
     }
+    /// Every element, row-major.
+    pub fn data(&self) -> &'a [T] {
+        self.data
+    }
     pub fn row(&self, r: usize) -> &'a [T] {
         &self.data[r * self.cols..(r + 1) * self.cols]
     }

@@ -11,6 +11,7 @@ pub mod dense;
 pub mod ggml;
 pub mod matrix;
 pub mod mmap;
+pub mod pages;
 pub mod team;
 
 /// Errors raised by kernels and format conversions: always a caller's shape or data problem.

@@ -25,6 +25,23 @@ pub enum Matrix<'a> {
     BitmaskBf16(BitmaskView<'a, bf16>),
 }
 
+impl<'a> Matrix<'a> {
+    /// The stored buffers' bytes (one for a dense matrix; mask, values and offsets for a bitmask
+    /// one), for memory advice such as [`crate::pages::prefer_huge_pages`].
+    pub fn buffers(&self) -> [&'a [u8]; 3] {
+        fn b<T: bytemuck::Pod>(v: &[T]) -> &[u8] {
+            bytemuck::cast_slice(v)
+        }
+        match self {
+            Matrix::F32(m) => [b(m.data()), &[], &[]],
+            Matrix::F16(m) => [b(m.data()), &[], &[]],
+            Matrix::Bf16(m) => [b(m.data()), &[], &[]],
+            Matrix::BitmaskF32(m) => [m.bitmask(), b(m.values()), b(m.row_offsets())],
+            Matrix::BitmaskBf16(m) => [m.bitmask(), b(m.values()), b(m.row_offsets())],
+        }
+    }
+}
+
 impl Matrix<'_> {
     pub fn rows(&self) -> usize {
         match self {

@@ -41,7 +41,7 @@ pub(crate) struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn linears(&self) -> [&Weight; 7] {
+    pub(crate) fn linears(&self) -> [&Weight; 7] {
         [&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj, &self.gate_proj, &self.up_proj, &self.down_proj]
     }
     fn linears_mut(&mut self) -> [&mut Weight; 7] {
@@ -168,13 +168,20 @@ impl KvCache {
     pub fn new(config: &LlamaConfig, capacity: usize) -> Self {
         let kv_dim = config.kv_dim();
         let layer = || vec![0f32; capacity * kv_dim];
-        Self {
+        let cache = Self {
             k: (0..config.num_hidden_layers).map(|_| layer()).collect(),
             v: (0..config.num_hidden_layers).map(|_| layer()).collect(),
             len: 0,
             capacity,
             kv_dim,
-        }
+        };
+        cache.prefer_huge_pages();
+        cache
+    }
+    /// Decode attention streams every cached position of every layer per token (tens of MB at
+    /// a few hundred positions): on 2 MiB pages, as the weights are.
+    fn prefer_huge_pages(&self) {
+        lacuna_kernels::pages::prefer_huge_pages(self.k.iter().chain(&self.v).map(|l| bytemuck::cast_slice(l)));
     }
     pub fn len(&self) -> usize {
         self.len
@@ -198,6 +205,7 @@ impl KvCache {
             layer.resize(capacity * self.kv_dim, 0.0);
         }
         self.capacity = capacity;
+        self.prefer_huge_pages();
     }
 }
 

@@ -102,6 +102,13 @@ impl Runtime {
             slots: Vec::with_capacity(max_batch),
             pos: Vec::with_capacity(max_batch),
         };
+        // Every decode step streams these: on 2 MiB pages it does without a TLB miss every 4 KiB.
+        let mut buffers = Vec::new();
+        for w in model.layers.iter().flat_map(|l| l.linears()).chain([model.lm_head()]) {
+            buffers.extend(w.matrix()?.buffers());
+        }
+        let huge = lacuna_kernels::pages::prefer_huge_pages(buffers);
+        tracing::debug!("{} MiB of weights on huge pages", huge >> 20);
         Ok(Self { model, max_batch, max_context, seqs: HashMap::new(), caches: Vec::new(), free: Vec::new(), b })
     }
 
