@@ -45,8 +45,10 @@ struct Buffers {
     logits: Vec<f32>,
     cos: Vec<f32>,
     sin: Vec<f32>,
-    /// Attention scores, `[max_batch · heads, max_context]`.
+    /// Attention scores: each attention task's `[group, positions]` (see [`attend`]).
     scores: Vec<f32>,
+    /// Attention tasks' partial results (see [`attention::merge_partials`]).
+    partials: Vec<f32>,
     /// Transposed outputs of batched products (see [`matmul_many`]).
     scratch: Vec<f32>,
     /// Cache slot and position of each batch row.
@@ -95,7 +97,8 @@ impl Runtime {
             logits: vec![0.0; max_batch * c.vocab_size],
             cos: vec![0.0; max_batch * half],
             sin: vec![0.0; max_batch * half],
-            scores: vec![0.0; max_batch * c.num_attention_heads * max_context],
+            scores: vec![0.0; max_batch * c.num_attention_heads * (max_context + MAX_SPLIT)],
+            partials: vec![0.0; max_batch * MAX_SPLIT * (c.q_dim() + 2 * c.num_attention_heads)],
             scratch: Vec::with_capacity(
                 max_batch * (c.vocab_size.max(c.q_dim() + 2 * c.kv_dim()).max(2 * c.intermediate_size)),
             ),
@@ -249,7 +252,18 @@ impl Runtime {
                 cache.k[li][p * kvd..(p + 1) * kvd].copy_from_slice(&k[i * kvd..(i + 1) * kvd]);
                 cache.v[li][p * kvd..(p + 1) * kvd].copy_from_slice(&v[i * kvd..(i + 1) * kvd]);
             }
-            attend(c, &self.caches, li, &b.slots, &b.pos, q, &mut b.attn[..n * qd], &mut b.scores, self.max_context);
+            attend(
+                c,
+                &self.caches,
+                li,
+                &b.slots,
+                &b.pos,
+                q,
+                &mut b.attn[..n * qd],
+                &mut b.scores,
+                &mut b.partials,
+                self.max_context,
+            );
             let o = &mut b.o[..n * hs];
             matmul_many(&mut [Product { w: layer.o_proj.matrix()?, y: o }], &b.attn[..n * qd], n, &mut b.scratch)?;
             add_into(x, o);
@@ -276,8 +290,17 @@ impl Runtime {
     }
 }
 
+/// Positions per attention task: long enough to amortise a task, short enough that one
+/// sequence's cache spreads over every thread (3 KV heads alone would leave one of two threads
+/// idle a third of the time).
+const SPLIT_POSITIONS: usize = 128;
+/// Position ranges a sequence's attention is split into at most.
+const MAX_SPLIT: usize = 8;
+
 /// Decode attention: each batch row's query (its new position `pos[i]`, already in the cache)
-/// over positions `0..=pos[i]` of its own sequence, heads in parallel when there is enough work.
+/// over positions `0..=pos[i]` of its own sequence. One task per (sequence, KV head, range of
+/// positions): the query heads that share a KV head read its keys and values once, and the ranges'
+/// partial softmaxes are merged afterwards, so the cache streams on every thread at once.
 #[allow(clippy::too_many_arguments)]
 fn attend(
     c: &LlamaConfig,
@@ -288,33 +311,51 @@ fn attend(
     q: &[f32],
     attn: &mut [f32],
     scores: &mut [f32],
+    partials: &mut [f32],
     max_context: usize,
 ) {
-    let (hd, nh, kvd) = (c.head_dim, c.num_attention_heads, c.kv_dim());
-    let group = nh / c.num_key_value_heads;
+    let (hd, nh, kvd, kvh) = (c.head_dim, c.num_attention_heads, c.kv_dim(), c.num_key_value_heads);
+    let group = nh / kvh;
     let scale = 1.0 / (hd as f32).sqrt();
-    // One task per (sequence, KV head): the query heads that share a KV head read its keys and
-    // values once.
-    let kvh = c.num_key_value_heads;
-    let one = |idx: usize, out: &mut [f32], sc: &mut [f32]| {
-        let (i, g) = (idx / kvh, idx % kvh);
-        let (cache, total) = (&caches[slots[i]], pos[i] + 1);
+    // Below ~64k multiply-adds a region costs more than it saves: one task per head, on this thread.
+    let work: usize = pos.iter().map(|p| (p + 1) * 2 * hd * nh).sum();
+    let longest = pos.iter().max().map_or(0, |p| p + 1);
+    let split = if work < 1 << 16 { 1 } else { longest.div_ceil(SPLIT_POSITIONS).clamp(1, MAX_SPLIT) };
+    let width = group * hd + 2 * group;
+    let cap = group * max_context.div_ceil(split);
+    let tasks = pos.len() * kvh * split;
+    let one = |idx: usize, part: &mut [f32], sc: &mut [f32]| {
+        let (i, g, r) = (idx / (kvh * split), idx / split % kvh, idx % split);
+        let total = pos[i] + 1;
+        let per = total.div_ceil(split);
+        let (a, b) = ((r * per).min(total), ((r + 1) * per).min(total));
+        let (out, stats) = part.split_at_mut(group * hd);
+        if a == b {
+            out.fill(0.0);
+            stats.chunks_exact_mut(2).for_each(|s| s.copy_from_slice(&[f32::NEG_INFINITY, 0.0]));
+            return;
+        }
+        let cache = &caches[slots[i]];
         let qg = &q[i * nh * hd + g * group * hd..][..group * hd];
-        let view = |data| HeadCache { data, stride: kvd, offset: g * hd, len: total };
-        let sc = &mut sc[..group * total];
-        if attention::decode_group(qg, group, view(&cache.k[li]), view(&cache.v[li]), scale, sc, out).is_err() {
+        let (k, v) = (&cache.k[li][a * kvd..], &cache.v[li][a * kvd..]);
+        let view = |data| HeadCache { data, stride: kvd, offset: g * hd, len: b - a };
+        let sc = &mut sc[..group * (b - a)];
+        if attention::decode_group(qg, group, view(k), view(v), scale, sc, out, stats).is_err() {
             // Unreachable with the buffers sized in `new`; poison rather than panic.
             out.fill(f32::NAN);
         }
     };
-    // Below ~64k multiply-adds a region costs more than it saves.
-    let work: usize = pos.iter().map(|p| (p + 1) * 2 * hd * nh).sum();
-    let (oc, sc) = (group * hd, group * max_context);
-    if work < 1 << 16 {
-        for (idx, (out, s)) in attn.chunks_mut(oc).zip(scores.chunks_mut(sc)).enumerate() {
-            one(idx, out, s);
+    let (parts, scores) = (&mut partials[..tasks * width], &mut scores[..tasks * cap]);
+    if split == 1 && work < 1 << 16 {
+        for (idx, (part, s)) in parts.chunks_exact_mut(width).zip(scores.chunks_exact_mut(cap)).enumerate() {
+            one(idx, part, s);
         }
     } else {
-        Team::global().for_each_chunk_pair(attn, oc, scores, sc, &one);
+        Team::global().for_each_chunk_pair(parts, width, scores, cap, &one);
+    }
+    for (o, p) in attn.chunks_exact_mut(group * hd).zip(parts.chunks_exact(split * width)) {
+        if attention::merge_partials(p, group, o).is_err() {
+            o.fill(f32::NAN);
+        }
     }
 }
