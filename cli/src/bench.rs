@@ -33,8 +33,10 @@ pub struct BenchArgs {
     /// Prompt tokens of each sequence in the batched measurement.
     #[arg(long, default_value_t = 128)]
     pub batch_prompt_len: usize,
-    /// Measurement rounds; they alternate over the models and each model reports its median.
-    #[arg(long, default_value_t = 3)]
+    /// Measurement rounds; they alternate over the models and each model reports its median (on
+    /// a machine whose memory bandwidth and cache are shared, five keep one disturbed round from
+    /// deciding it).
+    #[arg(long, default_value_t = 5)]
     pub rounds: usize,
     #[arg(long)]
     pub json: bool,

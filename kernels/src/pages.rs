@@ -66,9 +66,9 @@ mod tests {
         let advised = prefer_huge_pages([ab, bb, &[]]);
         assert_eq!(advised % HUGE, 0, "{advised}");
         // The span advised lies within the buffers' extent (12 MiB here, plus the gap to `b`).
-        let (lo, hi) = [ab, bb].iter().fold((usize::MAX, 0), |(lo, hi), s| {
-            (lo.min(s.as_ptr() as usize), hi.max(s.as_ptr() as usize + s.len()))
-        });
+        let (lo, hi) = [ab, bb]
+            .iter()
+            .fold((usize::MAX, 0), |(lo, hi), s| (lo.min(s.as_ptr() as usize), hi.max(s.as_ptr() as usize + s.len())));
         assert!(advised <= hi - lo, "{advised} of {}", hi - lo);
         assert!(a.iter().enumerate().all(|(i, &v)| v == (i as u32).wrapping_mul(2_654_435_761)));
         assert!(b.iter().enumerate().all(|(i, &v)| v == i as u32));
