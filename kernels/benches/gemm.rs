@@ -6,20 +6,16 @@
 //! `cargo bench -p lacuna-kernels --bench gemm`; `LACUNA_KERNEL=scalar|avx2` picks another path,
 //! `RAYON_NUM_THREADS` the thread count.
 
-use std::time::Duration;
+mod common;
 
-use criterion::{Criterion, Throughput};
+use criterion::Throughput;
 use lacuna_kernels::bitmask::{self, BitmaskMatrix};
-use lacuna_kernels::{cpu, dense};
+use lacuna_kernels::dense;
 use rand::{Rng, SeedableRng};
 
 fn main() {
-    let mut c = Criterion::default()
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(2))
-        .sample_size(10)
-        .configure_from_args();
-    eprintln!("kernel {}, {} threads", cpu::isa().name(), cpu::threads());
+    let mut c = common::criterion(2, 10);
+    eprintln!("{}", common::machine(false));
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
     // (name, rows, cols): an MLP up projection, its down projection, the tied LM head.
     for (name, rows, cols) in [("up_1536x576", 1536, 576), ("down_576x1536", 576, 1536), ("head_49152x576", 49152, 576)]

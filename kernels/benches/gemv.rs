@@ -7,7 +7,7 @@
 //! `cargo bench -p lacuna-kernels --bench gemv`; `LACUNA_KERNEL=avx2|scalar` picks another path,
 //! `RAYON_NUM_THREADS` the thread count.
 
-use std::time::Duration;
+mod common;
 
 use criterion::{Criterion, Throughput};
 use half::bf16;
@@ -54,19 +54,9 @@ fn bench_dense<T: dense::Element + bytemuck::Pod>(c: &mut Criterion, w: &[T], x:
 }
 
 fn main() {
-    let mut c = Criterion::default()
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(3))
-        .sample_size(20)
-        .configure_from_args();
+    let mut c = common::criterion(3, 20);
     let rows = rows();
-    eprintln!(
-        "kernel {}, {} threads, weights {rows} x {N}, last-level cache {} MiB, read bandwidth {:.1} GB/s",
-        cpu::isa().name(),
-        cpu::threads(),
-        cpu::last_level_cache_bytes().unwrap_or(0) >> 20,
-        cpu::measure_read_bandwidth(cpu::beyond_cache_bytes())
-    );
+    eprintln!("{}, weights {rows} x {N}", common::machine(true));
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
     let x: Vec<f32> = (0..N).map(|_| rng.random_range(-1.0f32..1.0)).collect();
 

@@ -8,13 +8,13 @@
 //!
 //! `cargo bench -p lacuna-kernels --bench layers`.
 
-use std::time::Duration;
+mod common;
 
-use criterion::{Criterion, Throughput};
+use criterion::Throughput;
 use lacuna_kernels::bitmask::BitmaskMatrix;
 use lacuna_kernels::dense::DenseMatrix;
 use lacuna_kernels::matrix::{Matrix, Product, matmul_many};
-use lacuna_kernels::{cpu, pages};
+use lacuna_kernels::pages;
 use rand::{Rng, SeedableRng};
 
 const LAYERS: usize = 30;
@@ -73,18 +73,8 @@ fn stack(sparsity: f64) -> Vec<Vec<Stored>> {
 }
 
 fn main() {
-    let mut c = Criterion::default()
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(4))
-        .sample_size(20)
-        .configure_from_args();
-    eprintln!(
-        "kernel {}, {} threads, last-level cache {} MiB, read bandwidth {:.1} GB/s",
-        cpu::isa().name(),
-        cpu::threads(),
-        cpu::last_level_cache_bytes().unwrap_or(0) >> 20,
-        cpu::measure_read_bandwidth(cpu::beyond_cache_bytes())
-    );
+    let mut c = common::criterion(4, 20);
+    eprintln!("{}", common::machine(true));
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
     let x: Vec<f32> = (0..FFN).map(|_| rng.random_range(-1.0f32..1.0)).collect();
     // Every model's matrices live at once, as in `lacuna bench`: together they exceed any cache.
