@@ -190,6 +190,32 @@ fn decode_head_scalar(
     (max, sum)
 }
 
+/// 2^f on |f| ≤ 1/2 as a degree-6 polynomial (lowest power first): the Taylor coefficients of
+/// e^z in z = f ln 2 folded into f. Relative error below 2e-7; the SIMD bodies' `exp`.
+#[cfg(target_arch = "x86_64")]
+const EXP2_COEFFS: [f32; 7] =
+    [1.0, std::f32::consts::LN_2, 0.240_226_5, 0.055_504_11, 0.009_618_129, 0.001_333_355_8, 0.000_154_035_3];
+
+/// The shapes the SIMD bodies are compiled for: head_dim 64 (SmolLM2, Llama-3.2-1B) and 128
+/// (Llama-2/3), 1–4 query heads per KV head. Calls `$group::<H, {hd / $lanes}>(args)` for the
+/// matching shape, or makes the enclosing function return false (the portable path runs).
+#[cfg(target_arch = "x86_64")]
+macro_rules! simd_shapes {
+    ($group:ident, $lanes:literal, $heads:expr, $hd:expr, ($($arg:expr),*)) => {
+        match ($heads, $hd) {
+            (1, 64) => $group::<1, { 64 / $lanes }>($($arg),*),
+            (2, 64) => $group::<2, { 64 / $lanes }>($($arg),*),
+            (3, 64) => $group::<3, { 64 / $lanes }>($($arg),*),
+            (4, 64) => $group::<4, { 64 / $lanes }>($($arg),*),
+            (1, 128) => $group::<1, { 128 / $lanes }>($($arg),*),
+            (2, 128) => $group::<2, { 128 / $lanes }>($($arg),*),
+            (3, 128) => $group::<3, { 128 / $lanes }>($($arg),*),
+            (4, 128) => $group::<4, { 128 / $lanes }>($($arg),*),
+            _ => return false,
+        }
+    };
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::HeadCache;
@@ -207,16 +233,7 @@ mod avx512 {
         let y = _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E));
         let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(y);
         let f = _mm512_sub_ps(y, n);
-        // 2^f = e^(f ln 2), Taylor coefficients of e^z in z = f ln 2 folded into f.
-        let c = [
-            1.0f32,
-            std::f32::consts::LN_2,
-            0.240_226_5,
-            0.055_504_11,
-            0.009_618_129,
-            0.001_333_355_8,
-            0.000_154_035_3,
-        ];
+        let c = super::EXP2_COEFFS;
         let mut p = _mm512_set1_ps(c[6]);
         for &ci in c[..6].iter().rev() {
             p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(ci));
@@ -245,17 +262,8 @@ mod avx512 {
         out: &mut [f32],
         stats: &mut [f32],
     ) -> bool {
-        macro_rules! shapes {
-            ($(($h:literal, $c:literal)),*) => {
-                match (heads, q.len() / heads) {
-                    // SAFETY: the shape matches the instance (caller's contract otherwise).
-                    $(($h, hd) if hd == 16 * $c => unsafe { group::<$h, $c>(q, k, v, scale, scores, out, stats) },)*
-                    _ => return false,
-                }
-            };
-        }
-        // head_dim 64 (SmolLM2, Llama-3.2-1B) and 128 (Llama-2/3), up to 4 query heads per KV head.
-        shapes!((1, 4), (2, 4), (3, 4), (4, 4), (1, 8), (2, 8), (3, 8), (4, 8));
+        // SAFETY: the instance called matches `heads` and `hd` (caller's contract otherwise).
+        unsafe { simd_shapes!(group, 16, heads, q.len() / heads, (q, k, v, scale, scores, out, stats)) };
         true
     }
 
@@ -386,15 +394,7 @@ mod avx2 {
         let y = _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E));
         let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(y);
         let f = _mm256_sub_ps(y, n);
-        let c = [
-            1.0f32,
-            std::f32::consts::LN_2,
-            0.240_226_5,
-            0.055_504_11,
-            0.009_618_129,
-            0.001_333_355_8,
-            0.000_154_035_3,
-        ];
+        let c = super::EXP2_COEFFS;
         let mut p = _mm256_set1_ps(c[6]);
         for &ci in c[..6].iter().rev() {
             p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(ci));
@@ -426,16 +426,8 @@ mod avx2 {
         out: &mut [f32],
         stats: &mut [f32],
     ) -> bool {
-        macro_rules! shapes {
-            ($(($h:literal, $c:literal)),*) => {
-                match (heads, q.len() / heads) {
-                    // SAFETY: the shape matches the instance (caller's contract otherwise).
-                    $(($h, hd) if hd == 8 * $c => unsafe { group::<$h, $c>(q, k, v, scale, scores, out, stats) },)*
-                    _ => return false,
-                }
-            };
-        }
-        shapes!((1, 8), (2, 8), (3, 8), (4, 8), (1, 16), (2, 16), (3, 16), (4, 16));
+        // SAFETY: the instance called matches `heads` and `hd` (caller's contract otherwise).
+        unsafe { simd_shapes!(group, 8, heads, q.len() / heads, (q, k, v, scale, scores, out, stats)) };
         true
     }
 

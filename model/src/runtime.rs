@@ -318,9 +318,9 @@ fn attend(
     let group = nh / kvh;
     let scale = 1.0 / (hd as f32).sqrt();
     // Below ~64k multiply-adds a region costs more than it saves: one task per head, on this thread.
-    let work: usize = pos.iter().map(|p| (p + 1) * 2 * hd * nh).sum();
+    let serial = pos.iter().map(|p| (p + 1) * 2 * hd * nh).sum::<usize>() < 1 << 16;
     let longest = pos.iter().max().map_or(0, |p| p + 1);
-    let split = if work < 1 << 16 { 1 } else { longest.div_ceil(SPLIT_POSITIONS).clamp(1, MAX_SPLIT) };
+    let split = if serial { 1 } else { longest.div_ceil(SPLIT_POSITIONS).clamp(1, MAX_SPLIT) };
     let width = group * hd + 2 * group;
     let cap = group * max_context.div_ceil(split);
     let tasks = pos.len() * kvh * split;
@@ -346,7 +346,7 @@ fn attend(
         }
     };
     let (parts, scores) = (&mut partials[..tasks * width], &mut scores[..tasks * cap]);
-    if split == 1 && work < 1 << 16 {
+    if serial {
         for (idx, (part, s)) in parts.chunks_exact_mut(width).zip(scores.chunks_exact_mut(cap)).enumerate() {
             one(idx, part, s);
         }
