@@ -9,6 +9,8 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::Args;
+use lacuna_model::KvCache;
+use lacuna_model::KvDtype;
 use lacuna_model::runtime::Runtime;
 use lacuna_model::sampling::argmax;
 use serde::Serialize;
@@ -38,6 +40,9 @@ pub struct BenchArgs {
     /// deciding it).
     #[arg(long, default_value_t = 5)]
     pub rounds: usize,
+    /// KV cache values (f16: the inference service's default; f32: exact).
+    #[arg(long, default_value_t = KvDtype::F16)]
+    pub kv_cache: KvDtype,
     #[arg(long)]
     pub json: bool,
 }
@@ -60,6 +65,9 @@ struct ModelReport {
     /// Bytes of weights a decode step streams from memory (every linear layer as stored, dense
     /// or bitmask, and the LM head).
     weight_bytes_per_token: u64,
+    /// Bytes of KV cache batch-1 attention reads per decoded token, on average over the measured
+    /// steps (the same for every model of one architecture).
+    kv_bytes_per_token: u64,
     /// weight_bytes_per_token × batch-1 decode tok/s.
     decode_weight_gb_per_second: f64,
     /// decode_weight_gb_per_second ÷ the measured read bandwidth.
@@ -74,6 +82,9 @@ struct Comparison {
     model: String,
     /// Baseline weight bytes per token ÷ this model's: the decode speed-up the bytes allow.
     byte_ratio: f64,
+    /// The same with the KV cache's bytes counted on both sides: the speed-up a decoder that
+    /// streams every byte at the same rate would reach.
+    byte_ratio_with_kv: f64,
     decode_speedup: f64,
     /// decode_speedup ÷ byte_ratio: how much of the byte saving became speed.
     speedup_over_byte_ratio: f64,
@@ -86,6 +97,7 @@ struct Comparison {
 struct BenchReport {
     threads: usize,
     kernel: &'static str,
+    kv_cache: KvDtype,
     /// The machine's read bandwidth, measured by this run (see `cpu::measure_read_bandwidth`).
     memory_read_gb_per_second: f64,
     rounds: usize,
@@ -133,6 +145,7 @@ struct Subject {
     format: String,
     load_seconds: f64,
     weight_bytes_per_token: u64,
+    kv_bytes_per_token: u64,
     resident_bytes: Option<u64>,
     rt: Runtime,
     ttft: Vec<f64>,
@@ -154,13 +167,17 @@ fn load(a: &BenchArgs, name: &str) -> Result<Subject> {
     );
     let (format, path) = (ck.format.name().to_owned(), ck.path.display().to_string());
     let weight_bytes_per_token = ck.model.weight_bytes_per_token() as u64;
-    let rt = Runtime::new(Arc::new(ck.model), a.batch.max(1), need).context("starting the runtime")?;
+    // Batch-1 decode attends over prompt_len + 1 ..= prompt_len + decode_tokens positions.
+    let mean_positions = a.prompt_len + a.decode_tokens.div_ceil(2);
+    let kv_bytes_per_token = KvCache::bytes_per_step(&cfg, a.kv_cache, mean_positions) as u64;
+    let rt = Runtime::new(Arc::new(ck.model), a.batch.max(1), need, a.kv_cache).context("starting the runtime")?;
     let resident_bytes = rss_bytes().zip(before).map(|(a, b)| a.saturating_sub(b));
     Ok(Subject {
         name: path,
         format,
         load_seconds,
         weight_bytes_per_token,
+        kv_bytes_per_token,
         resident_bytes,
         rt,
         ttft: Vec::new(),
@@ -220,6 +237,7 @@ fn report(a: &BenchArgs, mut s: Subject) -> ModelReport {
         batch: a.batch,
         batch_decode_tokens_per_second: (!s.batch.is_empty()).then(|| median(&mut s.batch)),
         weight_bytes_per_token: s.weight_bytes_per_token,
+        kv_bytes_per_token: s.kv_bytes_per_token,
         decode_weight_gb_per_second: s.weight_bytes_per_token as f64 * dtps / 1e9,
         bandwidth_ratio: 0.0,
         resident_bytes: s.resident_bytes,
@@ -254,10 +272,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
         .iter()
         .map(|m| {
             let byte_ratio = base.weight_bytes_per_token as f64 / m.weight_bytes_per_token.max(1) as f64;
+            let with_kv = |r: &ModelReport| (r.weight_bytes_per_token + r.kv_bytes_per_token).max(1) as f64;
             let decode_speedup = m.decode_tokens_per_second / base.decode_tokens_per_second;
             Comparison {
                 model: m.model.clone(),
                 byte_ratio,
+                byte_ratio_with_kv: with_kv(base) / with_kv(m),
                 decode_speedup,
                 speedup_over_byte_ratio: decode_speedup / byte_ratio,
                 batch_decode_speedup: m
@@ -271,6 +291,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let r = BenchReport {
         threads: lacuna_kernels::cpu::threads(),
         kernel: lacuna_kernels::cpu::isa().name(),
+        kv_cache: a.kv_cache,
         memory_read_gb_per_second: bandwidth,
         rounds: a.rounds,
         peak_rss_bytes: peak_rss,
@@ -281,9 +302,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
         return print_json(&r);
     }
     println!(
-        "threads {} ({} kernels), measured read bandwidth {:.1} GB/s, median of {} rounds{}",
+        "threads {} ({} kernels, {} KV cache), measured read bandwidth {:.1} GB/s, median of {} rounds{}",
         r.threads,
         r.kernel,
+        r.kv_cache,
         bandwidth,
         r.rounds,
         r.peak_rss_bytes.map(|p| format!(", peak RSS {:.1} MiB", p as f64 / (1024.0 * 1024.0))).unwrap_or_default()
@@ -310,6 +332,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
             m.decode_weight_gb_per_second,
             100.0 * m.bandwidth_ratio
         );
+        println!(
+            "KV cache/token   {:.1} MB read by attention (mean over the decode steps)",
+            m.kv_bytes_per_token as f64 / 1e6
+        );
         if let Some(p) = m.resident_bytes {
             println!("resident         {:.1} MiB added by loading it", p as f64 / (1024.0 * 1024.0));
         }
@@ -323,6 +349,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
             c.speedup_over_byte_ratio,
             c.prefill_ratio,
             c.batch_decode_speedup.map(|s| format!("; batched decode {s:.2}x")).unwrap_or_default()
+        );
+        println!(
+            "                 with the KV cache counted: bytes {:.2}x fewer = {:.2} of that ratio",
+            c.byte_ratio_with_kv,
+            c.decode_speedup / c.byte_ratio_with_kv
         );
     }
     Ok(())

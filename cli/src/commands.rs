@@ -240,6 +240,7 @@ impl SamplingArgs {
             },
             stop: self.stop.clone(),
             ignore_eos: false,
+            ..Default::default()
         }
     }
 }

@@ -35,6 +35,9 @@ pub struct ServeArgs {
     /// Most tokens, prompt plus completion, of one sequence (default: the model's context).
     #[arg(long)]
     max_context: Option<usize>,
+    /// KV cache values: f16 (default) or f32.
+    #[arg(long)]
+    kv_cache: Option<lacuna_model::KvDtype>,
     /// Most prompt tokens prefilled between two decode steps.
     #[arg(long)]
     prefill_chunk: Option<usize>,
@@ -65,7 +68,18 @@ pub fn run(a: ServeArgs, verbose: u8) -> Result<()> {
     macro_rules! flag {
         ($($f:ident),*) => { $(if let Some(v) = a.$f { s.$f = v; })* };
     }
-    flag!(backend, host, port, max_batch, max_queue, prefill_chunk, max_body_bytes, grace_seconds, http_workers);
+    flag!(
+        backend,
+        host,
+        port,
+        max_batch,
+        max_queue,
+        kv_cache,
+        prefill_chunk,
+        max_body_bytes,
+        grace_seconds,
+        http_workers
+    );
     if a.served_model_name.is_some() {
         s.served_model_name = a.served_model_name;
     }

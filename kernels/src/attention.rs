@@ -11,17 +11,57 @@
 use crate::cpu::{self, Isa};
 use crate::{KernelError, Result};
 
+/// What a KV cache stores: `f32`, or `f16` (half the bytes a decode step streams per position;
+/// values are rounded once when written and widened in registers when read, as llama.cpp's
+/// default cache does).
+pub trait CacheValue: Copy + Default + Send + Sync + 'static + sealed::Sealed {
+    /// Whether this is the 16-bit type (the SIMD bodies widen it with `vcvtph2ps`).
+    const HALF: bool;
+    fn to_f32(self) -> f32;
+    fn from_f32(x: f32) -> Self;
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for half::f16 {}
+}
+
+impl CacheValue for f32 {
+    const HALF: bool = false;
+    #[inline]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[inline]
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+}
+
+impl CacheValue for half::f16 {
+    const HALF: bool = true;
+    #[inline]
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+    #[inline]
+    fn from_f32(x: f32) -> Self {
+        half::f16::from_f32(x)
+    }
+}
+
 /// Cached keys or values of one KV head: rows `0..len` of a `[positions, stride]` cache, the
 /// head's `head_dim` columns starting at `offset`.
 #[derive(Clone, Copy, Debug)]
-pub struct HeadCache<'a> {
-    pub data: &'a [f32],
+pub struct HeadCache<'a, T = f32> {
+    pub data: &'a [T],
     pub stride: usize,
     pub offset: usize,
     pub len: usize,
 }
 
-impl HeadCache<'_> {
+impl<T: CacheValue> HeadCache<'_, T> {
     fn check(&self, hd: usize, what: &str) -> Result<()> {
         let need = if self.len == 0 { 0 } else { (self.len - 1) * self.stride + self.offset + hd };
         if self.data.len() < need || (self.len > 1 && self.stride < self.offset + hd) {
@@ -35,7 +75,7 @@ impl HeadCache<'_> {
         }
         Ok(())
     }
-    fn row(&self, t: usize, hd: usize) -> &[f32] {
+    fn row(&self, t: usize, hd: usize) -> &[T] {
         &self.data[t * self.stride + self.offset..][..hd]
     }
 }
@@ -49,11 +89,11 @@ impl HeadCache<'_> {
 /// `exp(score − max)`: what [`merge_partials`] needs to combine the results of several position
 /// ranges of one cache (split across threads) into the softmax over all of them.
 #[allow(clippy::too_many_arguments)]
-pub fn decode_group(
+pub fn decode_group<T: CacheValue>(
     q: &[f32],
     heads: usize,
-    k: HeadCache<'_>,
-    v: HeadCache<'_>,
+    k: HeadCache<'_, T>,
+    v: HeadCache<'_, T>,
     scale: f32,
     scores: &mut [f32],
     out: &mut [f32],
@@ -101,12 +141,12 @@ pub fn merge_partials(partials: &[f32], heads: usize, out: &mut [f32]) -> Result
 
 /// [`decode_group`] on an explicit path.
 #[allow(clippy::too_many_arguments)]
-pub fn decode_group_on(
+pub fn decode_group_on<T: CacheValue>(
     isa: Isa,
     q: &[f32],
     heads: usize,
-    k: HeadCache<'_>,
-    v: HeadCache<'_>,
+    k: HeadCache<'_, T>,
+    v: HeadCache<'_, T>,
     scale: f32,
     scores: &mut [f32],
     out: &mut [f32],
@@ -162,17 +202,17 @@ pub fn decode_group_on(
 }
 
 /// One head; returns its largest scaled score and sum of exponentials.
-fn decode_head_scalar(
+fn decode_head_scalar<T: CacheValue>(
     q: &[f32],
-    k: HeadCache<'_>,
-    v: HeadCache<'_>,
+    k: HeadCache<'_, T>,
+    v: HeadCache<'_, T>,
     scale: f32,
     scores: &mut [f32],
     out: &mut [f32],
 ) -> (f32, f32) {
     let hd = q.len();
     for (t, s) in scores.iter_mut().enumerate() {
-        *s = q.iter().zip(k.row(t, hd)).map(|(a, b)| a * b).sum::<f32>() * scale;
+        *s = q.iter().zip(k.row(t, hd)).map(|(a, b)| a * b.to_f32()).sum::<f32>() * scale;
     }
     let max = scores.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v));
     let mut sum = 0f32;
@@ -184,7 +224,7 @@ fn decode_head_scalar(
     for (t, s) in scores.iter_mut().enumerate() {
         *s /= sum;
         for (o, x) in out.iter_mut().zip(v.row(t, hd)) {
-            *o += *s * x;
+            *o += *s * x.to_f32();
         }
     }
     (max, sum)
@@ -203,14 +243,14 @@ const EXP2_COEFFS: [f32; 7] =
 macro_rules! simd_shapes {
     ($group:ident, $lanes:literal, $heads:expr, $hd:expr, ($($arg:expr),*)) => {
         match ($heads, $hd) {
-            (1, 64) => $group::<1, { 64 / $lanes }>($($arg),*),
-            (2, 64) => $group::<2, { 64 / $lanes }>($($arg),*),
-            (3, 64) => $group::<3, { 64 / $lanes }>($($arg),*),
-            (4, 64) => $group::<4, { 64 / $lanes }>($($arg),*),
-            (1, 128) => $group::<1, { 128 / $lanes }>($($arg),*),
-            (2, 128) => $group::<2, { 128 / $lanes }>($($arg),*),
-            (3, 128) => $group::<3, { 128 / $lanes }>($($arg),*),
-            (4, 128) => $group::<4, { 128 / $lanes }>($($arg),*),
+            (1, 64) => $group::<1, { 64 / $lanes }, _>($($arg),*),
+            (2, 64) => $group::<2, { 64 / $lanes }, _>($($arg),*),
+            (3, 64) => $group::<3, { 64 / $lanes }, _>($($arg),*),
+            (4, 64) => $group::<4, { 64 / $lanes }, _>($($arg),*),
+            (1, 128) => $group::<1, { 128 / $lanes }, _>($($arg),*),
+            (2, 128) => $group::<2, { 128 / $lanes }, _>($($arg),*),
+            (3, 128) => $group::<3, { 128 / $lanes }, _>($($arg),*),
+            (4, 128) => $group::<4, { 128 / $lanes }, _>($($arg),*),
             _ => return false,
         }
     };
@@ -218,11 +258,22 @@ macro_rules! simd_shapes {
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::HeadCache;
+    use super::{CacheValue, HeadCache};
     use std::arch::x86_64::*;
 
     /// Cache rows prefetched ahead of the one being read.
     const AHEAD: usize = 8;
+
+    /// 16 cached values from `p`, widened to f32.
+    ///
+    /// # Safety
+    /// AVX-512F; 16 values readable at `p`.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn load16<T: CacheValue>(p: *const T) -> __m512 {
+        // SAFETY: 16 values of T (f16 or f32, as HALF says) at p (contract).
+        unsafe { if T::HALF { _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())) } else { _mm512_loadu_ps(p.cast()) } }
+    }
 
     /// e^x for 16 lanes: x·log2(e) = n + f with |f| ≤ 1/2, 2^f by a degree-6 polynomial
     /// (relative error below 2e-7 on the range), times 2^n by `vscalefps` (which also flushes
@@ -252,11 +303,11 @@ mod avx512 {
     /// `len == k.len == v.len >= 1`; `stats.len() == 2 · heads`; every row `t < len` of `k` and
     /// `v` holds hd values at its offset.
     #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn decode_group(
+    pub(super) unsafe fn decode_group<T: CacheValue>(
         q: &[f32],
         heads: usize,
-        k: HeadCache<'_>,
-        v: HeadCache<'_>,
+        k: HeadCache<'_, T>,
+        v: HeadCache<'_, T>,
         scale: f32,
         scores: &mut [f32],
         out: &mut [f32],
@@ -273,16 +324,18 @@ mod avx512 {
     /// As [`decode_group`], with `heads == H` and `hd == 16 C`.
     #[allow(clippy::needless_range_loop)] // register arrays indexed by head and chunk
     #[target_feature(enable = "avx512f")]
-    unsafe fn group<const H: usize, const C: usize>(
+    unsafe fn group<const H: usize, const C: usize, T: CacheValue>(
         q: &[f32],
-        k: HeadCache<'_>,
-        v: HeadCache<'_>,
+        k: HeadCache<'_, T>,
+        v: HeadCache<'_, T>,
         scale: f32,
         scores: &mut [f32],
         out: &mut [f32],
         stats: &mut [f32],
     ) {
         let len = k.len;
+        // Chunks of 16 values per 64-byte cache line (one prefetch each).
+        let line = if T::HALF { 2 } else { 1 };
         let mut qv = [[_mm512_setzero_ps(); C]; H];
         for h in 0..H {
             for c in 0..C {
@@ -298,13 +351,13 @@ mod avx512 {
             let kp = unsafe { k.data.as_ptr().add(t * k.stride + k.offset) };
             // Rows sit a cache stride apart (the other KV heads in between): prefetch a few rows
             // ahead, every line of the row (prefetches never fault).
-            for c in 0..C {
+            for c in (0..C).step_by(line) {
                 _mm_prefetch::<_MM_HINT_T0>(kp.wrapping_add(AHEAD * k.stride + 16 * c) as *const i8);
             }
             let mut acc = [_mm512_setzero_ps(); H];
             for c in 0..C {
                 // SAFETY: chunk c < C of the row.
-                let kv = unsafe { _mm512_loadu_ps(kp.add(16 * c)) };
+                let kv = unsafe { load16(kp.add(16 * c)) };
                 for h in 0..H {
                     acc[h] = _mm512_fmadd_ps(qv[h][c], kv, acc[h]);
                 }
@@ -349,7 +402,7 @@ mod avx512 {
         for t in 0..len {
             // SAFETY: row t < len of v holds 16 C values at its offset (contract).
             let vp = unsafe { v.data.as_ptr().add(t * v.stride + v.offset) };
-            for c in 0..C {
+            for c in (0..C).step_by(line) {
                 _mm_prefetch::<_MM_HINT_T0>(vp.wrapping_add(AHEAD * v.stride + 16 * c) as *const i8);
             }
             let mut p = [_mm512_setzero_ps(); H];
@@ -359,7 +412,7 @@ mod avx512 {
             }
             for c in 0..C {
                 // SAFETY: chunk c < C of the row.
-                let vv = unsafe { _mm512_loadu_ps(vp.add(16 * c)) };
+                let vv = unsafe { load16(vp.add(16 * c)) };
                 for h in 0..H {
                     acc[h][c] = _mm512_fmadd_ps(p[h], vv, acc[h][c]);
                 }
@@ -378,11 +431,22 @@ mod avx512 {
 mod avx2 {
     //! 8 lanes, 16 registers: the queries are read from L1 rather than held, and the value pass
     //! runs one head at a time over the range's rows (which stay in L1/L2 between heads).
-    use super::HeadCache;
+    use super::{CacheValue, HeadCache};
     use std::arch::x86_64::*;
 
     /// Cache rows prefetched ahead of the one being read.
     const AHEAD: usize = 8;
+
+    /// 8 cached values from `p`, widened to f32.
+    ///
+    /// # Safety
+    /// AVX2 and F16C; 8 values readable at `p`.
+    #[target_feature(enable = "avx2,f16c")]
+    #[inline]
+    unsafe fn load8<T: CacheValue>(p: *const T) -> __m256 {
+        // SAFETY: 8 values of T (f16 or f32, as HALF says) at p (contract).
+        unsafe { if T::HALF { _mm256_cvtph_ps(_mm_loadu_si128(p.cast())) } else { _mm256_loadu_ps(p.cast()) } }
+    }
 
     /// e^x for 8 lanes with x <= 0 (scores minus their maximum): as the AVX-512 body's `exp16`,
     /// with 2^n built in the exponent field (x clamped at −87, where e^x is below f32's normal
@@ -414,13 +478,13 @@ mod avx2 {
     /// As the AVX-512 body's `decode_group`: runs a compiled shape or returns false.
     ///
     /// # Safety
-    /// AVX2 and FMA; the contract of the AVX-512 body.
+    /// AVX2, FMA and F16C; the contract of the AVX-512 body.
     #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn decode_group(
+    pub(super) unsafe fn decode_group<T: CacheValue>(
         q: &[f32],
         heads: usize,
-        k: HeadCache<'_>,
-        v: HeadCache<'_>,
+        k: HeadCache<'_, T>,
+        v: HeadCache<'_, T>,
         scale: f32,
         scores: &mut [f32],
         out: &mut [f32],
@@ -436,29 +500,31 @@ mod avx2 {
     /// # Safety
     /// As [`decode_group`], with `heads == H` and `hd == 8 C`.
     #[allow(clippy::needless_range_loop)] // register arrays indexed by head and chunk
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn group<const H: usize, const C: usize>(
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn group<const H: usize, const C: usize, T: CacheValue>(
         q: &[f32],
-        k: HeadCache<'_>,
-        v: HeadCache<'_>,
+        k: HeadCache<'_, T>,
+        v: HeadCache<'_, T>,
         scale: f32,
         scores: &mut [f32],
         out: &mut [f32],
         stats: &mut [f32],
     ) {
         let (len, qp, sp) = (k.len, q.as_ptr(), scores.as_mut_ptr());
+        // Chunks of 8 values per 64-byte cache line (one prefetch each).
+        let line = if T::HALF { 4 } else { 2 };
         let mut max = [f32::NEG_INFINITY; H];
         for t in 0..len {
             // SAFETY: row t < len holds 8 C values at its offset (contract).
             let kp = unsafe { k.data.as_ptr().add(t * k.stride + k.offset) };
-            for c in (0..C).step_by(2) {
+            for c in (0..C).step_by(line) {
                 _mm_prefetch::<_MM_HINT_T0>(kp.wrapping_add(AHEAD * k.stride + 8 * c) as *const i8);
             }
             let mut acc = [_mm256_setzero_ps(); H];
             for c in 0..C {
                 // SAFETY: chunk c < C of the row; q holds H · 8 C values.
                 unsafe {
-                    let kv = _mm256_loadu_ps(kp.add(8 * c));
+                    let kv = load8(kp.add(8 * c));
                     for h in 0..H {
                         acc[h] = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(8 * (h * C + c))), kv, acc[h]);
                     }
@@ -502,13 +568,13 @@ mod avx2 {
                     unsafe {
                         let vp = v.data.as_ptr().add(t * v.stride + v.offset + 8 * cb);
                         if h == 0 && cb == 0 {
-                            for c in (0..C).step_by(2) {
+                            for c in (0..C).step_by(line) {
                                 _mm_prefetch::<_MM_HINT_T0>(vp.wrapping_add(AHEAD * v.stride + 8 * c) as *const i8);
                             }
                         }
                         let p = _mm256_broadcast_ss(&*sp.add(h * len + t));
                         for c in 0..8 {
-                            acc[c] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vp.add(8 * c)), acc[c]);
+                            acc[c] = _mm256_fmadd_ps(p, load8(vp.add(8 * c)), acc[c]);
                         }
                     }
                 }
@@ -524,11 +590,18 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use half::f16;
     use rand::{Rng, SeedableRng};
 
+    /// Every path, on f32 and on f16 caches holding the same values (drawn as f16), against the
+    /// scalar path on the f32 one.
     #[test]
     fn every_path_matches_the_scalar_reference() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+        let mut draw = |n: usize, r: f32| -> (Vec<f32>, Vec<f16>) {
+            let h: Vec<f16> = (0..n).map(|_| f16::from_f32(rng.random_range(-r..r))).collect();
+            (h.iter().map(|x| x.to_f32()).collect(), h)
+        };
         for (hd, stride, offset, heads) in [
             (64usize, 192usize, 128usize, 3usize),
             (64, 192, 0, 1),
@@ -538,46 +611,32 @@ mod tests {
             (128, 128, 0, 2),
         ] {
             for len in [1usize, 2, 15, 16, 17, 300] {
-                let k: Vec<f32> = (0..len * stride).map(|_| rng.random_range(-3.0f32..3.0)).collect();
-                let v: Vec<f32> = (0..len * stride).map(|_| rng.random_range(-1.0f32..1.0)).collect();
-                let q: Vec<f32> = (0..heads * hd).map(|_| rng.random_range(-1.0f32..1.0)).collect();
-                let (kc, vc) =
-                    (HeadCache { data: &k, stride, offset, len }, HeadCache { data: &v, stride, offset, len });
-                let heads = q.len() / hd;
+                let ((k, k16), (v, v16)) = (draw(len * stride, 3.0), draw(len * stride, 1.0));
+                let q = draw(heads * hd, 1.0).0;
+                let view = |data| HeadCache { data, stride, offset, len };
                 let mut want = vec![0f32; q.len()];
                 let mut stats = vec![0f32; 2 * heads];
-                decode_group_on(
-                    Isa::Scalar,
-                    &q,
-                    heads,
-                    kc,
-                    vc,
-                    0.125,
-                    &mut vec![0f32; heads * len],
-                    &mut want,
-                    &mut stats,
-                )
-                .unwrap();
-                for isa in Isa::available() {
-                    let mut got = vec![f32::NAN; q.len()];
-                    let mut got_stats = vec![f32::NAN; 2 * heads];
-                    decode_group_on(
-                        isa,
-                        &q,
-                        heads,
-                        kc,
-                        vc,
-                        0.125,
-                        &mut vec![0f32; heads * len + 3],
-                        &mut got,
-                        &mut got_stats,
-                    )
+                let mut scores = vec![0f32; heads * len + 3];
+                decode_group_on(Isa::Scalar, &q, heads, view(&k), view(&v), 0.125, &mut scores, &mut want, &mut stats)
                     .unwrap();
-                    for (g, w) in got.iter().zip(&want) {
-                        assert!((g - w).abs() <= 2e-5, "{isa:?} hd={hd} len={len}: {g} vs {w}");
-                    }
-                    for (g, w) in got_stats.iter().zip(&stats) {
-                        assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "{isa:?} stats hd={hd} len={len}: {g} vs {w}");
+                for isa in Isa::available() {
+                    for half in [false, true] {
+                        let mut got = vec![f32::NAN; q.len()];
+                        let mut got_stats = vec![f32::NAN; 2 * heads];
+                        let (o, st, sc) = (&mut got, &mut got_stats, &mut scores);
+                        if half {
+                            let view = |data| HeadCache { data, stride, offset, len };
+                            decode_group_on(isa, &q, heads, view(&k16), view(&v16), 0.125, sc, o, st).unwrap();
+                        } else {
+                            decode_group_on(isa, &q, heads, view(&k), view(&v), 0.125, sc, o, st).unwrap();
+                        }
+                        for (g, w) in got.iter().zip(&want) {
+                            assert!((g - w).abs() <= 2e-5, "{isa:?} f16={half} hd={hd} len={len}: {g} vs {w}");
+                        }
+                        for (g, w) in got_stats.iter().zip(&stats) {
+                            let ok = (g - w).abs() <= 1e-5 * (1.0 + w.abs());
+                            assert!(ok, "{isa:?} f16={half} stats hd={hd} len={len}: {g} vs {w}");
+                        }
                     }
                 }
             }

@@ -5,7 +5,8 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::llama::{KvCache, Llama};
+use crate::kv::{KvCache, KvDtype};
+use crate::llama::Llama;
 use crate::sampling::{Sampler, SamplingParams};
 use crate::tokenizer::{DecodeStream, Tokenizer};
 use crate::{Error, Result};
@@ -18,11 +19,20 @@ pub struct GenerateParams {
     pub stop: Vec<String>,
     /// Keep going past EOS (benchmarks and reference comparisons).
     pub ignore_eos: bool,
+    /// How the KV cache stores keys and values (f32: exact; f16: as the inference service's
+    /// default, for comparing with it).
+    pub kv_cache: KvDtype,
 }
 
 impl Default for GenerateParams {
     fn default() -> Self {
-        Self { max_new_tokens: 128, sampling: SamplingParams::default(), stop: Vec::new(), ignore_eos: false }
+        Self {
+            max_new_tokens: 128,
+            sampling: SamplingParams::default(),
+            stop: Vec::new(),
+            ignore_eos: false,
+            kv_cache: KvDtype::F32,
+        }
     }
 }
 
@@ -63,7 +73,7 @@ pub fn generate(
     }
     let budget = params.max_new_tokens.min(ctx - prompt.len());
     let mut sampler = Sampler::new(params.sampling.clone())?;
-    let mut cache = KvCache::new(model.config(), prompt.len() + budget);
+    let mut cache = KvCache::with_dtype(model.config(), prompt.len() + budget, params.kv_cache);
     let t0 = Instant::now();
     let mut logits = model.forward_last_logits(prompt, &mut cache)?;
     let prefill_seconds = t0.elapsed().as_secs_f64();

@@ -13,6 +13,7 @@ pub mod generate;
 pub mod gguf;
 pub mod hf;
 pub mod inspect;
+pub mod kv;
 pub mod llama;
 pub mod runtime;
 pub mod sampling;
@@ -21,7 +22,8 @@ pub mod weights;
 
 pub use checkpoint::{Checkpoint, Format, Kernels};
 pub use config::LlamaConfig;
-pub use llama::{KvCache, LinearInput, LinearKind, Llama};
+pub use kv::{KvCache, KvDtype};
+pub use llama::{LinearInput, LinearKind, Llama};
 
 use std::path::PathBuf;
 

@@ -10,6 +10,8 @@ use rayon::prelude::*;
 use lacuna_kernels::dense::{Strided, gemm_strided};
 
 use crate::config::LlamaConfig;
+use crate::kv::round_through;
+pub use crate::kv::{KvCache, KvDtype};
 use crate::weights::Weight;
 use crate::{Error, Result};
 
@@ -151,61 +153,6 @@ impl LayerScratch {
             gate: vec![0f32; n * c.intermediate_size],
             up: vec![0f32; n * c.intermediate_size],
         }
-    }
-}
-
-/// Keys and values of every layer for the positions seen so far, `[capacity, kv_dim]` per layer.
-pub struct KvCache {
-    pub(crate) k: Vec<Vec<f32>>,
-    pub(crate) v: Vec<Vec<f32>>,
-    pub(crate) len: usize,
-    capacity: usize,
-    kv_dim: usize,
-}
-
-impl KvCache {
-    /// A cache for up to `capacity` positions (allocated up front: no allocation per token).
-    pub fn new(config: &LlamaConfig, capacity: usize) -> Self {
-        let kv_dim = config.kv_dim();
-        let layer = || vec![0f32; capacity * kv_dim];
-        let cache = Self {
-            k: (0..config.num_hidden_layers).map(|_| layer()).collect(),
-            v: (0..config.num_hidden_layers).map(|_| layer()).collect(),
-            len: 0,
-            capacity,
-            kv_dim,
-        };
-        cache.prefer_huge_pages();
-        cache
-    }
-    /// Decode attention streams every cached position of every layer per token (tens of MB at
-    /// a few hundred positions): on 2 MiB pages, as the weights are.
-    fn prefer_huge_pages(&self) {
-        lacuna_kernels::pages::prefer_huge_pages(self.k.iter().chain(&self.v).map(|l| bytemuck::cast_slice(l)));
-    }
-    pub fn len(&self) -> usize {
-        self.len
-    }
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-    pub fn capacity(&self) -> usize {
-        self.capacity
-    }
-    pub fn clear(&mut self) {
-        self.len = 0;
-    }
-    /// Grows the cache to hold `capacity` positions, keeping the ones it holds (a no-op when it is
-    /// already that large): a server can start a sequence small and grow it as it generates.
-    pub fn grow(&mut self, capacity: usize) {
-        if capacity <= self.capacity {
-            return;
-        }
-        for layer in self.k.iter_mut().chain(self.v.iter_mut()) {
-            layer.resize(capacity * self.kv_dim, 0.0);
-        }
-        self.capacity = capacity;
-        self.prefer_huge_pages();
     }
 }
 
@@ -353,21 +300,14 @@ impl Llama {
     pub fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
         let c = &self.config;
         let n = tokens.len();
-        let pos0 = cache.len;
-        if pos0 + n > cache.capacity {
-            return Err(Error::Invalid(format!(
-                "{} positions exceed the KV cache capacity of {}",
-                pos0 + n,
-                cache.capacity
-            )));
-        }
-        if cache.kv_dim != c.kv_dim() || cache.k.len() != self.layers.len() {
-            return Err(Error::Invalid("KV cache was made for another model".into()));
-        }
+        cache.check(c, n)?;
+        let (pos0, dtype) = (cache.len, cache.dtype());
         let mut x = self.embed(tokens)?;
         let mut scratch = LayerScratch::new(c, n);
         for li in 0..self.layers.len() {
-            self.layer_step(li, &mut x, n, pos0, &mut cache.k[li], &mut cache.v[li], &mut scratch, &mut |_, _| {})?;
+            cache.with_f32_layer(li, n, |k, v| {
+                self.layer_step(li, &mut x, n, pos0, dtype, k, v, &mut scratch, &mut |_, _| {})
+            })?;
         }
         cache.len = pos0 + n;
         let mut out = vec![0f32; n * c.hidden_size];
@@ -414,7 +354,7 @@ impl Llama {
         let mut k = vec![0f32; n * c.kv_dim()];
         let mut v = vec![0f32; n * c.kv_dim()];
         let mut scratch = LayerScratch::new(c, n);
-        self.layer_step(layer, x, n, 0, &mut k, &mut v, &mut scratch, observe)
+        self.layer_step(layer, x, n, 0, KvDtype::F32, &mut k, &mut v, &mut scratch, observe)
     }
 
     /// The weight of one linear sublayer.
@@ -494,7 +434,7 @@ impl Llama {
     }
 
     /// One decoder layer over `n` new positions starting at `pos0`, keys/values written into
-    /// `kc`/`vc` (`[≥ pos0 + n, kv_dim]`).
+    /// `kc`/`vc` (`[≥ pos0 + n, kv_dim]`) as a cache of `kv` returns them.
     #[allow(clippy::too_many_arguments)]
     fn layer_step(
         &self,
@@ -502,6 +442,7 @@ impl Llama {
         x: &mut [f32],
         n: usize,
         pos0: usize,
+        kv: KvDtype,
         kc: &mut [f32],
         vc: &mut [f32],
         s: &mut LayerScratch,
@@ -518,9 +459,11 @@ impl Llama {
         layer.v_proj.matmul(&s.h, n, &mut s.v)?;
         apply_rope(&mut s.q, c.num_attention_heads, c.head_dim, &cos, &sin);
         apply_rope(&mut s.k, c.num_key_value_heads, c.head_dim, &cos, &sin);
-        let kv = c.kv_dim();
-        kc[pos0 * kv..(pos0 + n) * kv].copy_from_slice(&s.k);
-        vc[pos0 * kv..(pos0 + n) * kv].copy_from_slice(&s.v);
+        round_through(kv, &mut s.k);
+        round_through(kv, &mut s.v);
+        let kvd = c.kv_dim();
+        kc[pos0 * kvd..(pos0 + n) * kvd].copy_from_slice(&s.k);
+        vc[pos0 * kvd..(pos0 + n) * kvd].copy_from_slice(&s.v);
         let attn = self.attention(&s.q, kc, vc, pos0, n)?;
         observe(LinearInput::AttentionOutput, &attn);
         layer.o_proj.matmul(&attn, n, &mut s.o)?;

@@ -20,12 +20,13 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use lacuna_kernels::attention::{self, HeadCache};
+use lacuna_kernels::attention::{self, CacheValue, HeadCache};
 use lacuna_kernels::matrix::{Product, matmul_many};
 use lacuna_kernels::team::Team;
 
 use crate::config::LlamaConfig;
-use crate::llama::{KvCache, Llama, add_into, apply_rope, rms_norm, silu_mul};
+use crate::kv::{KvCache, KvDtype, LayerView};
+use crate::llama::{Llama, add_into, apply_rope, rms_norm, silu_mul};
 use crate::{Error, Result};
 
 /// Positions a new sequence's cache holds before it first grows.
@@ -60,6 +61,7 @@ pub struct Runtime {
     model: Arc<Llama>,
     max_batch: usize,
     max_context: usize,
+    kv: KvDtype,
     /// Live sequences → their slot in `caches`.
     seqs: HashMap<u64, usize>,
     caches: Vec<KvCache>,
@@ -69,8 +71,8 @@ pub struct Runtime {
 
 impl Runtime {
     /// A runtime decoding up to `max_batch` sequences per step, each up to `max_context`
-    /// positions (at most the model's own context).
-    pub fn new(model: Arc<Llama>, max_batch: usize, max_context: usize) -> Result<Self> {
+    /// positions (at most the model's own context), caching keys and values as `kv`.
+    pub fn new(model: Arc<Llama>, max_batch: usize, max_context: usize, kv: KvDtype) -> Result<Self> {
         let c = model.config();
         if max_batch == 0 {
             return Err(Error::Invalid("max_batch must be at least 1".into()));
@@ -112,7 +114,7 @@ impl Runtime {
         }
         let huge = lacuna_kernels::pages::prefer_huge_pages(buffers);
         tracing::debug!("{} MiB of weights on huge pages", huge >> 20);
-        Ok(Self { model, max_batch, max_context, seqs: HashMap::new(), caches: Vec::new(), free: Vec::new(), b })
+        Ok(Self { model, max_batch, max_context, kv, seqs: HashMap::new(), caches: Vec::new(), free: Vec::new(), b })
     }
 
     pub fn model(&self) -> &Llama {
@@ -126,6 +128,10 @@ impl Runtime {
     }
     pub fn max_context(&self) -> usize {
         self.max_context
+    }
+    /// How the KV caches store keys and values.
+    pub fn kv_dtype(&self) -> KvDtype {
+        self.kv
     }
     /// Positions sequence `seq` holds, if it is live.
     pub fn seq_len(&self, seq: u64) -> Option<usize> {
@@ -143,7 +149,11 @@ impl Runtime {
         let s = self.free.pop().unwrap_or_else(|| {
             // Caches start small and double as their sequence grows (up to `max_context`), so
             // memory follows the tokens held, not the longest context allowed.
-            self.caches.push(KvCache::new(self.model.config(), INITIAL_POSITIONS.min(self.max_context)));
+            self.caches.push(KvCache::with_dtype(
+                self.model.config(),
+                INITIAL_POSITIONS.min(self.max_context),
+                self.kv,
+            ));
             self.caches.len() - 1
         });
         self.caches[s].clear();
@@ -248,9 +258,7 @@ impl Runtime {
             apply_rope(q, c.num_attention_heads, c.head_dim, &b.cos, &b.sin);
             apply_rope(k, c.num_key_value_heads, c.head_dim, &b.cos, &b.sin);
             for (i, (&s, &p)) in b.slots.iter().zip(&b.pos).enumerate() {
-                let cache = &mut self.caches[s];
-                cache.k[li][p * kvd..(p + 1) * kvd].copy_from_slice(&k[i * kvd..(i + 1) * kvd]);
-                cache.v[li][p * kvd..(p + 1) * kvd].copy_from_slice(&v[i * kvd..(i + 1) * kvd]);
+                self.caches[s].write(li, p, &k[i * kvd..(i + 1) * kvd], &v[i * kvd..(i + 1) * kvd]);
             }
             attend(
                 c,
@@ -288,6 +296,11 @@ impl Runtime {
         matmul_many(&mut [Product { w: model.lm_head().matrix()?, y: logits }], h, n, &mut b.scratch)?;
         Ok(n)
     }
+}
+
+/// One KV head's columns (`offset..`) of a layer's `kv_dim`-wide rows, positions `a..b`.
+fn view_of<T: CacheValue>(rows: &[T], kv_dim: usize, offset: usize, a: usize, b: usize) -> HeadCache<'_, T> {
+    HeadCache { data: &rows[a * kv_dim..], stride: kv_dim, offset, len: b - a }
 }
 
 /// Positions per attention task: long enough to amortise a task, short enough that one
@@ -335,12 +348,19 @@ fn attend(
             stats.chunks_exact_mut(2).for_each(|s| s.copy_from_slice(&[f32::NEG_INFINITY, 0.0]));
             return;
         }
-        let cache = &caches[slots[i]];
         let qg = &q[i * nh * hd + g * group * hd..][..group * hd];
-        let (k, v) = (&cache.k[li][a * kvd..], &cache.v[li][a * kvd..]);
-        let view = |data| HeadCache { data, stride: kvd, offset: g * hd, len: b - a };
         let sc = &mut sc[..group * (b - a)];
-        if attention::decode_group(qg, group, view(k), view(v), scale, sc, out, stats).is_err() {
+        let ok = match caches[slots[i]].layer(li) {
+            LayerView::F32(k, v) => {
+                let view = |d| view_of(d, kvd, g * hd, a, b);
+                attention::decode_group(qg, group, view(k), view(v), scale, sc, out, stats)
+            }
+            LayerView::F16(k, v) => {
+                let view = |d| view_of(d, kvd, g * hd, a, b);
+                attention::decode_group(qg, group, view(k), view(v), scale, sc, out, stats)
+            }
+        };
+        if ok.is_err() {
             // Unreachable with the buffers sized in `new`; poison rather than panic.
             out.fill(f32::NAN);
         }
@@ -354,7 +374,10 @@ fn attend(
         Team::global().for_each_chunk_pair(parts, width, scores, cap, &one);
     }
     for (o, p) in attn.chunks_exact_mut(group * hd).zip(parts.chunks_exact(split * width)) {
-        if attention::merge_partials(p, group, o).is_err() {
+        if split == 1 {
+            // One range: its softmax is already over every position.
+            o.copy_from_slice(&p[..group * hd]);
+        } else if attention::merge_partials(p, group, o).is_err() {
             o.fill(f32::NAN);
         }
     }

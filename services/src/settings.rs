@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
+use lacuna_model::KvDtype;
 use serde::{Deserialize, Serialize};
 
 /// Where the model runs. Only the CPU engine exists today.
@@ -45,6 +46,9 @@ pub struct Settings {
     pub max_queue: usize,
     /// Most tokens (prompt plus completion) of one sequence (default: the model's context).
     pub max_context: Option<usize>,
+    /// How the KV cache stores keys and values: `f16` (default; half the bytes attention reads
+    /// per token and half the memory per sequence) or `f32` (exact).
+    pub kv_cache: KvDtype,
     /// Most prompt tokens prefilled between two decode steps.
     pub prefill_chunk: usize,
     /// Largest accepted request body; larger ones get 413.
@@ -67,6 +71,7 @@ impl Default for Settings {
             max_batch: 32,
             max_queue: 256,
             max_context: None,
+            kv_cache: KvDtype::F16,
             prefill_chunk: 256,
             max_body_bytes: 4 << 20,
             grace_seconds: 30,
@@ -124,6 +129,7 @@ impl Settings {
                 "MAX_BATCH" => self.max_batch = parse(&value).map_err(err)?,
                 "MAX_QUEUE" => self.max_queue = parse(&value).map_err(err)?,
                 "MAX_CONTEXT" => self.max_context = Some(parse(&value).map_err(err)?),
+                "KV_CACHE" => self.kv_cache = value.parse().map_err(|e: lacuna_model::Error| err(e.to_string()))?,
                 "PREFILL_CHUNK" => self.prefill_chunk = parse(&value).map_err(err)?,
                 "MAX_BODY_BYTES" => self.max_body_bytes = parse(&value).map_err(err)?,
                 "GRACE_SECONDS" => self.grace_seconds = parse(&value).map_err(err)?,

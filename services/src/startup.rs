@@ -60,7 +60,7 @@ impl Application {
         let name = settings.served_model_name.clone().unwrap_or_else(|| default_model_name(&path));
         let Checkpoint { model, tokenizer, .. } = ck;
         let max_context = settings.max_context.unwrap_or(model.config().max_position_embeddings);
-        let runtime = Runtime::new(Arc::new(model), settings.max_batch.max(1), max_context)
+        let runtime = Runtime::new(Arc::new(model), settings.max_batch.max(1), max_context, settings.kv_cache)
             .context("starting the decode runtime")?;
         Self::build_with_engine(settings, runtime, tokenizer, name)
     }

@@ -99,7 +99,8 @@ async fn wait_metrics(base: &str, timeout: Duration, what: &str, pred: impl Fn(&
 
 fn greedy(prompt: &[u32], max_new_tokens: usize) -> lacuna_model::generate::Generation {
     let ck = lacuna_tests::smollm2();
-    let params = GenerateParams { max_new_tokens, ..Default::default() };
+    // The reference with the server's KV cache type (f16 by default), rounded the same way.
+    let params = GenerateParams { max_new_tokens, kv_cache: settings().kv_cache, ..Default::default() };
     generate(&ck.model, &ck.tokenizer, prompt, &params, |_| {}).expect("generate")
 }
 
