@@ -399,6 +399,51 @@ mod avx512 {
 
     /// Weight rows prefetched ahead of the block being read (each block reads 4 rows at once).
     const AHEAD_ROWS: usize = 4;
+    /// How far ahead of the row being read `gemv_f32_sequential` prefetches (its rows are one
+    /// stream, so the distance runs on into the next rows).
+    const SEQUENTIAL_AHEAD_BYTES: usize = 4096;
+
+    /// `out[r] = w[r] · x`, one row at a time: the weights are read as one forward stream, with
+    /// four accumulators over 64-column blocks (see `cpu::RowOrder` for when this beats
+    /// `gemv_f32`).
+    ///
+    /// # Safety
+    /// AVX-512F; `w.len() == out.len() · cols`, `x.len() == cols`.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub(super) unsafe fn gemv_f32_sequential(w: &[f32], cols: usize, x: &[f32], out: &mut [f32]) {
+        let (blocks, full, rem) = (cols / 64, cols / 16, cols % 16);
+        let tail = ((1u32 << rem) - 1) as u16;
+        let (wp, xp) = (w.as_ptr(), x.as_ptr());
+        let ahead = SEQUENTIAL_AHEAD_BYTES / 4;
+        for (r, o) in out.iter_mut().enumerate() {
+            // SAFETY: row r < out.len() starts here (w is [out.len(), cols]).
+            let p = unsafe { wp.add(r * cols) };
+            let mut a = [_mm512_setzero_ps(); 4];
+            for b in 0..blocks {
+                for (k, acc) in a.iter_mut().enumerate() {
+                    let c = 64 * b + 16 * k;
+                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(c + ahead) as *const i8);
+                    // SAFETY: columns c .. c + 16 <= cols of the row and of x.
+                    unsafe { *acc = _mm512_fmadd_ps(_mm512_loadu_ps(p.add(c)), _mm512_loadu_ps(xp.add(c)), *acc) };
+                }
+            }
+            for j in 4 * blocks..full {
+                let c = 16 * j;
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(c + ahead) as *const i8);
+                // SAFETY: as above.
+                unsafe { a[0] = _mm512_fmadd_ps(_mm512_loadu_ps(p.add(c)), _mm512_loadu_ps(xp.add(c)), a[0]) };
+            }
+            if rem > 0 {
+                let c = 16 * full;
+                // SAFETY: the masked loads read only the rem < 16 columns left.
+                unsafe {
+                    let v = _mm512_maskz_loadu_ps(tail, p.add(c));
+                    a[0] = _mm512_fmadd_ps(v, _mm512_maskz_loadu_ps(tail, xp.add(c)), a[0]);
+                }
+            }
+            *o = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3])));
+        }
+    }
 
     /// `out[r] = w[r] · x` for the rows of `w` (`[out.len(), cols]`), four rows per step: the
     /// four share each x load, their sums stay in four independent accumulators, and one call
@@ -656,7 +701,12 @@ pub(crate) fn rows_into<T: Element>(isa: Isa, w: &DenseMatrix<'_, T>, x: &[f32],
         let rows = &wf[r0 * cols..(r0 + out.len()) * cols];
         // SAFETY: AVX-512 is supported (callers check `isa`); rows is [out.len(), cols] and x
         // has cols values (the product's checked shapes).
-        unsafe { avx512::gemv_f32(rows, cols, &x[..cols], out) };
+        unsafe {
+            match crate::cpu::gemv_row_order() {
+                crate::cpu::RowOrder::Interleaved => avx512::gemv_f32(rows, cols, &x[..cols], out),
+                crate::cpu::RowOrder::Sequential => avx512::gemv_f32_sequential(rows, cols, &x[..cols], out),
+            }
+        }
         return;
     }
     #[cfg(target_arch = "x86_64")]
@@ -1004,6 +1054,39 @@ mod tests {
     fn f32_paths_match_reference() {
         check::<f32>(|v| v);
     }
+    /// Both row orders of the AVX-512 f32 GEMV (the vendor picks one in `matmul`; this runs the
+    /// other too) against the reference, over the column sweep.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn both_avx512_row_orders_match_reference() {
+        if !crate::cpu::supports(Isa::Avx512) {
+            eprintln!("skipped: this CPU has no AVX-512 (the AVX2 and scalar paths are tested above)");
+            return;
+        }
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(8);
+        for &cols in &[0usize, 1, 7, 15, 16, 17, 63, 64, 65, 576, 1536, 4096] {
+            for &rows in &[1usize, 3, 4, 70] {
+                let (w, x) = (rand_vec(&mut rng, rows * cols), rand_vec(&mut rng, cols));
+                let want = matmul_reference(&DenseMatrix::new(&w, rows, cols).unwrap(), &x, 1);
+                for sequential in [false, true] {
+                    let mut y = vec![f32::NAN; rows];
+                    // SAFETY: AVX-512 checked above; w is [rows, cols], x has cols values.
+                    unsafe {
+                        if sequential {
+                            avx512::gemv_f32_sequential(&w, cols, &x, &mut y);
+                        } else {
+                            avx512::gemv_f32(&w, cols, &x, &mut y);
+                        }
+                    }
+                    for (a, b) in y.iter().zip(&want) {
+                        let tol = 1e-5 * (cols as f32 + 1.0);
+                        assert!((a - b).abs() <= tol, "sequential={sequential} rows={rows} cols={cols}: {a} vs {b}");
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn bf16_paths_match_reference() {
         check::<bf16>(bf16::from_f32);
