@@ -588,7 +588,7 @@ mod avx512 {
                             // vals holds from the row's offset on; x row i has cols >= 16 (j + 1).
                             unsafe {
                                 let m = (mp.add(2 * j) as *const u16).read_unaligned();
-                                // The row's packed values a kilobyte ahead (prefetches never fault).
+                                // The row's packed values ahead (prefetches never fault).
                                 _mm_prefetch::<_MM_HINT_T0>((p as *const i8).wrapping_add(PREFETCH_BYTES));
                                 let w = $word(m, p);
                                 p = p.add(m.count_ones() as usize);
@@ -600,25 +600,57 @@ mod avx512 {
                             j += 1;
                         };
                     }
+                    // Word `k` of a 4-word group whose 64 mask bits are `mm`, its values `at`
+                    // past the group's first, into accumulator set `$acc`.
+                    macro_rules! group_word {
+                        ($acc:ident, $mm:expr, $k:literal, $at:expr) => {
+                            // SAFETY: as in `word!`: the group's words 4 ⌊j/4⌋.. < full; `$at`
+                            // counts the group's values before word k, so the word's values lie
+                            // where the row's set bits so far say (within vals by the contract).
+                            unsafe {
+                                let m = ($mm >> (16 * $k)) as u16;
+                                let q = p.add($at);
+                                _mm_prefetch::<_MM_HINT_T0>((q as *const i8).wrapping_add(PREFETCH_BYTES));
+                                let w = $word(m, q);
+                                for i in 0..N {
+                                    let xv = _mm512_loadu_ps(xp.add(i * cols + 16 * (j + $k)));
+                                    $acc[i] = _mm512_fmadd_ps(w, xv, $acc[i]);
+                                }
+                            }
+                        };
+                    }
+                    // Four words per 64-bit mask load: each word's values start at a popcount of
+                    // the group's bits before it, and the pointer advances once per group. A
+                    // pointer bumped word by word (load, popcount, add) chains the words one
+                    // after another: on Zen 4 that chain bounded a 70 %-sparse row at 1.8 ns a
+                    // word, 11 GB/s per core even from cache; grouped, 0.9 ns.
                     while j + 4 <= full {
-                        word!(a0);
+                        // SAFETY: bytes 2j .. 2j + 8 <= 2 full <= mb of row r.
+                        let mm = unsafe { (mp.add(2 * j) as *const u64).read_unaligned() };
+                        let c1 = (mm & 0xFFFF).count_ones() as usize;
+                        let c2 = (mm & 0xFFFF_FFFF).count_ones() as usize;
+                        let c3 = (mm & 0xFFFF_FFFF_FFFF).count_ones() as usize;
+                        group_word!(a0, mm, 0, 0);
                         if U >= 2 {
-                            word!(a1);
+                            group_word!(a1, mm, 1, c1);
                         } else {
-                            word!(a0);
+                            group_word!(a0, mm, 1, c1);
                         }
                         if U >= 3 {
-                            word!(a2);
+                            group_word!(a2, mm, 2, c2);
                         } else {
-                            word!(a0);
+                            group_word!(a0, mm, 2, c2);
                         }
                         if U >= 4 {
-                            word!(a3);
+                            group_word!(a3, mm, 3, c3);
                         } else if U >= 2 {
-                            word!(a1);
+                            group_word!(a1, mm, 3, c3);
                         } else {
-                            word!(a0);
+                            group_word!(a0, mm, 3, c3);
                         }
+                        // SAFETY: the group's values end within vals (as above).
+                        p = unsafe { p.add(mm.count_ones() as usize) };
+                        j += 4;
                     }
                     while j < full {
                         word!(a0);
