@@ -8,8 +8,21 @@ use std::sync::Arc;
 use lacuna_model::runtime::Runtime;
 use lacuna_model::{KvCache, KvDtype, LinearKind, Llama};
 
-/// Largest relative logit difference allowed between f16 and f32 caches (measured: see the test).
-const F16_CACHE_TOL: f32 = 1e-2;
+/// Largest relative logit difference allowed where an f16 KV cache is involved. f16 keeps 11
+/// bits, so two computations that agree to 1e-7 before the cache (the runtime's GEMV and the
+/// reference's GEMM, bitmask and dense weights) can round a key to neighbouring f16 values
+/// (4.9e-4 apart, relative); measured: 1.0e-3 between runtime and reference on f16 caches (70%
+/// bitmask vs dense, prefill), 5.0e-4 between f16 and f32 caches over 260 positions. A wrong
+/// offset or widening in the f16 attention path moves logits by far more.
+const F16_TOL: f32 = 3e-3;
+
+/// Tolerance for runtime vs reference on caches of `kv`: f32 ones must agree to summation order.
+fn tol(kv: KvDtype) -> f32 {
+    match kv {
+        KvDtype::F32 => 1e-4,
+        KvDtype::F16 => F16_TOL,
+    }
+}
 
 fn max_rel_diff(a: &[f32], b: &[f32]) -> f32 {
     let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1.0);
@@ -74,7 +87,7 @@ fn runtime_matches_reference(served: Llama, reference: &Llama, kv: KvDtype, tol:
 fn batched_decode_equals_the_reference_on_dense_smollm2() {
     for kv in [KvDtype::F32, KvDtype::F16] {
         let model = lacuna_tests::smollm2().model.clone();
-        runtime_matches_reference(model, &lacuna_tests::smollm2().model, kv, 1e-4);
+        runtime_matches_reference(model, &lacuna_tests::smollm2().model, kv, tol(kv));
     }
 }
 
@@ -87,7 +100,7 @@ fn batched_decode_on_bitmask_weights_equals_the_dense_reference() {
     assert_eq!(n, 7 * sparse.num_layers(), "every 70 %-sparse linear is served from its bitmask");
     assert!(sparse.weight_bytes_per_token() < dense.weight_bytes_per_token() / 2 + 120_000_000);
     for kv in [KvDtype::F32, KvDtype::F16] {
-        runtime_matches_reference(sparse.clone(), &dense, kv, 1e-4);
+        runtime_matches_reference(sparse.clone(), &dense, kv, tol(kv));
     }
 }
 
@@ -136,7 +149,7 @@ fn long_sequence(kv: KvDtype, ref_kv: KvDtype) -> (f32, bool) {
 fn caches_grow_past_their_first_size_without_changing_the_logits() {
     for kv in [KvDtype::F32, KvDtype::F16] {
         let (d, same) = long_sequence(kv, kv);
-        assert!(d < 1e-4 && same, "{kv} cache over 260 positions: logits differ by {d}");
+        assert!(d < tol(kv) && same, "{kv} cache over 260 positions: logits differ by {d}");
     }
 }
 
@@ -146,7 +159,7 @@ fn caches_grow_past_their_first_size_without_changing_the_logits() {
 fn an_f16_cache_stays_close_to_the_exact_one() {
     let (d, same) = long_sequence(KvDtype::F16, KvDtype::F32);
     eprintln!("f16 vs f32 KV cache over 260 positions: largest relative logit difference {d:.2e}");
-    assert!(d < F16_CACHE_TOL && same, "f16 vs f32 cache: logits differ by {d}, same greedy tokens: {same}");
+    assert!(d < F16_TOL && same, "f16 vs f32 cache: logits differ by {d}, same greedy tokens: {same}");
     // And the difference is real (the rounding happens): an f16 cache is not silently f32.
     assert!(d > 1e-6, "f16 and f32 caches gave identical logits ({d})");
 }
