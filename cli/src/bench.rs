@@ -98,8 +98,10 @@ struct BenchReport {
     threads: usize,
     kernel: &'static str,
     kv_cache: KvDtype,
-    /// The machine's read bandwidth, measured by this run (see `cpu::measure_read_bandwidth`).
+    /// The machine's read bandwidth, measured by this run (see `cpu::measure_read_bandwidth`)
+    /// after every round; the median of the rounds.
     memory_read_gb_per_second: f64,
+    memory_read_gb_per_second_rounds: Vec<f64>,
     rounds: usize,
     /// Peak resident set of the whole run (every model loaded at once), before the bandwidth probe.
     peak_rss_bytes: Option<u64>,
@@ -253,17 +255,25 @@ pub fn run(a: BenchArgs) -> Result<()> {
         subjects.push(load(&a, name).with_context(|| format!("loading {name}"))?);
     }
     // Rounds alternate over the models, so that a slow spell of a shared machine falls on all of
-    // them rather than on one; each model reports its median round.
+    // them rather than on one; each model reports its median round. The bandwidth is measured
+    // after each round too (over 4 × the last-level cache): on a shared host it moves with the
+    // neighbours' load as much as decode does, and one probe could catch a quiet moment.
+    let mut bandwidths = Vec::with_capacity(a.rounds);
+    let mut peak_rss = None;
     for _ in 0..a.rounds {
         for s in &mut subjects {
             let name = s.name.clone();
             round(&a, s).with_context(|| format!("benchmarking {name}"))?;
         }
+        // The models' own peak (every buffer exists after one round), before the probe's buffer
+        // raises the high-water mark.
+        if peak_rss.is_none() {
+            peak_rss = peak_rss_bytes();
+        }
+        bandwidths.push(lacuna_kernels::cpu::measure_read_bandwidth(lacuna_kernels::cpu::beyond_cache_bytes()));
     }
-    let peak_rss = peak_rss_bytes();
     let mut models: Vec<ModelReport> = subjects.into_iter().map(|s| report(&a, s)).collect();
-    // Measured after the models, over 4 × the last-level cache.
-    let bandwidth = lacuna_kernels::cpu::measure_read_bandwidth(lacuna_kernels::cpu::beyond_cache_bytes());
+    let bandwidth = median(&mut bandwidths.clone());
     for m in &mut models {
         m.bandwidth_ratio = m.decode_weight_gb_per_second / bandwidth.max(1e-12);
     }
@@ -293,6 +303,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         kernel: lacuna_kernels::cpu::isa().name(),
         kv_cache: a.kv_cache,
         memory_read_gb_per_second: bandwidth,
+        memory_read_gb_per_second_rounds: bandwidths,
         rounds: a.rounds,
         peak_rss_bytes: peak_rss,
         models,
@@ -302,11 +313,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
         return print_json(&r);
     }
     println!(
-        "threads {} ({} kernels, {} KV cache), measured read bandwidth {:.1} GB/s, median of {} rounds{}",
+        "threads {} ({} kernels, {} KV cache), measured read bandwidth {:.1} GB/s (rounds {}), median of {} rounds{}",
         r.threads,
         r.kernel,
         r.kv_cache,
         bandwidth,
+        r.memory_read_gb_per_second_rounds.iter().map(|v| format!("{v:.1}")).collect::<Vec<_>>().join(" "),
         r.rounds,
         r.peak_rss_bytes.map(|p| format!(", peak RSS {:.1} MiB", p as f64 / (1024.0 * 1024.0))).unwrap_or_default()
     );
