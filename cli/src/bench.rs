@@ -9,10 +9,9 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use lacuna_model::KvCache;
-use lacuna_model::KvDtype;
 use lacuna_model::runtime::Runtime;
 use lacuna_model::sampling::argmax;
+use lacuna_model::{KvCache, KvDtype};
 use serde::Serialize;
 
 use crate::commands::{open_model, print_json};

@@ -230,6 +230,10 @@ fn decode_head_scalar<T: CacheValue>(
     (max, sum)
 }
 
+/// Cache rows the SIMD bodies prefetch ahead of the one being read.
+#[cfg(target_arch = "x86_64")]
+const AHEAD: usize = 8;
+
 /// 2^f on |f| ≤ 1/2 as a degree-6 polynomial (lowest power first): the Taylor coefficients of
 /// e^z in z = f ln 2 folded into f. Relative error below 2e-7; the SIMD bodies' `exp`.
 #[cfg(target_arch = "x86_64")]
@@ -258,11 +262,8 @@ macro_rules! simd_shapes {
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{CacheValue, HeadCache};
+    use super::{AHEAD, CacheValue, HeadCache};
     use std::arch::x86_64::*;
-
-    /// Cache rows prefetched ahead of the one being read.
-    const AHEAD: usize = 8;
 
     /// 16 cached values from `p`, widened to f32.
     ///
@@ -431,11 +432,8 @@ mod avx512 {
 mod avx2 {
     //! 8 lanes, 16 registers: the queries are read from L1 rather than held, and the value pass
     //! runs one head at a time over the range's rows (which stay in L1/L2 between heads).
-    use super::{CacheValue, HeadCache};
+    use super::{AHEAD, CacheValue, HeadCache};
     use std::arch::x86_64::*;
-
-    /// Cache rows prefetched ahead of the one being read.
-    const AHEAD: usize = 8;
 
     /// 8 cached values from `p`, widened to f32.
     ///

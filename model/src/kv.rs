@@ -55,7 +55,6 @@ impl std::fmt::Display for KvDtype {
 }
 
 /// One layer's keys and values, `[capacity, kv_dim]` each, in the cache's element type.
-#[derive(Clone)]
 enum Layer {
     F32 { k: Vec<f32>, v: Vec<f32> },
     F16 { k: Vec<f16>, v: Vec<f16> },
@@ -105,7 +104,6 @@ pub(crate) fn round_through(dtype: KvDtype, x: &mut [f32]) {
 }
 
 /// Keys and values of every layer for the positions seen so far, `[capacity, kv_dim]` per layer.
-#[derive(Clone)]
 pub struct KvCache {
     layers: Vec<Layer>,
     pub(crate) len: usize,

@@ -129,10 +129,6 @@ impl Runtime {
     pub fn max_context(&self) -> usize {
         self.max_context
     }
-    /// How the KV caches store keys and values.
-    pub fn kv_dtype(&self) -> KvDtype {
-        self.kv
-    }
     /// Positions sequence `seq` holds, if it is live.
     pub fn seq_len(&self, seq: u64) -> Option<usize> {
         self.seqs.get(&seq).map(|&s| self.caches[s].len())
