@@ -18,6 +18,7 @@ use rayon::prelude::*;
 
 use crate::cpu::{self, Isa};
 use crate::dense;
+use crate::prefill;
 use crate::{KernelError, Result};
 
 const FORMAT: &str = "sparse-bitmask";
@@ -1162,6 +1163,11 @@ pub fn matmul_on<T: BitmaskValue>(isa: Isa, w: &BitmaskView<'_, T>, x: &[f32], n
         dense::scatter_transposed(&yt, n, rows, y);
         return Ok(());
     }
+    if n > dense::GEMV_MAX_N && prefill::supported(isa) {
+        // Prefill is compute-bound: multiply the non-zeros only.
+        prefill::bitmask_product(w, x, n, y);
+        return Ok(());
+    }
     if n > dense::GEMV_MAX_N && isa != Isa::Scalar {
         // Prefill is compute-bound: expand blocks of rows to dense f32 (in parallel; a few MiB
         // each) and run the same multithreaded GEMM as dense f32 weights. Expanding costs one
@@ -1243,7 +1249,7 @@ mod tests {
                     assert_eq!(m.to_dense(), dense);
                     let v = m.view();
                     let dm = DenseMatrix::new(&dense, rows, cols).unwrap();
-                    for &n in &[1usize, 2, 3, 4, 5, 7, 8, 9, 14, 32, 33] {
+                    for &n in &[1usize, 2, 3, 4, 5, 7, 8, 9, 14, 32, 33, 150] {
                         let x: Vec<f32> = (0..n * cols).map(|_| rng.random_range(-1.0f32..1.0)).collect();
                         let want = dense::matmul_reference(&dm, &x, n);
                         // f32 rounding error of a sum grows with the sum of |terms|.

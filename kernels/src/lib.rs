@@ -12,6 +12,7 @@ pub mod ggml;
 pub mod matrix;
 pub mod mmap;
 pub mod pages;
+mod prefill;
 pub mod team;
 
 /// Errors raised by kernels and format conversions: always a caller's shape or data problem.

@@ -1,0 +1,245 @@
+//! Prefill products of bitmask weights that multiply the non-zeros only.
+//!
+//! Decode reads every weight once per token and is bound by memory; prefill multiplies every
+//! weight by hundreds of activation rows and is bound by arithmetic, so there a sparse matrix
+//! saves multiply-adds, not bytes. Expanding the weights back to dense for a dense GEMM (the
+//! portable path) spends the same arithmetic as the dense model.
+//!
+//! This kernel walks each weight row's set bits. The activations are packed transposed in tiles
+//! of [`TILE`] rows (`panel[c][i] = x[t·TILE + i, c]`); for a non-zero `w` at column `c` of row
+//! `r`, the row's 8 accumulators of 16 lanes take `w · panel[c][..]` (one broadcast, eight FMAs
+//! from L1 — independent chains, so FMA latency is covered). Columns go in blocks of 64 (one
+//! 64-bit mask word per row) so that a block's 32 KiB of panel stays in L1 while every row of
+//! the task passes over it; the rows' partial sums wait in a transposed output tile between
+//! blocks.
+//!
+//! Cost: one broadcast and eight FMAs per non-zero per 128 activation rows, so time follows the
+//! stored values (about `1 − s` of a dense product of the same shape on the same kernel).
+
+use rayon::prelude::*;
+
+use crate::bitmask::{BitmaskValue, BitmaskView};
+use crate::cpu::{self, Isa};
+
+/// Activation rows per tile: 8 vectors of 16 f32 lanes.
+pub(crate) const TILE: usize = 128;
+/// Columns per block: one 64-bit mask word of each row.
+const BLOCK: usize = 64;
+
+/// Whether [`bitmask_product`] runs on `isa` (AVX-512 only; other paths expand to dense).
+pub(crate) fn supported(isa: Isa) -> bool {
+    cfg!(target_arch = "x86_64") && isa == Isa::Avx512
+}
+
+/// `y[n, rows] = x[n, cols] · Wᵀ` on the AVX-512 kernel. Callers have checked the shapes
+/// ([`crate::dense::check_product`]), that `n >= 1` and that [`supported`] holds for an
+/// available `isa`.
+pub(crate) fn bitmask_product<T: BitmaskValue>(w: &BitmaskView<'_, T>, x: &[f32], n: usize, y: &mut [f32]) {
+    let (rows, cols) = (w.rows(), w.cols());
+    assert!(x.len() == n * cols && y.len() == n * rows, "bitmask_product: shapes checked by callers");
+    if rows == 0 || n == 0 {
+        return;
+    }
+    // A nested call on this thread (not made by the model) gets fresh buffers.
+    BUFFERS.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut b) => {
+            let (panel, out) = &mut *b;
+            product_with(w, x, n, y, panel, out)
+        }
+        Err(_) => product_with(w, x, n, y, &mut Vec::new(), &mut Vec::new()),
+    });
+}
+
+fn product_with<T: BitmaskValue>(
+    w: &BitmaskView<'_, T>,
+    x: &[f32],
+    n: usize,
+    y: &mut [f32],
+    panel: &mut Vec<f32>,
+    out: &mut Vec<f32>,
+) {
+    let (rows, cols) = (w.rows(), w.cols());
+    let tiles = n.div_ceil(TILE);
+    // Vectors aligned to cache lines: a 64-byte load across two lines costs two.
+    let (panel, out) = (aligned(panel, tiles * cols * TILE), aligned(out, tiles * rows * TILE));
+    if cols > 0 {
+        panel.par_chunks_mut(cols * TILE).enumerate().for_each(|(t, p)| pack_tile(x, n, cols, t, p));
+    }
+    // Tasks: a tile's rows in ranges, enough of them that both (all) cores stay busy when a
+    // prompt is a single tile; ranges of whole rows are independent.
+    let tasks_per_tile = (4 * cpu::threads()).div_ceil(tiles).max(1);
+    let per = rows.div_ceil(tasks_per_tile).max(8).min(rows);
+    let panel = &*panel;
+    out.par_chunks_mut(rows * TILE).enumerate().for_each(|(t, tile_out)| {
+        let lanes = (n - t * TILE).min(TILE);
+        let p = &panel[t * cols * TILE..(t + 1) * cols * TILE];
+        tile_out.par_chunks_mut(per * TILE).enumerate().for_each(|(k, o)| rows_tile(w, k * per, o, p, lanes));
+    });
+    let out = &*out;
+    y.par_chunks_mut(TILE * rows).enumerate().for_each(|(t, yt)| {
+        transpose_tile(&out[t * rows * TILE..(t + 1) * rows * TILE], rows, yt);
+    });
+}
+
+thread_local! {
+    /// The packed activations and the transposed outputs, kept between products: fresh
+    /// megabytes per product were page-faulted in every time.
+    static BUFFERS: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// `len` values of `buf` starting at a 64-byte boundary (the buffer grows as needed).
+fn aligned(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    buf.resize(len + 16, 0.0);
+    let skip = buf.as_ptr().align_offset(64).min(16);
+    &mut buf[skip..skip + len]
+}
+
+/// `p[c · TILE + i] = x[t · TILE + i, c]`, zeros for rows past `n`.
+fn pack_tile(x: &[f32], n: usize, cols: usize, t: usize, p: &mut [f32]) {
+    let i0 = t * TILE;
+    let lanes = (n - i0).min(TILE);
+    // Blocks of columns so that the strided writes stay within a few KiB of cache lines.
+    for c0 in (0..cols).step_by(32) {
+        let c1 = (c0 + 32).min(cols);
+        for i in 0..TILE {
+            if i < lanes {
+                let row = &x[(i0 + i) * cols..(i0 + i + 1) * cols];
+                for c in c0..c1 {
+                    p[c * TILE + i] = row[c];
+                }
+            } else {
+                for c in c0..c1 {
+                    p[c * TILE + i] = 0.0;
+                }
+            }
+        }
+    }
+}
+
+/// `y[i, r] = o[r · TILE + i]` for the tile's `y.len() / rows` activation rows.
+fn transpose_tile(o: &[f32], rows: usize, y: &mut [f32]) {
+    let lanes = y.len() / rows;
+    for r0 in (0..rows).step_by(16) {
+        let r1 = (r0 + 16).min(rows);
+        for i in 0..lanes {
+            let dst = &mut y[i * rows + r0..i * rows + r1];
+            for (d, r) in dst.iter_mut().zip(r0..r1) {
+                *d = o[r * TILE + i];
+            }
+        }
+    }
+}
+
+/// Rows `r0 .. r0 + o.len() / TILE` of one tile into `o` (`[rows, TILE]`), the first `lanes`
+/// lanes of each row meaningful (the rest multiply zero padding).
+fn rows_tile<T: BitmaskValue>(w: &BitmaskView<'_, T>, r0: usize, o: &mut [f32], panel: &[f32], lanes: usize) {
+    let (rows, cols) = (o.len() / TILE, w.cols());
+    let mb = cols.div_ceil(8);
+    let mask = &w.bitmask()[r0 * mb..(r0 + rows) * mb];
+    let offsets = &w.row_offsets()[r0..r0 + rows];
+    assert!(panel.len() == cols * TILE && (1..=TILE).contains(&lanes), "rows_tile: shapes");
+    #[cfg(target_arch = "x86_64")]
+    {
+        let vectors = lanes.div_ceil(16);
+        let a = (mask, w.values(), offsets, cols, panel, o);
+        // SAFETY: AVX-512 is available (callers check `supported` on an available isa); the
+        // view was validated (mask of `rows · mb` bytes with zero padding bits; each row's
+        // offset within values and followed by as many values as its set bits); panel is
+        // [cols, TILE] and o [rows, TILE] (asserted above).
+        unsafe {
+            match vectors {
+                1 => avx512::rows_tile::<T, 1>(a.0, a.1, a.2, a.3, a.4, a.5),
+                2 => avx512::rows_tile::<T, 2>(a.0, a.1, a.2, a.3, a.4, a.5),
+                3 => avx512::rows_tile::<T, 3>(a.0, a.1, a.2, a.3, a.4, a.5),
+                4 => avx512::rows_tile::<T, 4>(a.0, a.1, a.2, a.3, a.4, a.5),
+                5 => avx512::rows_tile::<T, 5>(a.0, a.1, a.2, a.3, a.4, a.5),
+                6 => avx512::rows_tile::<T, 6>(a.0, a.1, a.2, a.3, a.4, a.5),
+                7 => avx512::rows_tile::<T, 7>(a.0, a.1, a.2, a.3, a.4, a.5),
+                _ => avx512::rows_tile::<T, 8>(a.0, a.1, a.2, a.3, a.4, a.5),
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("bitmask_product runs on x86_64 only ({mask:?}, {offsets:?}, {lanes})");
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{BLOCK, TILE};
+    use crate::bitmask::BitmaskValue;
+    use std::arch::x86_64::*;
+
+    /// The first `U` vectors of each row's tile.
+    ///
+    /// # Safety
+    /// AVX-512F is available; `mask` is `offsets.len() · cols.div_ceil(8)` bytes with zero
+    /// padding bits; `vals[offsets[r]..]` holds at least as many values as row `r` has set bits;
+    /// `panel.len() == cols · TILE`, `o.len() == offsets.len() · TILE`, `U <= 8`.
+    #[allow(clippy::needless_range_loop)] // accumulators indexed by vector
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c,popcnt,bmi1")]
+    pub(super) unsafe fn rows_tile<T: BitmaskValue, const U: usize>(
+        mask: &[u8],
+        vals: &[T],
+        offsets: &[i64],
+        cols: usize,
+        panel: &[f32],
+        o: &mut [f32],
+    ) {
+        let mb = cols.div_ceil(8);
+        o.fill(0.0);
+        // Each row's next value (rows advance block by block).
+        let mut cursor: Vec<usize> = offsets.iter().map(|&v| v as usize).collect();
+        let (mp, vp, op) = (mask.as_ptr(), vals.as_ptr(), o.as_mut_ptr());
+        for c0 in (0..cols).step_by(BLOCK) {
+            let width = (cols - c0).min(BLOCK);
+            // SAFETY: c0 < cols, so the block's panel rows c0.. lie within panel.
+            let pb = unsafe { panel.as_ptr().add(c0 * TILE) };
+            for (r, cur) in cursor.iter_mut().enumerate() {
+                // SAFETY: the block's mask bytes c0/8 .. (c0 + width).div_ceil(8) <= mb of row r.
+                let m = unsafe {
+                    let at = mp.add(r * mb + c0 / 8);
+                    if width == BLOCK {
+                        (at as *const u64).read_unaligned()
+                    } else {
+                        let mut m = 0u64;
+                        for b in 0..width.div_ceil(8) {
+                            m |= (*at.add(b) as u64) << (8 * b);
+                        }
+                        m
+                    }
+                };
+                if m == 0 {
+                    continue;
+                }
+                // SAFETY: the row's values so far are within vals (contract), and so is its
+                // output row r < o.len() / TILE.
+                let (mut p, orow) = unsafe { (vp.add(*cur), op.add(r * TILE)) };
+                *cur += m.count_ones() as usize;
+                let mut acc = [_mm512_setzero_ps(); U];
+                for u in 0..U {
+                    // SAFETY: lanes 16u .. 16u + 16 <= TILE of row r.
+                    acc[u] = unsafe { _mm512_loadu_ps(orow.add(16 * u)) };
+                }
+                let mut bits = m;
+                while bits != 0 {
+                    let c = bits.trailing_zeros() as usize;
+                    bits &= bits - 1;
+                    // SAFETY: bit c set means the row stores a value for column c0 + c < cols,
+                    // and it is the next one at p (contract); panel row c0 + c has TILE lanes.
+                    unsafe {
+                        let wv = _mm512_set1_ps((*p).to_f32());
+                        p = p.add(1);
+                        let xp = pb.add(c * TILE);
+                        for u in 0..U {
+                            acc[u] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xp.add(16 * u)), acc[u]);
+                        }
+                    }
+                }
+                for u in 0..U {
+                    // SAFETY: as for the loads above.
+                    unsafe { _mm512_storeu_ps(orow.add(16 * u), acc[u]) };
+                }
+            }
+        }
+    }
+}
