@@ -1169,7 +1169,7 @@ pub fn matmul_on<T: BitmaskValue>(isa: Isa, w: &BitmaskView<'_, T>, x: &[f32], n
         return Ok(());
     }
     if n > dense::GEMV_MAX_N && isa != Isa::Scalar {
-        // Prefill is compute-bound: expand blocks of rows to dense f32 (in parallel; a few MiB
+        // Prefill without the AVX-512 kernel: expand blocks of rows to dense f32 (in parallel; a few MiB
         // each) and run the same multithreaded GEMM as dense f32 weights. Expanding costs one
         // write per weight against 2n flops per weight of the product.
         let block = (PREFILL_BLOCK_BYTES / (4 * cols.max(1))).clamp(1, rows);
