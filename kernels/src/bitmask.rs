@@ -503,7 +503,8 @@ mod avx512 {
     /// cannot keep enough misses in flight on demand loads alone. One row's values are a single
     /// stream (the dense GEMV reads four rows side by side on Intel, each 2 KiB ahead), so it
     /// looks further: on Emerald Rapids, SmolLM2 at 70 % decoded at 0.82–0.83 of the byte ratio
-    /// with 2 KiB and 0.86–0.87 with 4 KiB (two `lacuna bench` runs each).
+    /// with 2 KiB (two `lacuna bench` runs) and 0.82–0.87 with 4 KiB (three runs; the host's
+    /// bandwidth moved from 24 to 31 GB/s between them, so the gain is within its noise).
     const PREFETCH_BYTES: usize = 4096;
 
     #[inline(always)]
