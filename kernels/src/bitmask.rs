@@ -1168,37 +1168,9 @@ pub fn matmul_on<T: BitmaskValue>(isa: Isa, w: &BitmaskView<'_, T>, x: &[f32], n
         return Ok(());
     }
     if n > dense::GEMV_MAX_N && prefill::supported(isa) {
-        // Prefill is compute-bound: multiply the non-zeros only.
-        prefill::bitmask_product(w, x, n, y);
-        return Ok(());
-    }
-    if n > dense::GEMV_MAX_N && isa != Isa::Scalar {
-        // Prefill without the AVX-512 kernel: expand blocks of rows to dense f32 (in parallel; a few MiB
-        // each) and run the same multithreaded GEMM as dense f32 weights. Expanding costs one
-        // write per weight against 2n flops per weight of the product.
-        let block = (PREFILL_BLOCK_BYTES / (4 * cols.max(1))).clamp(1, rows);
-        let mut expand_and_multiply = |panel: &mut Vec<f32>| {
-            panel.resize(block * cols, 0.0);
-            for r0 in (0..rows).step_by(block) {
-                let br = block.min(rows - r0);
-                let dst = &mut panel[..br * cols];
-                if cols > 0 {
-                    dst.par_chunks_mut(cols).enumerate().for_each(|(j, d)| {
-                        let (mask, vals) = w.row_parts(r0 + j);
-                        // SAFETY: the view was validated; d.len() == cols; `isa` is supported.
-                        unsafe { T::expand_row(isa, mask, vals, cols, d) };
-                    });
-                }
-                dense::gemm_into_columns(x, n, cols, dst, br, y, rows, r0);
-            }
-        };
-        // The panel stays allocated between products: a fresh one per product page-faulted its
-        // megabytes in every time. (A nested call on this thread, which cannot happen in the
-        // model's sequential forward, would get a fresh buffer instead of a borrow panic.)
-        PREFILL_PANEL.with(|cell| match cell.try_borrow_mut() {
-            Ok(mut panel) => expand_and_multiply(&mut panel),
-            Err(_) => expand_and_multiply(&mut Vec::new()),
-        });
+        // Prefill is compute-bound: multiply the non-zeros only (the scalar path below is the
+        // reference).
+        prefill::bitmask_product(isa, w, x, n, y);
         return Ok(());
     }
     // Transposed output [rows, n] so that row ranges are contiguous and tasks write disjoint chunks.
@@ -1207,13 +1179,6 @@ pub fn matmul_on<T: BitmaskValue>(isa: Isa, w: &BitmaskView<'_, T>, x: &[f32], n
     dense::scatter_transposed(&yt, n, rows, y);
     Ok(())
 }
-
-thread_local! {
-    static PREFILL_PANEL: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// Dense f32 rows expanded per prefill GEMM block.
-const PREFILL_BLOCK_BYTES: usize = 8 << 20;
 
 #[cfg(test)]
 mod tests {

@@ -798,31 +798,6 @@ fn gemm_whole(x: &[f32], n: usize, k: usize, w: &[f32], rows: usize, y: &mut [f3
     gemm_xwt(x, n, k, w, rows, y, false, gemm::Parallelism::Rayon(cpu::threads()));
 }
 
-/// `y[i, c0 + j] = Σ_k x[i, k] · w[j, k]` for a block of `block_rows` weight rows, over the rayon
-/// pool: `y` is `[n, rows]` and the block fills its columns `c0 .. c0 + block_rows`.
-#[allow(clippy::too_many_arguments)] // a GEMM: three shapes, three buffers, where the block lands
-pub(crate) fn gemm_into_columns(
-    x: &[f32],
-    n: usize,
-    k: usize,
-    w: &[f32],
-    block_rows: usize,
-    y: &mut [f32],
-    rows: usize,
-    c0: usize,
-) {
-    assert!(
-        x.len() == n * k && w.len() == block_rows * k && y.len() == n * rows && c0 + block_rows <= rows,
-        "gemm_into_columns: shapes checked by callers"
-    );
-    // SAFETY: dst viewed as [n, block_rows] starting at column c0 with row stride `rows` touches
-    // indices c0 + i·rows + j < (n − 1)·rows + rows = y.len() (the assert above); the inputs
-    // are in bounds as `x_wt` requires; `y` is a unique borrow distinct from both.
-    unsafe {
-        x_wt(x, n, k, w, block_rows, y.as_mut_ptr().add(c0), rows as isize, 1, gemm::Parallelism::Rayon(cpu::threads()))
-    }
-}
-
 /// `dst[i·rs + j·cs] = Σ_k x[i, k] · w[j, k]` for `x` `[n, k]` and `w` `[m, k]`, on the gemm crate.
 ///
 /// # Safety

@@ -6,35 +6,38 @@
 //! portable path) spends the same arithmetic as the dense model.
 //!
 //! This kernel walks each weight row's set bits. The activations are packed transposed in tiles
-//! of [`TILE`] rows (`panel[c][i] = x[t·TILE + i, c]`); for a non-zero `w` at column `c` of row
-//! `r`, the row's 8 accumulators of 16 lanes take `w · panel[c][..]` (one broadcast, eight FMAs
-//! from L1 — independent chains, so FMA latency is covered). Columns go in blocks of 64 (one
-//! 64-bit mask word per row) so that a block's 32 KiB of panel stays in L1 while every row of
-//! the task passes over it; the rows' partial sums wait in a transposed output tile between
-//! blocks.
+//! of 8 vectors' worth of rows (`panel[c][i] = x[t·tile + i, c]`; 128 rows on AVX-512, 64 on
+//! AVX2); for a non-zero `w` at column `c` of row `r`, the row's 8 accumulators take
+//! `w · panel[c][..]` (one broadcast, eight FMAs from L1 — independent chains, so FMA latency is
+//! covered). Columns go in blocks of 64 (one 64-bit mask word per row) so that a block of panel
+//! (32 KiB on AVX-512, 16 on AVX2) stays in L1 while every row of the task passes over it; the
+//! rows' partial sums wait in a transposed output tile between blocks.
 //!
-//! Cost: one broadcast and eight FMAs per non-zero per 128 activation rows, so time follows the
-//! stored values (about `1 − s` of a dense product of the same shape on the same kernel).
+//! Cost: one broadcast and eight FMAs per non-zero per tile, so time follows the stored values
+//! (about `1 − s` of a dense product of the same shape on the same kernel).
 
 use rayon::prelude::*;
 
 use crate::bitmask::{BitmaskValue, BitmaskView};
 use crate::cpu::{self, Isa};
 
-/// Activation rows per tile: 8 vectors of 16 f32 lanes.
-pub(crate) const TILE: usize = 128;
 /// Columns per block: one 64-bit mask word of each row.
 const BLOCK: usize = 64;
 
-/// Whether [`bitmask_product`] runs on `isa` (AVX-512 only; other paths expand to dense).
+/// Whether [`bitmask_product`] runs on `isa` (AVX-512 and AVX2; the scalar path expands).
 pub(crate) fn supported(isa: Isa) -> bool {
-    cfg!(target_arch = "x86_64") && isa == Isa::Avx512
+    cfg!(target_arch = "x86_64") && matches!(isa, Isa::Avx512 | Isa::Avx2)
 }
 
-/// `y[n, rows] = x[n, cols] · Wᵀ` on the AVX-512 kernel. Callers have checked the shapes
+/// Activation rows per tile: 8 vectors of f32 lanes.
+fn tile_rows(isa: Isa) -> usize {
+    if isa == Isa::Avx512 { 128 } else { 64 }
+}
+
+/// `y[n, rows] = x[n, cols] · Wᵀ` on `isa`'s kernel. Callers have checked the shapes
 /// ([`crate::dense::check_product`]), that `n >= 1` and that [`supported`] holds for an
 /// available `isa`.
-pub(crate) fn bitmask_product<T: BitmaskValue>(w: &BitmaskView<'_, T>, x: &[f32], n: usize, y: &mut [f32]) {
+pub(crate) fn bitmask_product<T: BitmaskValue>(isa: Isa, w: &BitmaskView<'_, T>, x: &[f32], n: usize, y: &mut [f32]) {
     let (rows, cols) = (w.rows(), w.cols());
     assert!(x.len() == n * cols && y.len() == n * rows, "bitmask_product: shapes checked by callers");
     if rows == 0 || n == 0 {
@@ -44,13 +47,14 @@ pub(crate) fn bitmask_product<T: BitmaskValue>(w: &BitmaskView<'_, T>, x: &[f32]
     BUFFERS.with(|cell| match cell.try_borrow_mut() {
         Ok(mut b) => {
             let (panel, out) = &mut *b;
-            product_with(w, x, n, y, panel, out)
+            product_with(isa, w, x, n, y, panel, out)
         }
-        Err(_) => product_with(w, x, n, y, &mut Vec::new(), &mut Vec::new()),
+        Err(_) => product_with(isa, w, x, n, y, &mut Vec::new(), &mut Vec::new()),
     });
 }
 
 fn product_with<T: BitmaskValue>(
+    isa: Isa,
     w: &BitmaskView<'_, T>,
     x: &[f32],
     n: usize,
@@ -59,25 +63,26 @@ fn product_with<T: BitmaskValue>(
     out: &mut Vec<f32>,
 ) {
     let (rows, cols) = (w.rows(), w.cols());
-    let tiles = n.div_ceil(TILE);
+    let tile = tile_rows(isa);
+    let tiles = n.div_ceil(tile);
     // Vectors aligned to cache lines: a 64-byte load across two lines costs two.
-    let (panel, out) = (aligned(panel, tiles * cols * TILE), aligned(out, tiles * rows * TILE));
+    let (panel, out) = (aligned(panel, tiles * cols * tile), aligned(out, tiles * rows * tile));
     if cols > 0 {
-        panel.par_chunks_mut(cols * TILE).enumerate().for_each(|(t, p)| pack_tile(x, n, cols, t, p));
+        panel.par_chunks_mut(cols * tile).enumerate().for_each(|(t, p)| pack_tile(x, n, cols, tile, t, p));
     }
     // Tasks: a tile's rows in ranges, enough of them that both (all) cores stay busy when a
     // prompt is a single tile; ranges of whole rows are independent.
     let tasks_per_tile = (4 * cpu::threads()).div_ceil(tiles).max(1);
     let per = rows.div_ceil(tasks_per_tile).max(8).min(rows);
     let panel = &*panel;
-    out.par_chunks_mut(rows * TILE).enumerate().for_each(|(t, tile_out)| {
-        let lanes = (n - t * TILE).min(TILE);
-        let p = &panel[t * cols * TILE..(t + 1) * cols * TILE];
-        tile_out.par_chunks_mut(per * TILE).enumerate().for_each(|(k, o)| rows_tile(w, k * per, o, p, lanes));
+    out.par_chunks_mut(rows * tile).enumerate().for_each(|(t, tile_out)| {
+        let lanes = (n - t * tile).min(tile);
+        let p = &panel[t * cols * tile..(t + 1) * cols * tile];
+        tile_out.par_chunks_mut(per * tile).enumerate().for_each(|(k, o)| rows_tile(isa, w, k * per, o, p, lanes));
     });
     let out = &*out;
-    y.par_chunks_mut(TILE * rows).enumerate().for_each(|(t, yt)| {
-        transpose_tile(&out[t * rows * TILE..(t + 1) * rows * TILE], rows, yt);
+    y.par_chunks_mut(tile * rows).enumerate().for_each(|(t, yt)| {
+        transpose_tile(&out[t * rows * tile..(t + 1) * rows * tile], rows, tile, yt);
     });
 }
 
@@ -94,152 +99,188 @@ fn aligned(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
     &mut buf[skip..skip + len]
 }
 
-/// `p[c · TILE + i] = x[t · TILE + i, c]`, zeros for rows past `n`.
-fn pack_tile(x: &[f32], n: usize, cols: usize, t: usize, p: &mut [f32]) {
-    let i0 = t * TILE;
-    let lanes = (n - i0).min(TILE);
+/// `p[c · tile + i] = x[t · tile + i, c]`, zeros for rows past `n`.
+fn pack_tile(x: &[f32], n: usize, cols: usize, tile: usize, t: usize, p: &mut [f32]) {
+    let i0 = t * tile;
+    let lanes = (n - i0).min(tile);
     // Blocks of columns so that the strided writes stay within a few KiB of cache lines.
     for c0 in (0..cols).step_by(32) {
         let c1 = (c0 + 32).min(cols);
-        for i in 0..TILE {
+        for i in 0..tile {
             if i < lanes {
                 let row = &x[(i0 + i) * cols..(i0 + i + 1) * cols];
                 for c in c0..c1 {
-                    p[c * TILE + i] = row[c];
+                    p[c * tile + i] = row[c];
                 }
             } else {
                 for c in c0..c1 {
-                    p[c * TILE + i] = 0.0;
+                    p[c * tile + i] = 0.0;
                 }
             }
         }
     }
 }
 
-/// `y[i, r] = o[r · TILE + i]` for the tile's `y.len() / rows` activation rows.
-fn transpose_tile(o: &[f32], rows: usize, y: &mut [f32]) {
+/// `y[i, r] = o[r · tile + i]` for the tile's `y.len() / rows` activation rows.
+fn transpose_tile(o: &[f32], rows: usize, tile: usize, y: &mut [f32]) {
     let lanes = y.len() / rows;
     for r0 in (0..rows).step_by(16) {
         let r1 = (r0 + 16).min(rows);
         for i in 0..lanes {
             let dst = &mut y[i * rows + r0..i * rows + r1];
             for (d, r) in dst.iter_mut().zip(r0..r1) {
-                *d = o[r * TILE + i];
+                *d = o[r * tile + i];
             }
         }
     }
 }
 
-/// Rows `r0 .. r0 + o.len() / TILE` of one tile into `o` (`[rows, TILE]`), the first `lanes`
+/// Rows `r0 .. r0 + o.len() / tile` of one tile into `o` (`[rows, tile]`), the first `lanes`
 /// lanes of each row meaningful (the rest multiply zero padding).
-fn rows_tile<T: BitmaskValue>(w: &BitmaskView<'_, T>, r0: usize, o: &mut [f32], panel: &[f32], lanes: usize) {
-    let (rows, cols) = (o.len() / TILE, w.cols());
+fn rows_tile<T: BitmaskValue>(isa: Isa, w: &BitmaskView<'_, T>, r0: usize, o: &mut [f32], panel: &[f32], lanes: usize) {
+    let tile = tile_rows(isa);
+    let (rows, cols) = (o.len() / tile, w.cols());
     let mb = cols.div_ceil(8);
     let mask = &w.bitmask()[r0 * mb..(r0 + rows) * mb];
     let offsets = &w.row_offsets()[r0..r0 + rows];
-    assert!(panel.len() == cols * TILE && (1..=TILE).contains(&lanes), "rows_tile: shapes");
+    assert!(panel.len() == cols * tile && (1..=tile).contains(&lanes), "rows_tile: shapes");
     #[cfg(target_arch = "x86_64")]
     {
-        let vectors = lanes.div_ceil(16);
+        let vectors = lanes.div_ceil(tile / 8);
         let a = (mask, w.values(), offsets, cols, panel, o);
-        // SAFETY: AVX-512 is available (callers check `supported` on an available isa); the
-        // view was validated (mask of `rows · mb` bytes with zero padding bits; each row's
-        // offset within values and followed by as many values as its set bits); panel is
-        // [cols, TILE] and o [rows, TILE] (asserted above).
-        unsafe {
-            match vectors {
-                1 => avx512::rows_tile::<T, 1>(a.0, a.1, a.2, a.3, a.4, a.5),
-                2 => avx512::rows_tile::<T, 2>(a.0, a.1, a.2, a.3, a.4, a.5),
-                3 => avx512::rows_tile::<T, 3>(a.0, a.1, a.2, a.3, a.4, a.5),
-                4 => avx512::rows_tile::<T, 4>(a.0, a.1, a.2, a.3, a.4, a.5),
-                5 => avx512::rows_tile::<T, 5>(a.0, a.1, a.2, a.3, a.4, a.5),
-                6 => avx512::rows_tile::<T, 6>(a.0, a.1, a.2, a.3, a.4, a.5),
-                7 => avx512::rows_tile::<T, 7>(a.0, a.1, a.2, a.3, a.4, a.5),
-                _ => avx512::rows_tile::<T, 8>(a.0, a.1, a.2, a.3, a.4, a.5),
-            }
+        macro_rules! by_vectors {
+            ($isa:ident) => {
+                match vectors {
+                    1 => $isa::rows_tile::<T, 1>(a.0, a.1, a.2, a.3, a.4, a.5),
+                    2 => $isa::rows_tile::<T, 2>(a.0, a.1, a.2, a.3, a.4, a.5),
+                    3 => $isa::rows_tile::<T, 3>(a.0, a.1, a.2, a.3, a.4, a.5),
+                    4 => $isa::rows_tile::<T, 4>(a.0, a.1, a.2, a.3, a.4, a.5),
+                    5 => $isa::rows_tile::<T, 5>(a.0, a.1, a.2, a.3, a.4, a.5),
+                    6 => $isa::rows_tile::<T, 6>(a.0, a.1, a.2, a.3, a.4, a.5),
+                    7 => $isa::rows_tile::<T, 7>(a.0, a.1, a.2, a.3, a.4, a.5),
+                    _ => $isa::rows_tile::<T, 8>(a.0, a.1, a.2, a.3, a.4, a.5),
+                }
+            };
         }
+        // SAFETY: `isa` is available and one of the two kernels' (callers check `supported` on
+        // an available isa); the view was validated (mask of `rows · mb` bytes with zero
+        // padding bits; each row's offset within values and followed by as many values as its
+        // set bits); panel is [cols, tile] and o [rows, tile] for this isa's tile (asserted).
+        unsafe { if isa == Isa::Avx512 { by_vectors!(avx512) } else { by_vectors!(avx2) } }
     }
     #[cfg(not(target_arch = "x86_64"))]
     unreachable!("bitmask_product runs on x86_64 only ({mask:?}, {offsets:?}, {lanes})");
 }
 
-#[cfg(target_arch = "x86_64")]
-mod avx512 {
-    use super::{BLOCK, TILE};
-    use crate::bitmask::BitmaskValue;
-    use std::arch::x86_64::*;
+/// One instruction set's kernel: `$lanes` f32 lanes per vector, tiles of 8 vectors.
+macro_rules! kernel {
+    ($isa:ident, $features:literal, $lanes:literal, $zero:ident, $load:ident, $store:ident, $fma:ident, $set1:ident) => {
+        #[cfg(target_arch = "x86_64")]
+        mod $isa {
+            use super::BLOCK;
+            use crate::bitmask::BitmaskValue;
+            use std::arch::x86_64::*;
 
-    /// The first `U` vectors of each row's tile.
-    ///
-    /// # Safety
-    /// AVX-512F is available; `mask` is `offsets.len() · cols.div_ceil(8)` bytes with zero
-    /// padding bits; `vals[offsets[r]..]` holds at least as many values as row `r` has set bits;
-    /// `panel.len() == cols · TILE`, `o.len() == offsets.len() · TILE`, `U <= 8`.
-    #[allow(clippy::needless_range_loop)] // accumulators indexed by vector
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c,popcnt,bmi1")]
-    pub(super) unsafe fn rows_tile<T: BitmaskValue, const U: usize>(
-        mask: &[u8],
-        vals: &[T],
-        offsets: &[i64],
-        cols: usize,
-        panel: &[f32],
-        o: &mut [f32],
-    ) {
-        let mb = cols.div_ceil(8);
-        o.fill(0.0);
-        // Each row's next value (rows advance block by block).
-        let mut cursor: Vec<usize> = offsets.iter().map(|&v| v as usize).collect();
-        let (mp, vp, op) = (mask.as_ptr(), vals.as_ptr(), o.as_mut_ptr());
-        for c0 in (0..cols).step_by(BLOCK) {
-            let width = (cols - c0).min(BLOCK);
-            // SAFETY: c0 < cols, so the block's panel rows c0.. lie within panel.
-            let pb = unsafe { panel.as_ptr().add(c0 * TILE) };
-            for (r, cur) in cursor.iter_mut().enumerate() {
-                // SAFETY: the block's mask bytes c0/8 .. (c0 + width).div_ceil(8) <= mb of row r.
-                let m = unsafe {
-                    let at = mp.add(r * mb + c0 / 8);
-                    if width == BLOCK {
-                        (at as *const u64).read_unaligned()
-                    } else {
-                        let mut m = 0u64;
-                        for b in 0..width.div_ceil(8) {
-                            m |= (*at.add(b) as u64) << (8 * b);
+            const LANES: usize = $lanes;
+            const TILE: usize = 8 * LANES;
+
+            /// The first `U` vectors of each row's tile.
+            ///
+            /// # Safety
+            /// The instruction set is available; `mask` is `offsets.len() · cols.div_ceil(8)` bytes
+            /// with zero padding bits; `vals[offsets[r]..]` holds at least as many values as row
+            /// `r` has set bits; `panel.len() == cols · TILE`, `o.len() == offsets.len() · TILE`,
+            /// `U <= 8`.
+            #[allow(clippy::needless_range_loop)] // accumulators indexed by vector
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn rows_tile<T: BitmaskValue, const U: usize>(
+                mask: &[u8],
+                vals: &[T],
+                offsets: &[i64],
+                cols: usize,
+                panel: &[f32],
+                o: &mut [f32],
+            ) {
+                let mb = cols.div_ceil(8);
+                o.fill(0.0);
+                // Each row's next value (rows advance block by block).
+                let mut cursor: Vec<usize> = offsets.iter().map(|&v| v as usize).collect();
+                let (mp, vp, op) = (mask.as_ptr(), vals.as_ptr(), o.as_mut_ptr());
+                for c0 in (0..cols).step_by(BLOCK) {
+                    let width = (cols - c0).min(BLOCK);
+                    // SAFETY: c0 < cols, so the block's panel rows c0.. lie within panel.
+                    let pb = unsafe { panel.as_ptr().add(c0 * TILE) };
+                    for (r, cur) in cursor.iter_mut().enumerate() {
+                        // SAFETY: the block's mask bytes c0/8 .. (c0 + width).div_ceil(8) <= mb of
+                        // row r.
+                        let m = unsafe {
+                            let at = mp.add(r * mb + c0 / 8);
+                            if width == BLOCK {
+                                (at as *const u64).read_unaligned()
+                            } else {
+                                let mut m = 0u64;
+                                for b in 0..width.div_ceil(8) {
+                                    m |= (*at.add(b) as u64) << (8 * b);
+                                }
+                                m
+                            }
+                        };
+                        if m == 0 {
+                            continue;
                         }
-                        m
-                    }
-                };
-                if m == 0 {
-                    continue;
-                }
-                // SAFETY: the row's values so far are within vals (contract), and so is its
-                // output row r < o.len() / TILE.
-                let (mut p, orow) = unsafe { (vp.add(*cur), op.add(r * TILE)) };
-                *cur += m.count_ones() as usize;
-                let mut acc = [_mm512_setzero_ps(); U];
-                for u in 0..U {
-                    // SAFETY: lanes 16u .. 16u + 16 <= TILE of row r.
-                    acc[u] = unsafe { _mm512_loadu_ps(orow.add(16 * u)) };
-                }
-                let mut bits = m;
-                while bits != 0 {
-                    let c = bits.trailing_zeros() as usize;
-                    bits &= bits - 1;
-                    // SAFETY: bit c set means the row stores a value for column c0 + c < cols,
-                    // and it is the next one at p (contract); panel row c0 + c has TILE lanes.
-                    unsafe {
-                        let wv = _mm512_set1_ps((*p).to_f32());
-                        p = p.add(1);
-                        let xp = pb.add(c * TILE);
+                        // SAFETY: the row's values so far are within vals (contract), and so is
+                        // its output row r < o.len() / TILE.
+                        let (mut p, orow) = unsafe { (vp.add(*cur), op.add(r * TILE)) };
+                        *cur += m.count_ones() as usize;
+                        let mut acc = [$zero(); U];
                         for u in 0..U {
-                            acc[u] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xp.add(16 * u)), acc[u]);
+                            // SAFETY: lanes LANES·u .. LANES·(u + 1) <= TILE of row r.
+                            acc[u] = unsafe { $load(orow.add(LANES * u)) };
+                        }
+                        let mut bits = m;
+                        while bits != 0 {
+                            let c = bits.trailing_zeros() as usize;
+                            bits &= bits - 1;
+                            // SAFETY: bit c set means the row stores a value for column c0 + c <
+                            // cols, and it is the next one at p (contract); panel row c0 + c has
+                            // TILE lanes.
+                            unsafe {
+                                let wv = $set1((*p).to_f32());
+                                p = p.add(1);
+                                let xp = pb.add(c * TILE);
+                                for u in 0..U {
+                                    acc[u] = $fma(wv, $load(xp.add(LANES * u)), acc[u]);
+                                }
+                            }
+                        }
+                        for u in 0..U {
+                            // SAFETY: as for the loads above.
+                            unsafe { $store(orow.add(LANES * u), acc[u]) };
                         }
                     }
-                }
-                for u in 0..U {
-                    // SAFETY: as for the loads above.
-                    unsafe { _mm512_storeu_ps(orow.add(16 * u), acc[u]) };
                 }
             }
         }
-    }
+    };
 }
+
+kernel!(
+    avx512,
+    "avx512f,avx512bw,avx512vl,avx2,fma,f16c,popcnt",
+    16,
+    _mm512_setzero_ps,
+    _mm512_loadu_ps,
+    _mm512_storeu_ps,
+    _mm512_fmadd_ps,
+    _mm512_set1_ps
+);
+kernel!(
+    avx2,
+    "avx2,fma,f16c,popcnt",
+    8,
+    _mm256_setzero_ps,
+    _mm256_loadu_ps,
+    _mm256_storeu_ps,
+    _mm256_fmadd_ps,
+    _mm256_set1_ps
+);
