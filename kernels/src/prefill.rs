@@ -20,6 +20,7 @@ use rayon::prelude::*;
 
 use crate::bitmask::{BitmaskValue, BitmaskView};
 use crate::cpu::{self, Isa};
+use crate::dense;
 
 /// Columns per block: one 64-bit mask word of each row.
 const BLOCK: usize = 64;
@@ -82,7 +83,7 @@ fn product_with<T: BitmaskValue>(
     });
     let out = &*out;
     y.par_chunks_mut(tile * rows).enumerate().for_each(|(t, yt)| {
-        transpose_tile(&out[t * rows * tile..(t + 1) * rows * tile], rows, tile, yt);
+        dense::scatter_transposed(&out[t * rows * tile..(t + 1) * rows * tile], tile, rows, yt);
     });
 }
 
@@ -116,20 +117,6 @@ fn pack_tile(x: &[f32], n: usize, cols: usize, tile: usize, t: usize, p: &mut [f
                 for c in c0..c1 {
                     p[c * tile + i] = 0.0;
                 }
-            }
-        }
-    }
-}
-
-/// `y[i, r] = o[r · tile + i]` for the tile's `y.len() / rows` activation rows.
-fn transpose_tile(o: &[f32], rows: usize, tile: usize, y: &mut [f32]) {
-    let lanes = y.len() / rows;
-    for r0 in (0..rows).step_by(16) {
-        let r1 = (r0 + 16).min(rows);
-        for i in 0..lanes {
-            let dst = &mut y[i * rows + r0..i * rows + r1];
-            for (d, r) in dst.iter_mut().zip(r0..r1) {
-                *d = o[r * tile + i];
             }
         }
     }
@@ -169,7 +156,10 @@ fn rows_tile<T: BitmaskValue>(isa: Isa, w: &BitmaskView<'_, T>, r0: usize, o: &m
         unsafe { if isa == Isa::Avx512 { by_vectors!(avx512) } else { by_vectors!(avx2) } }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    unreachable!("bitmask_product runs on x86_64 only ({mask:?}, {offsets:?}, {lanes})");
+    {
+        let _ = (mask, offsets, o);
+        unreachable!("`supported` holds on x86_64 only");
+    }
 }
 
 /// One instruction set's kernel: `$lanes` f32 lanes per vector, tiles of 8 vectors.
