@@ -10,7 +10,8 @@ pub mod quantize;
 pub mod train;
 
 pub use prune::{
-    CalibrationSpec, OwlParams, PruneMethod, PruneRecipe, SparseGptParams, SparsityProfile, SparsityStructure,
+    CalibrationSpec, MaskScope, OwlParams, PruneMethod, PruneRecipe, SparseGptParams, SparsityProfile,
+    SparsityStructure,
 };
 pub use quantize::{QuantScheme, QuantizeRecipe};
 pub use train::{

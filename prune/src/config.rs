@@ -5,8 +5,9 @@ use crate::{Error, Result};
 /// Which weights a pass must zero.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Pattern {
-    /// Unstructured: the given fraction of weights (per row for SparseGPT and Wanda, per layer
-    /// for magnitude), exactly `round(sparsity · count)` of them.
+    /// Unstructured: the given fraction of weights (per row for Wanda and row-scoped SparseGPT,
+    /// per column block for block-scoped SparseGPT, per layer for magnitude), exactly
+    /// `round(sparsity · count)` of them.
     Unstructured(f64),
     /// N:M semi-structured: `n` weights pruned in every group of `m` consecutive inputs of a row,
     /// following the reference code's `prunen`/`prunem` (2:4 prunes 2 of every 4).
@@ -61,8 +62,22 @@ impl PruneConfig {
     }
 }
 
+/// Over which weights SparseGPT's unstructured mask ranks the saliency `w² / U_cc²` (see
+/// [`crate::sparsegpt`]). N:M always chooses within each group of M of a row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MaskScope {
+    /// The published rule (reference `sparsegpt.py`, llm-compressor): one threshold over the
+    /// whole `rows × blocksize` block, so rows that matter keep more weights and per-row
+    /// sparsities vary. The most accurate, especially at high sparsity.
+    #[default]
+    Block,
+    /// Each row chooses within each block its own share of the row's target: every row ends
+    /// with exactly `round(s · cols)` zeros (row-balanced formats, per-row load balance).
+    Row,
+}
+
 /// Settings of [`crate::sparsegpt`]; `Default` is the reference code's (blocksize 128,
-/// percdamp 0.01).
+/// percdamp 0.01, one mask threshold per block).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SparseGptConfig {
     pub pattern: Pattern,
@@ -73,6 +88,8 @@ pub struct SparseGptConfig {
     pub blocksize: usize,
     /// Dampening added to the Hessian's diagonal, as a fraction of its mean diagonal.
     pub percdamp: f64,
+    /// Unstructured only: one mask threshold per column block, or per row within each block.
+    pub mask_scope: MaskScope,
     /// How many times the dampening is multiplied by 10 (with a warning) when the Cholesky
     /// factorisation fails, before giving up with [`Error::Cholesky`]. A zero `percdamp`
     /// escalates to [`MIN_ESCALATED_DAMP`] first.
@@ -91,6 +108,7 @@ impl Default for SparseGptConfig {
             keep_zeros: false,
             blocksize: 128,
             percdamp: 0.01,
+            mask_scope: MaskScope::Block,
             max_damp_escalations: 4,
             compute_error: false,
         }

@@ -25,7 +25,7 @@ pub mod pipeline;
 mod scored;
 mod sparsegpt;
 
-pub use config::{Pattern, PruneConfig, PruneReport, SparseGptConfig};
+pub use config::{MaskScope, Pattern, PruneConfig, PruneReport, SparseGptConfig};
 pub use hessian::{Hessian, reconstruction_error};
 pub use owl::{outlier_ratio, owl_sparsities, owl_sparsities_from_ratios};
 pub use scored::{magnitude, wanda};

@@ -5,7 +5,7 @@ use std::time::Instant;
 use faer::linalg::solvers::DenseSolveCore;
 use faer::{Accum, Mat, Par, Side};
 
-use crate::config::{MIN_ESCALATED_DAMP, Pattern, PruneReport, SparseGptConfig};
+use crate::config::{MIN_ESCALATED_DAMP, MaskScope, Pattern, PruneReport, SparseGptConfig};
 use crate::hessian::{Hessian, reconstruction_error};
 use crate::mask::{smallest, split_quota, target_count};
 use crate::{Error, Result, check_layer};
@@ -20,19 +20,36 @@ use crate::{Error, Result, check_layer};
 /// of the rest of the block after each column and a lazy update of the later columns after
 /// each block. All of it runs in f64.
 ///
-/// Mask selection differs from the reference in one documented way: the reference flattens
-/// each block's scores `w² / U_cc²` over all rows and takes one threshold, so rows end up with
-/// different sparsities. Here each row chooses within each block its own smallest scores, the
-/// row's `round(s · cols)` prunes being split over the blocks in proportion to the block widths
-/// (cumulative rounding, so the remainders carry) — every row then has exactly the requested
-/// sparsity, which the sparse kernels and the N:M/row-balanced formats downstream rely on, and
-/// the mask is still chosen adaptively per block from the updated weights. N:M chooses the `n`
-/// smallest scores of each group of `m` when the OBS pass reaches the group, as the reference.
+/// Unstructured mask selection is adaptive, as published: each block's mask is chosen when the
+/// pass reaches the block, from the weights as the previous blocks' OBS updates left them, by
+/// the saliency `w² / U_cc²`. [`MaskScope`] says over which weights the saliencies are ranked:
 ///
-/// Iterative mode (`keep_zeros`): weights that are zero on entry are pruned again (the mask
-/// only grows) and count towards the row's target; the remaining prunes are split over the
-/// blocks in proportion to each block's still-prunable weights. Dead inputs are treated the
-/// same way in both modes (their weights are zero and score 0 anyway).
+/// * [`MaskScope::Block`] (default; the reference `fasterprune` and llm-compressor): over the
+///   whole `rows × width` block at once. The block prunes its share of the layer's target,
+///   `round(s · rows · i₂) − round(s · rows · i₁)` for columns `i₁..i₂` (cumulative rounding, so
+///   the layer gets exactly `round(s · rows · cols)` when nothing is forced), the weights with the
+///   lowest saliencies; ties go to the lower row-major position within the block. Rows end up
+///   with different sparsities: the rows whose weights matter keep more of them. The reference
+///   takes `thresh = sort(scores)[floor(s · n)]` and prunes every score `≤ thresh`, i.e. one
+///   weight more per block plus any ties; here the count is exact.
+/// * [`MaskScope::Row`]: each row chooses within each block its own smallest scores, the row's
+///   `round(s · cols)` prunes being split over the blocks in proportion to the block widths
+///   (cumulative rounding, so the remainders carry): every row has exactly the requested
+///   sparsity, which row-balanced formats and per-row load balancing want, at some accuracy
+///   cost at high sparsity.
+///
+/// N:M chooses the `n` smallest scores of each group of `m` of a row when the OBS pass reaches
+/// the group, as the reference, whatever the scope.
+///
+/// Forced zeros — dead inputs, and in iterative mode (`keep_zeros`) every weight that is zero on
+/// entry — are pruned again (the mask only grows) and count towards the target first. With the
+/// block scope they count towards their own block's share, as in llm-compressor with
+/// `preserve_sparsity_mask` (whose existing zeros score 0 and so fall under the threshold first):
+/// a block already at or above its share prunes nothing new, and its surplus is not moved to
+/// other blocks. With the row scope the row's remaining prunes are split over the blocks in
+/// proportion to each block's still-prunable weights. Unlike llm-compressor, the lazy update
+/// still reaches forced weights of later blocks; they are zeroed again when their column comes
+/// and the change is compensated by the OBS update, as for any other pruned weight.
 pub fn sparsegpt(w: &mut [f32], rows: usize, cols: usize, h: &Hessian, cfg: &SparseGptConfig) -> Result<PruneReport> {
     let start = Instant::now();
     check_layer(w, rows, cols)?;
@@ -70,9 +87,10 @@ pub fn sparsegpt(w: &mut [f32], rows: usize, cols: usize, h: &Hessian, cfg: &Spa
     let bs = cfg.blocksize;
     let nblocks = cols.div_ceil(bs);
 
-    // Unstructured: each row's new prunes per block.
-    let mut quota = vec![0usize; rows * nblocks];
-    if let Pattern::Unstructured(s) = cfg.pattern {
+    // Row scope: each row's new prunes per block.
+    let mut quota = Vec::new();
+    if let (Pattern::Unstructured(s), MaskScope::Row) = (cfg.pattern, cfg.mask_scope) {
+        quota = vec![0usize; rows * nblocks];
         let target = target_count(s, cols);
         let mut avail = vec![0usize; nblocks];
         let mut split = Vec::with_capacity(nblocks);
@@ -91,7 +109,7 @@ pub fn sparsegpt(w: &mut [f32], rows: usize, cols: usize, h: &Hessian, cfg: &Spa
     let mut obs_loss = 0.0f64;
     let mut mask = vec![false; rows * bs]; // column-major rows × block
     let mut err = Mat::<f64>::zeros(rows, bs);
-    let mut cands: Vec<(f64, usize)> = Vec::with_capacity(bs);
+    let mut cands: Vec<(f64, usize)> = Vec::with_capacity(rows * bs);
     for b in 0..nblocks {
         let i1 = b * bs;
         let i2 = (i1 + bs).min(cols);
@@ -102,18 +120,41 @@ pub fn sparsegpt(w: &mut [f32], rows: usize, cols: usize, h: &Hessian, cfg: &Spa
                 mask[i * rows + r] = forced[r * cols + i1 + i];
             }
         }
-        if matches!(cfg.pattern, Pattern::Unstructured(_)) {
-            for r in 0..rows {
-                cands.clear();
-                for i in 0..count {
-                    if !mask[i * rows + r] {
-                        let d = l[(i1 + i, i1 + i)];
-                        let v = wm[(r, i1 + i)];
-                        cands.push((v * v / (d * d), i));
+        if let Pattern::Unstructured(s) = cfg.pattern {
+            let score = |r: usize, i: usize| {
+                let d = l[(i1 + i, i1 + i)];
+                let v = wm[(r, i1 + i)];
+                v * v / (d * d)
+            };
+            match cfg.mask_scope {
+                MaskScope::Block => {
+                    // This block's share of the layer target, forced zeros first.
+                    let share = target_count(s, rows * i2) - target_count(s, rows * i1);
+                    let already = mask[..count * rows].iter().filter(|&&m| m).count();
+                    cands.clear();
+                    for i in 0..count {
+                        for r in 0..rows {
+                            if !mask[i * rows + r] {
+                                cands.push((score(r, i), r * count + i));
+                            }
+                        }
+                    }
+                    for &(_, p) in smallest(&mut cands, share.saturating_sub(already)) {
+                        mask[(p % count) * rows + p / count] = true;
                     }
                 }
-                for &(_, i) in smallest(&mut cands, quota[r * nblocks + b]) {
-                    mask[i * rows + r] = true;
+                MaskScope::Row => {
+                    for r in 0..rows {
+                        cands.clear();
+                        for i in 0..count {
+                            if !mask[i * rows + r] {
+                                cands.push((score(r, i), i));
+                            }
+                        }
+                        for &(_, i) in smallest(&mut cands, quota[r * nblocks + b]) {
+                            mask[i * rows + r] = true;
+                        }
+                    }
                 }
             }
         }

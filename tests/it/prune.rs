@@ -6,7 +6,7 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 
 use lacuna_prune::{
-    Error, Hessian, Pattern, PruneConfig, SparseGptConfig, magnitude, reconstruction_error, sparsegpt, wanda,
+    Error, Hessian, MaskScope, Pattern, PruneConfig, SparseGptConfig, magnitude, reconstruction_error, sparsegpt, wanda,
 };
 use lacuna_tests::{fixtures_dir, read_f32};
 use serde_json::Value;
@@ -82,6 +82,19 @@ fn sgpt_cfg(pattern: Pattern, keep_zeros: bool) -> SparseGptConfig {
     SparseGptConfig { pattern, keep_zeros, blocksize: BLOCKSIZE, ..SparseGptConfig::default() }
 }
 
+fn sgpt_row_cfg(pattern: Pattern, keep_zeros: bool) -> SparseGptConfig {
+    SparseGptConfig { mask_scope: MaskScope::Row, ..sgpt_cfg(pattern, keep_zeros) }
+}
+
+fn zeros(w: &[f32]) -> usize {
+    w.iter().filter(|&&v| v == 0.0).count()
+}
+
+/// `round(s · n)`, halves up, as the pruning code counts.
+fn target(s: f64, n: usize) -> usize {
+    (s * n as f64 + 0.5).floor() as usize
+}
+
 fn zeros_per_row(w: &[f32], cols: usize) -> Vec<usize> {
     w.chunks_exact(cols).map(|r| r.iter().filter(|&&v| v == 0.0).count()).collect()
 }
@@ -145,25 +158,27 @@ fn sparsegpt_matches_numpy() {
     let dead: Vec<usize> =
         f.manifest["dead_inputs"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
 
+    // Row scope (the fixture's rule): exactly round(s · cols) per row.
     let mut ours = w.clone();
-    let rep = sparsegpt(&mut ours, f.rows, f.cols, &h, &sgpt_cfg(Pattern::Unstructured(0.5), false)).unwrap();
-    assert_close("sparsegpt 50%", &ours, &f.array("sparsegpt_50"), SPARSEGPT_TOL);
+    let rep = sparsegpt(&mut ours, f.rows, f.cols, &h, &sgpt_row_cfg(Pattern::Unstructured(0.5), false)).unwrap();
+    assert_close("sparsegpt row 50%", &ours, &f.array("sparsegpt_50"), SPARSEGPT_TOL);
     assert_eq!(zeros_per_row(&ours, f.cols), vec![48; f.rows]);
     assert_eq!(rep.zeros, 48 * f.rows);
-    assert_eq!(rep.damp_used, Some(0.01));
     for &d in &dead {
         assert!((0..f.rows).all(|r| ours[r * f.cols + d] == 0.0), "dead input {d} kept a weight");
     }
-
-    let mut ours = w.clone();
-    sparsegpt(&mut ours, f.rows, f.cols, &h, &sgpt_cfg(Pattern::NM { n: 2, m: 4 }, false)).unwrap();
-    assert_close("sparsegpt 2:4", &ours, &f.array("sparsegpt_2of4"), SPARSEGPT_TOL);
-    assert_2of4("sparsegpt 2:4", &w, &ours);
-
-    // The iterative step alone, from numpy's own 50% result.
     let mut ours = f.array("sparsegpt_50");
-    sparsegpt(&mut ours, f.rows, f.cols, &h, &sgpt_cfg(Pattern::Unstructured(0.7), true)).unwrap();
-    assert_close("sparsegpt 50%→70%", &ours, &f.array("sparsegpt_50_then_70"), SPARSEGPT_TOL);
+    sparsegpt(&mut ours, f.rows, f.cols, &h, &sgpt_row_cfg(Pattern::Unstructured(0.7), true)).unwrap();
+    assert_close("sparsegpt row 50%→70%", &ours, &f.array("sparsegpt_50_then_70"), SPARSEGPT_TOL);
+    assert_eq!(zeros_per_row(&ours, f.cols), vec![67; f.rows]);
+
+    // N:M ignores the scope.
+    for cfg in [sgpt_cfg(Pattern::NM { n: 2, m: 4 }, false), sgpt_row_cfg(Pattern::NM { n: 2, m: 4 }, false)] {
+        let mut ours = w.clone();
+        sparsegpt(&mut ours, f.rows, f.cols, &h, &cfg).unwrap();
+        assert_close("sparsegpt 2:4", &ours, &f.array("sparsegpt_2of4"), SPARSEGPT_TOL);
+        assert_2of4("sparsegpt 2:4", &w, &ours);
+    }
 }
 
 #[test]
@@ -207,10 +222,17 @@ fn sparsegpt_beats_wanda_beats_magnitude() {
             (reconstruction_error(&w, &wa, f.rows, f.cols, &h).unwrap() - e_wa * e_wa / f.tokens as f64).abs()
                 <= 1e-4 * e_wa * e_wa / f.tokens as f64
         );
-        // Exact per-row counts (SparseGPT, Wanda) and per-layer count (magnitude).
+        // Exact per-layer count (block-scoped SparseGPT, magnitude), per-row count (Wanda), and the
+        // row scope is not better than the block scope on this layer.
         let k = (s * f.cols as f64).round() as usize;
-        assert_eq!(zeros_per_row(&sg, f.cols), vec![k; f.rows]);
+        assert_eq!(zeros(&sg), target(s, w.len()));
         assert_eq!(zeros_per_row(&wa, f.cols), vec![k; f.rows]);
+        let mut sr = w.clone();
+        sparsegpt(&mut sr, f.rows, f.cols, &h, &sgpt_row_cfg(Pattern::Unstructured(s), false)).unwrap();
+        assert_eq!(zeros_per_row(&sr, f.cols), vec![k; f.rows]);
+        let e_sr = f.output_error(&w, &sr);
+        eprintln!("sparsity {s}: ‖WX − ŴX‖ sparsegpt row scope {e_sr:.4}");
+        assert!(e_sg <= e_sr * 1.001, "sparsity {s}: block {e_sg} vs row {e_sr}");
         assert_eq!(mg.iter().filter(|&&v| v == 0.0).count(), (s * w.len() as f64).round() as usize);
     }
     for (name, run) in [
@@ -234,17 +256,35 @@ fn iterative_masks_only_grow() {
     let w = f.array("w");
     let grown = |before: &[f32], after: &[f32]| before.iter().zip(after).all(|(b, a)| *b != 0.0 || *a == 0.0);
 
+    for row in [false, true] {
+        let cfg = |p, keep| if row { sgpt_row_cfg(p, keep) } else { sgpt_cfg(p, keep) };
+        let mut s50 = w.clone();
+        sparsegpt(&mut s50, f.rows, f.cols, &h, &cfg(Pattern::Unstructured(0.5), false)).unwrap();
+        let mut s70 = s50.clone();
+        sparsegpt(&mut s70, f.rows, f.cols, &h, &cfg(Pattern::Unstructured(0.7), true)).unwrap();
+        assert!(grown(&s50, &s70), "sparsegpt 50→70 revived a weight (row scope {row})");
+        // Asking for less than already pruned keeps everything that is zero and prunes nothing more.
+        let mut s30 = s70.clone();
+        sparsegpt(&mut s30, f.rows, f.cols, &h, &cfg(Pattern::Unstructured(0.3), true)).unwrap();
+        assert!(grown(&s70, &s30));
+        assert_eq!(s30, s70, "nothing to prune, nothing to update");
+        if row {
+            assert_eq!(zeros_per_row(&s70, f.cols), vec![67; f.rows]);
+            assert_eq!(zeros_per_row(&s30, f.cols), vec![67; f.rows]);
+        } else {
+            assert_eq!(zeros(&s70), target(0.7, w.len()));
+            assert_eq!(zeros(&s30), target(0.7, w.len()));
+        }
+        // A row-scoped 50% model pruned further with the block scope also only grows.
+        if row {
+            let mut b70 = s50.clone();
+            sparsegpt(&mut b70, f.rows, f.cols, &h, &sgpt_cfg(Pattern::Unstructured(0.7), true)).unwrap();
+            assert!(grown(&s50, &b70));
+            assert_eq!(zeros(&b70), target(0.7, w.len()));
+        }
+    }
     let mut s50 = w.clone();
     sparsegpt(&mut s50, f.rows, f.cols, &h, &sgpt_cfg(Pattern::Unstructured(0.5), false)).unwrap();
-    let mut s70 = s50.clone();
-    sparsegpt(&mut s70, f.rows, f.cols, &h, &sgpt_cfg(Pattern::Unstructured(0.7), true)).unwrap();
-    assert!(grown(&s50, &s70), "sparsegpt 50→70 revived a weight");
-    assert_eq!(zeros_per_row(&s70, f.cols), vec![67; f.rows]);
-    // Asking for less than already pruned keeps everything that is zero and prunes nothing more.
-    let mut s30 = s70.clone();
-    sparsegpt(&mut s30, f.rows, f.cols, &h, &sgpt_cfg(Pattern::Unstructured(0.3), true)).unwrap();
-    assert!(grown(&s70, &s30));
-    assert_eq!(zeros_per_row(&s30, f.cols), vec![67; f.rows]);
     // 2:4 on top of 50% unstructured: groups that already had ≥ 2 zeros gain none.
     let mut nm = s50.clone();
     sparsegpt(&mut nm, f.rows, f.cols, &h, &sgpt_cfg(Pattern::NM { n: 2, m: 4 }, true)).unwrap();
@@ -310,7 +350,7 @@ fn dampening_escalates_on_singular_hessian_then_gives_up() {
     assert!(log.contains("WARN") && log.contains("Cholesky"), "no dampening warning in {log:?}");
     let damp = rep.damp_used.unwrap();
     assert!(damp > 0.0, "succeeded without dampening on a singular Hessian");
-    assert_eq!(zeros_per_row(&w, cols), vec![8; rows]);
+    assert_eq!(zeros(&w), rows * cols / 2);
     assert!(w.iter().all(|v| v.is_finite()));
 
     // An indefinite Hessian (eigenvalues 4 and −2) cannot be factored with dampening ≤ 1 × mean
