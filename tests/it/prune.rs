@@ -90,6 +90,17 @@ fn zeros(w: &[f32]) -> usize {
     w.iter().filter(|&&v| v == 0.0).count()
 }
 
+/// Zeros of each `BLOCKSIZE`-column block, summed over all rows.
+fn zeros_per_block(w: &[f32], cols: usize) -> Vec<usize> {
+    let mut out = vec![0; cols.div_ceil(BLOCKSIZE)];
+    for row in w.chunks_exact(cols) {
+        for (c, v) in row.iter().enumerate() {
+            out[c / BLOCKSIZE] += usize::from(*v == 0.0);
+        }
+    }
+    out
+}
+
 /// `round(s · n)`, halves up, as the pruning code counts.
 fn target(s: f64, n: usize) -> usize {
     (s * n as f64 + 0.5).floor() as usize
@@ -157,19 +168,44 @@ fn sparsegpt_matches_numpy() {
     let w = f.array("w");
     let dead: Vec<usize> =
         f.manifest["dead_inputs"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+    let n = f.rows * f.cols;
 
-    // Row scope (the fixture's rule): exactly round(s · cols) per row.
+    // Block scope (the default): one ranking per 40-column block, its cumulative share of the target.
+    for (s, name) in [(0.5, "sparsegpt_50"), (0.7, "sparsegpt_70")] {
+        let mut ours = w.clone();
+        let rep = sparsegpt(&mut ours, f.rows, f.cols, &h, &sgpt_cfg(Pattern::Unstructured(s), false)).unwrap();
+        assert_close(name, &ours, &f.array(name), SPARSEGPT_TOL);
+        assert_eq!(rep.zeros, target(s, n));
+        let shares: Vec<usize> = (0..f.cols.div_ceil(BLOCKSIZE))
+            .map(|b| target(s, f.rows * ((b + 1) * BLOCKSIZE).min(f.cols)) - target(s, f.rows * b * BLOCKSIZE))
+            .collect();
+        assert_eq!(zeros_per_block(&ours, f.cols), shares, "{name}");
+        // Rows differ: that is the point of the block rule.
+        let per_row = zeros_per_row(&ours, f.cols);
+        assert!(per_row.iter().min() < per_row.iter().max(), "{name}: {per_row:?}");
+        assert_eq!(rep.damp_used, Some(0.01));
+        for &d in &dead {
+            assert!((0..f.rows).all(|r| ours[r * f.cols + d] == 0.0), "dead input {d} kept a weight");
+        }
+    }
+    // The iterative step alone, from numpy's own 50% result.
+    let mut ours = f.array("sparsegpt_50");
+    sparsegpt(&mut ours, f.rows, f.cols, &h, &sgpt_cfg(Pattern::Unstructured(0.7), true)).unwrap();
+    assert_close("sparsegpt 50%→70%", &ours, &f.array("sparsegpt_50_then_70"), SPARSEGPT_TOL);
+    assert_eq!(zeros(&ours), target(0.7, n));
+
+    // Row scope: exactly round(s · cols) per row.
     let mut ours = w.clone();
     let rep = sparsegpt(&mut ours, f.rows, f.cols, &h, &sgpt_row_cfg(Pattern::Unstructured(0.5), false)).unwrap();
-    assert_close("sparsegpt row 50%", &ours, &f.array("sparsegpt_50"), SPARSEGPT_TOL);
+    assert_close("sparsegpt row 50%", &ours, &f.array("sparsegpt_row_50"), SPARSEGPT_TOL);
     assert_eq!(zeros_per_row(&ours, f.cols), vec![48; f.rows]);
     assert_eq!(rep.zeros, 48 * f.rows);
     for &d in &dead {
         assert!((0..f.rows).all(|r| ours[r * f.cols + d] == 0.0), "dead input {d} kept a weight");
     }
-    let mut ours = f.array("sparsegpt_50");
+    let mut ours = f.array("sparsegpt_row_50");
     sparsegpt(&mut ours, f.rows, f.cols, &h, &sgpt_row_cfg(Pattern::Unstructured(0.7), true)).unwrap();
-    assert_close("sparsegpt row 50%→70%", &ours, &f.array("sparsegpt_50_then_70"), SPARSEGPT_TOL);
+    assert_close("sparsegpt row 50%→70%", &ours, &f.array("sparsegpt_row_50_then_70"), SPARSEGPT_TOL);
     assert_eq!(zeros_per_row(&ours, f.cols), vec![67; f.rows]);
 
     // N:M ignores the scope.
