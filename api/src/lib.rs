@@ -7,6 +7,7 @@
 pub mod crd;
 pub mod prune;
 pub mod quantize;
+pub mod tls;
 pub mod train;
 
 pub use prune::{

@@ -106,6 +106,7 @@ fn init_logging(verbose: u8) {
 
 fn main() -> ExitCode {
     stage::started();
+    lacuna_api::tls::install_crypto_provider();
     let cli = Cli::parse();
     // `serve` installs its own subscriber (with OTLP trace export).
     if !matches!(cli.command, Command::Serve(_)) {

@@ -13,6 +13,7 @@ use lacuna_train::testing::{tiny_config, tiny_llama};
 
 mod apply;
 mod s3;
+mod tls;
 
 fn lacuna() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_lacuna"));

@@ -46,6 +46,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    lacuna_api::tls::install_crypto_provider();
     let args = Args::parse();
     let _telemetry = telemetry::init()?;
     let client = Client::try_default().await.context("connecting to the Kubernetes API")?;
