@@ -412,6 +412,14 @@ impl Runner {
                 .env(REPORT_PATH_ENV, &report)
                 .env("LACUNA_INPUT_URI", &input.uri)
                 .env(OUTPUT_URI_ENV, out_uri)
+                .env(
+                    lacuna_lineage::RESOURCE_ENV,
+                    lacuna_lineage::kubernetes_resource(
+                        &item.namespace,
+                        item.manifest.name(),
+                        lacuna_lineage::LOCAL_UID,
+                    ),
+                )
                 .env_remove(INPUT_SHA256_ENV);
             if let Some(sha) = &input.sha256 {
                 cmd.env(INPUT_SHA256_ENV, sha);
@@ -482,7 +490,7 @@ impl Runner {
             }
         }
         let name = item.manifest.name().to_owned();
-        crate::lineage::report_serving(&model, &name, &item.spec_hash(&input)?);
+        crate::lineage::report_serving(&model, &item.namespace, &name, &item.spec_hash(&input)?);
         let mut args: Vec<String> = vec![
             "serve".into(),
             "--model".into(),
@@ -500,7 +508,7 @@ impl Runner {
         } else {
             println!("{}: ready; serve it with: lacuna {}", item.label(), args.join(" "));
         }
-        Ok(name)
+        Ok(format!("{}/{name}", item.namespace))
     }
 }
 

@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use lacuna_lineage::{
     Artifact, ArtifactKind, ChainLink, ExecutionKind, ExecutionState, LineageOptions, LineageStore, NewArtifact,
-    NewExecution, file_uri, format_timestamp, local_resource, sha256_of_path,
+    NewExecution, file_uri, format_timestamp, kubernetes_resource, local_resource, sha256_of_path,
 };
 use sha2::{Digest, Sha256};
 
@@ -153,13 +153,15 @@ pub fn report_run(run: &StageRun) {
     best_effort(|store| record_run(store, run));
 }
 
-/// Records that `lacuna apply` serves `model` as the service `name` (an execution of kind serve
-/// with the model as input, so the chain ends at the service). Never fails the run.
-pub fn report_serving(model: &Path, name: &str, spec_hash: &str) {
+/// Records that `lacuna apply` serves `model` as the service `namespace/name` (an execution of kind
+/// serve with the model as input, so the chain ends at the service), under the same resource
+/// identity the operator records. Never fails the run.
+pub fn report_serving(model: &Path, namespace: &str, name: &str, spec_hash: &str) {
     best_effort(|store| async move {
         let input = NewArtifact::new(ArtifactKind::Model, file_uri(model), sha256_of_path(model)?);
         let input = store.record_artifact(&input).await?;
-        let execution = NewExecution::new(ExecutionKind::Serve, spec_hash, format!("local:{name}"));
+        let resource = kubernetes_resource(namespace, name, lacuna_lineage::LOCAL_UID);
+        let execution = NewExecution::new(ExecutionKind::Serve, spec_hash, resource);
         store.start_execution(&execution, &[input]).await?;
         Ok(())
     });
@@ -202,7 +204,12 @@ async fn record_run(store: Arc<LineageStore>, run: &StageRun<'_>) -> Result<()> 
     let spec = serde_json::json!({ "kind": run.kind, "recipe": run.recipe, "model_sha256": model_sha });
     let spec_hash = hex::encode(Sha256::digest(serde_json::to_vec(&spec)?));
     let Some(first) = run.outputs.first() else { anyhow::bail!("a stage run without outputs") };
-    let execution = NewExecution::new(run.kind, spec_hash, local_resource(first));
+    // The job's identity when a job runs this stage (`lacuna apply`, a pod), else its output path.
+    let resource = std::env::var(lacuna_lineage::RESOURCE_ENV)
+        .ok()
+        .filter(|r| !r.is_empty())
+        .unwrap_or_else(|| local_resource(first));
+    let execution = NewExecution::new(run.kind, spec_hash, resource);
     // The execution spans the stage's whole run (this process), not the moment it is reported.
     let started = crate::stage::started().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
     let id = store.start_execution_at(&execution, &inputs, started).await?;

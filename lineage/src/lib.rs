@@ -44,6 +44,15 @@ pub use model::{
 pub use store::{LineageOptions, LineageStore, sqlite_url};
 pub use time::format_timestamp;
 
+/// Environment variable naming the resource a stage runs for (`namespace/name/uid`, see
+/// [`kubernetes_resource`]): set by `lacuna apply` (and usable in pods) so that a stage run records
+/// the same identity the operator records, and `lacuna lineage show NAME` finds it by the job's
+/// name. Without it a stage records [`local_resource`] of its output.
+pub const RESOURCE_ENV: &str = "LACUNA_RESOURCE";
+
+/// The uid part of the resources `lacuna apply` runs (no API server assigns one on a single machine).
+pub const LOCAL_UID: &str = "local";
+
 /// Environment variable naming the spool directory (default `$LACUNA_CACHE/lineage-spool`).
 pub const SPOOL_DIR_ENV: &str = "LACUNA_LINEAGE_SPOOL";
 

@@ -36,6 +36,16 @@ impl Env {
         c.output().unwrap()
     }
 
+    fn lineage_show(&self, query: &str) -> Output {
+        lacuna()
+            .args(["lineage", "show", query])
+            .env("LACUNA_LINEAGE_URL", format!("sqlite://{}?mode=rwc", self.root.join("lineage.db").display()))
+            .env("LACUNA_LINEAGE_SPOOL", self.root.join("spool"))
+            .env("LACUNA_CACHE", self.root.join("cache"))
+            .output()
+            .unwrap()
+    }
+
     fn status(&self, name: &str) -> serde_json::Value {
         let p = self.root.join("state/ml").join(format!("{name}.json"));
         serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap()
@@ -135,6 +145,14 @@ fn apply_runs_the_pipeline_refuses_a_changed_input_and_prints_the_chain() {
     assert_eq!(st["stages"]["prune"]["uri"], "pvc://models/pipeline/sparse-stages/prune");
     let sparsity = st["output"]["sparsity"].as_f64().unwrap();
     assert!((sparsity - 0.7).abs() < 0.01, "{sparsity}");
+    // Lineage finds the job by its name, bare or with its namespace, as the operator's records.
+    for query in ["tiny-sparse", "ml/tiny-sparse"] {
+        let o = env.lineage_show(query);
+        let out = text(&o);
+        assert!(o.status.success(), "lineage show {query}: {out}");
+        assert!(out.contains("prune succeeded") && out.contains("pretrain succeeded"), "lineage show {query}: {out}");
+        assert!(out.contains("ml/tiny-sparse/local"), "lineage show {query}: {out}");
+    }
 
     // The fine-tuning job's input changes after its producer recorded it: refused, never run.
     let (file, original) = tamper(&sparse);
@@ -154,7 +172,7 @@ fn apply_runs_the_pipeline_refuses_a_changed_input_and_prints_the_chain() {
     assert!(out.contains("SparsePretrainJob ml/tiny-sparse: unchanged"), "{out}");
     assert_eq!(env.status("tiny-ft")["phase"], "Succeeded");
     assert!(out.contains("SparseInferenceService ml/tiny-chat: ready; serve it with: lacuna serve --model"), "{out}");
-    let chain = &out[out.find("lineage of tiny-chat").expect(&out)..];
+    let chain = &out[out.find("lineage of ml/tiny-chat").expect(&out)..];
     let steps: Vec<&str> = ["prune succeeded", "pretrain succeeded", "finetune succeeded", "serve"]
         .into_iter()
         .filter(|s| chain.contains(s))
