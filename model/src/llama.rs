@@ -306,7 +306,7 @@ impl Llama {
         let mut scratch = LayerScratch::new(c, n);
         for li in 0..self.layers.len() {
             cache.with_f32_layer(li, n, |k, v| {
-                self.layer_step(li, &mut x, n, pos0, dtype, k, v, &mut scratch, &mut |_, _| {})
+                self.layer_step(li, &mut x, n, pos0, dtype, k, v, &mut scratch, true, &mut |_, _| {})
             })?;
         }
         cache.len = pos0 + n;
@@ -341,6 +341,29 @@ impl Llama {
         x: &mut [f32],
         observe: &mut dyn FnMut(LinearInput, &[f32]),
     ) -> Result<()> {
+        self.layer_calibrate(layer, x, true, observe)
+    }
+
+    /// What [`Llama::layer_forward`] reports to `observe`, for calibration statistics alone: the
+    /// run stops once the down projection's input is reported, skipping that product (a quarter
+    /// of a Llama layer's weights) and leaving `x` holding an intermediate state, not the
+    /// layer's output.
+    pub fn layer_observe(
+        &self,
+        layer: usize,
+        x: &mut [f32],
+        observe: &mut dyn FnMut(LinearInput, &[f32]),
+    ) -> Result<()> {
+        self.layer_calibrate(layer, x, false, observe)
+    }
+
+    fn layer_calibrate(
+        &self,
+        layer: usize,
+        x: &mut [f32],
+        down: bool,
+        observe: &mut dyn FnMut(LinearInput, &[f32]),
+    ) -> Result<()> {
         let c = &self.config;
         if layer >= self.layers.len() || !x.len().is_multiple_of(c.hidden_size) {
             return Err(Error::Invalid(format!(
@@ -354,7 +377,7 @@ impl Llama {
         let mut k = vec![0f32; n * c.kv_dim()];
         let mut v = vec![0f32; n * c.kv_dim()];
         let mut scratch = LayerScratch::new(c, n);
-        self.layer_step(layer, x, n, 0, KvDtype::F32, &mut k, &mut v, &mut scratch, observe)
+        self.layer_step(layer, x, n, 0, KvDtype::F32, &mut k, &mut v, &mut scratch, down, observe)
     }
 
     /// The weight of one linear sublayer.
@@ -434,7 +457,8 @@ impl Llama {
     }
 
     /// One decoder layer over `n` new positions starting at `pos0`, keys/values written into
-    /// `kc`/`vc` (`[≥ pos0 + n, kv_dim]`) as a cache of `kv` returns them.
+    /// `kc`/`vc` (`[≥ pos0 + n, kv_dim]`) as a cache of `kv` returns them. Without `down` it
+    /// returns right after reporting the down projection's input (calibration statistics only).
     #[allow(clippy::too_many_arguments)]
     fn layer_step(
         &self,
@@ -446,6 +470,7 @@ impl Llama {
         kc: &mut [f32],
         vc: &mut [f32],
         s: &mut LayerScratch,
+        down: bool,
         observe: &mut dyn FnMut(LinearInput, &[f32]),
     ) -> Result<()> {
         let c = &self.config;
@@ -475,6 +500,9 @@ impl Llama {
         layer.up_proj.matmul(&s.h, n, &mut s.up)?;
         silu_mul(&mut s.gate, &s.up);
         observe(LinearInput::MlpActivation, &s.gate);
+        if !down {
+            return Ok(());
+        }
         layer.down_proj.matmul(&s.gate, n, &mut s.o)?;
         add_into(x, &s.o);
         Ok(())

@@ -246,10 +246,11 @@ pub fn prune_model(
                 });
             }
             let mut err = None;
+            // Statistics only: the block's output comes from the pruned weights below.
             for x in &xs {
                 let mut tmp = x.clone();
                 model
-                    .layer_forward(b, &mut tmp, &mut |input, act| match stats.get_mut(&input) {
+                    .layer_observe(b, &mut tmp, &mut |input, act| match stats.get_mut(&input) {
                         Some(Stats::Hessian(h)) => {
                             let rows = act.len() / h.cols();
                             if let Err(e) = h.add_batch(act, rows) {
