@@ -402,11 +402,7 @@ fn pretrain_job_succeeds(w: &World) -> Result<()> {
     );
 
     // Lineage: both stages recorded under the resource's identity, with the reported checksums.
-    let url = w.lineage_url.clone();
-    let chain = w.block_on(async move {
-        let store = lacuna_lineage::LineageStore::connect(&url).await?;
-        store.chain(&format!("{ns}/sp50")).await
-    })??;
+    let chain = w.lineage_chain(&format!("{ns}/sp50"))?;
     let runs: Vec<String> = chain
         .iter()
         .filter_map(|l| l.execution.as_ref())
@@ -528,11 +524,7 @@ fn deletion_runs_finalizer(w: &World) -> Result<()> {
         Ok(w.get(ns, "sparsepretrainjob/gone")?.is_none().then_some(()))
     })?;
     // The deletion is in lineage (the record outlives the resource).
-    let url = w.lineage_url.clone();
-    let chain = w.block_on(async move {
-        let store = lacuna_lineage::LineageStore::connect(&url).await?;
-        store.chain(&format!("{ns}/gone")).await
-    })??;
+    let chain = w.lineage_chain(&format!("{ns}/gone"))?;
     let deleted = chain.iter().filter_map(|l| l.execution.as_ref()).any(|e| e.resource_deleted_at.is_some());
     ensure!(deleted, "lineage does not record the deletion: {chain:?}");
     Ok(())

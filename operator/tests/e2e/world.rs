@@ -361,9 +361,13 @@ impl World {
         Ok(())
     }
 
-    /// Runs `f` on a current-thread runtime (the lineage store is async).
-    pub fn block_on<F: std::future::Future>(&self, f: F) -> Result<F::Output> {
-        Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(f))
+    /// The lineage chain the operators recorded for `query` (`namespace/name`, a uri, …).
+    pub fn lineage_chain(&self, query: &str) -> Result<Vec<lacuna_lineage::ChainLink>> {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        rt.block_on(async {
+            let store = lacuna_lineage::LineageStore::connect(&self.lineage_url).await?;
+            Ok(store.chain(query).await?)
+        })
     }
 }
 
