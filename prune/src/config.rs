@@ -63,18 +63,8 @@ impl PruneConfig {
 }
 
 /// Over which weights SparseGPT's unstructured mask ranks the saliency `w² / U_cc²` (see
-/// [`crate::sparsegpt`]). N:M always chooses within each group of M of a row.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum MaskScope {
-    /// The published rule (reference `sparsegpt.py`, llm-compressor): one threshold over the
-    /// whole `rows × blocksize` block, so rows that matter keep more weights and per-row
-    /// sparsities vary. The most accurate, especially at high sparsity.
-    #[default]
-    Block,
-    /// Each row chooses within each block its own share of the row's target: every row ends
-    /// with exactly `round(s · cols)` zeros (row-balanced formats, per-row load balance).
-    Row,
-}
+/// [`crate::sparsegpt`]): the recipe's type, used as is.
+pub use lacuna_api::MaskScope;
 
 /// Settings of [`crate::sparsegpt`]; `Default` is the reference code's (blocksize 128,
 /// percdamp 0.01, one mask threshold per block).

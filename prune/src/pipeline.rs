@@ -281,10 +281,7 @@ pub fn prune_model(
                         keep_zeros: true,
                         blocksize: recipe.sparsegpt.blocksize,
                         percdamp: recipe.sparsegpt.dampening,
-                        mask_scope: match recipe.sparsegpt.mask_scope {
-                            lacuna_api::MaskScope::Block => crate::MaskScope::Block,
-                            lacuna_api::MaskScope::Row => crate::MaskScope::Row,
-                        },
+                        mask_scope: recipe.sparsegpt.mask_scope,
                         ..SparseGptConfig::default()
                     };
                     crate::sparsegpt(&mut w, rows, cols, h, &cfg)?
