@@ -27,6 +27,26 @@ pub fn assets_dir() -> Result<Option<PathBuf>> {
     Ok(Some(dir))
 }
 
+/// A binary under test: the path in `env` when set (`.ci/run` points it at the build the
+/// Dockerfile makes), else `default` (this build's, from `env!("CARGO_BIN_EXE_…")`).
+pub fn binary_under_test(env: &str, default: &str) -> PathBuf {
+    std::env::var_os(env).map(PathBuf::from).unwrap_or_else(|| default.into())
+}
+
+/// Writes a kubeconfig for the API server at `server` (trusting the CA in `ca`) that authenticates
+/// with a bearer `token`.
+pub fn write_kubeconfig(path: &Path, server: &str, ca: &Path, token: &str) -> Result<()> {
+    let cfg = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "envtest", "cluster": {"server": server, "certificate-authority": ca}}],
+        "users": [{"name": "user", "user": {"token": token}}],
+        "contexts": [{"name": "envtest", "context": {"cluster": "envtest", "user": "user", "namespace": "default"}}],
+        "current-context": "envtest",
+    });
+    std::fs::write(path, serde_json::to_vec_pretty(&cfg)?).with_context(|| format!("writing {}", path.display()))
+}
+
 /// A port that was free a moment ago.
 pub fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
@@ -180,16 +200,7 @@ impl Envtest {
 
     /// Writes a kubeconfig for this server authenticating with `token`.
     pub fn write_kubeconfig(&self, path: &Path, token: &str) -> Result<()> {
-        let ca = self.dir.path().join("ca.crt");
-        let cfg = serde_json::json!({
-            "apiVersion": "v1",
-            "kind": "Config",
-            "clusters": [{"name": "envtest", "cluster": {"server": self.url(), "certificate-authority": ca}}],
-            "users": [{"name": "user", "user": {"token": token}}],
-            "contexts": [{"name": "envtest", "context": {"cluster": "envtest", "user": "user", "namespace": "default"}}],
-            "current-context": "envtest",
-        });
-        std::fs::write(path, serde_json::to_vec_pretty(&cfg)?).with_context(|| format!("writing {}", path.display()))
+        write_kubeconfig(path, &self.url(), &self.dir.path().join("ca.crt"), token)
     }
 
     /// `kubectl` (or `helm`) from the assets, as the admin.

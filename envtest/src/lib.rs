@@ -10,6 +10,6 @@ mod apiserver;
 mod https;
 mod pki;
 
-pub use apiserver::{ASSETS_ENV, Envtest, assets_dir, free_port};
+pub use apiserver::{ASSETS_ENV, Envtest, assets_dir, binary_under_test, free_port, write_kubeconfig};
 pub use https::{HttpsResponder, https_get};
 pub use pki::Pki;

@@ -1,11 +1,12 @@
 //! The operator binary opens a real TLS connection (to a local HTTPS server with a generated CA)
 //! without panicking: with two rustls crypto providers compiled in (Cargo unifies features across
 //! the packages of one build), its first HTTPS connection used to panic before any reconcile.
+//! `LACUNA_OPERATOR_BIN` (set by `.ci/run`) makes it test the binary built as the image builds it.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use lacuna_envtest::{HttpsResponder, Pki};
+use lacuna_envtest::{HttpsResponder, Pki, binary_under_test, write_kubeconfig};
 
 #[test]
 fn operator_completes_a_tls_handshake_without_panicking() {
@@ -15,17 +16,12 @@ fn operator_completes_a_tls_handshake_without_panicking() {
     let server = HttpsResponder::start(&pki, 403, status).unwrap();
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("ca.crt"), &pki.ca_pem).unwrap();
-    let kubeconfig = serde_json::json!({
-        "apiVersion": "v1", "kind": "Config", "current-context": "t",
-        "clusters": [{"name": "t", "cluster": {"server": server.url(), "certificate-authority": dir.path().join("ca.crt")}}],
-        "users": [{"name": "t", "user": {"token": "t"}}],
-        "contexts": [{"name": "t", "context": {"cluster": "t", "user": "t"}}],
-    });
-    std::fs::write(dir.path().join("kubeconfig"), kubeconfig.to_string()).unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    write_kubeconfig(&kubeconfig, &server.url(), &dir.path().join("ca.crt"), "t").unwrap();
 
-    let mut child = Command::new(env!("CARGO_BIN_EXE_lacuna-operator"))
+    let mut child = Command::new(binary_under_test("LACUNA_OPERATOR_BIN", env!("CARGO_BIN_EXE_lacuna-operator")))
         .args(["--listen", "127.0.0.1:0", "--lease-namespace", "default", "--identity", "tls-test"])
-        .env("KUBECONFIG", dir.path().join("kubeconfig"))
+        .env("KUBECONFIG", &kubeconfig)
         .env_remove("KUBERNETES_SERVICE_HOST")
         .env("RUST_LOG", "info")
         .stdout(Stdio::piped())

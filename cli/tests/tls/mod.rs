@@ -1,10 +1,11 @@
 //! The `lacuna` binary opens a real TLS connection without panicking: an `s3://` model behind an
 //! HTTPS endpoint (a local server with a generated CA, trusted through `SSL_CERT_FILE`). With two
 //! rustls crypto providers compiled in, the first HTTPS connection of a process used to panic.
+//! `LACUNA_BIN` (set by `.ci/run`) makes it test the binary built as the image builds it.
 
-use lacuna_envtest::{HttpsResponder, Pki};
+use std::process::Command;
 
-use super::lacuna;
+use lacuna_envtest::{HttpsResponder, Pki, binary_under_test};
 
 #[test]
 fn s3_over_https_completes_a_tls_handshake_without_panicking() {
@@ -15,7 +16,8 @@ fn s3_over_https_completes_a_tls_handshake_without_panicking() {
     let tmp = tempfile::tempdir().unwrap();
     let ca = tmp.path().join("ca.crt");
     std::fs::write(&ca, &pki.ca_pem).unwrap();
-    let out = lacuna()
+    let out = Command::new(binary_under_test("LACUNA_BIN", env!("CARGO_BIN_EXE_lacuna")))
+        .env("LACUNA_THREADS", "2")
         .args(["prune", "--model", "s3://models/base/tiny", "--method", "magnitude", "--sparsity", "0.5"])
         .arg("--out")
         .arg(tmp.path().join("out"))

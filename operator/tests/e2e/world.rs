@@ -26,9 +26,7 @@ pub fn repo() -> PathBuf {
 /// The operator binary under test: `LACUNA_OPERATOR_BIN` (the image's build, as `.ci/run` makes
 /// it) or this build's.
 pub fn operator_bin() -> PathBuf {
-    std::env::var_os("LACUNA_OPERATOR_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| env!("CARGO_BIN_EXE_lacuna-operator").into())
+    lacuna_envtest::binary_under_test("LACUNA_OPERATOR_BIN", env!("CARGO_BIN_EXE_lacuna-operator"))
 }
 
 /// One operator process, killed on drop.
