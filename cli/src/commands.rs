@@ -195,14 +195,15 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
         100.0 * r.global_sparsity
     );
     if a.tensors {
-        println!("{:<52} {:>6} {:>16} {:>9}", "tensor", "dtype", "shape", "sparsity");
+        println!("{:<52} {:>6} {:>12} {:>16} {:>9}", "tensor", "dtype", "format", "shape", "sparsity");
         for t in &r.tensors {
-            println!("{:<52} {:>6} {:>16} {:>8.2}%", t.name, t.dtype, format!("{:?}", t.shape), 100.0 * t.sparsity);
+            let shape = format!("{:?}", t.shape);
+            println!("{:<52} {:>6} {:>12} {:>16} {:>8.2}%", t.name, t.dtype, t.format, shape, 100.0 * t.sparsity);
         }
     } else {
-        println!("{:>5} {:>12} {:>9}", "layer", "params", "sparsity");
+        println!("{:>5} {:>12} {:>9}  format", "layer", "params", "sparsity");
         for l in &r.layers {
-            println!("{:>5} {:>12} {:>8.2}%", l.layer, l.numel, 100.0 * l.sparsity);
+            println!("{:>5} {:>12} {:>8.2}%  {}", l.layer, l.numel, 100.0 * l.sparsity, l.format);
         }
     }
     Ok(())

@@ -17,6 +17,8 @@ use serde_json::{Value, json};
 use lacuna_kernels::bitmask::BitmaskMatrix;
 
 use crate::config::LlamaConfig;
+use crate::int8::{InputQuant, Int8Matrix};
+pub use crate::int8::{Int8Config, Int8Sparsity, int8_quantization_config};
 use crate::tokenizer::Tokenizer;
 use crate::weights::{Data, Dtype, Storage, Weight};
 use crate::{Error, Result};
@@ -65,24 +67,114 @@ pub fn shard_files(dir: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// Memory-maps every shard and returns all tensors by name, borrowed from the maps. Weights stored
-/// in the compressed-tensors `sparse-bitmask` layout are validated and expanded to dense.
+/// in the compressed-tensors `sparse-bitmask` layout are validated and expanded to dense; INT8
+/// weights (`int-quantized`: `<m>.weight` int8 with `<m>.weight_scale`, dense or bitmask) become
+/// int8 [`Weight`]s, W8A8 ones (input activations in `config.json`'s `quantization_config`) with
+/// [`InputQuant::Int8PerToken`].
 pub fn load_tensors(dir: &Path) -> Result<BTreeMap<String, Weight>> {
     let mut out = BTreeMap::new();
     let mut raw: BTreeMap<String, (PathBuf, RawTensor)> = BTreeMap::new();
+    let mut ints: BTreeMap<String, IntTensor> = BTreeMap::new();
     for path in shard_files(dir)? {
-        let (weights, raws) = read_file(&path)?;
-        for (name, w) in weights {
-            if out.contains_key(&name) {
+        let file = read_file(&path)?;
+        for (name, w) in file.weights {
+            if out.contains_key(&name) || ints.contains_key(&name) {
                 return Err(st_err(&path, format!("tensor {name} appears in more than one shard")));
             }
             out.insert(name, w);
         }
-        for (name, r) in raws {
+        for (name, r) in file.raws {
             raw.insert(name, (path.clone(), r));
         }
+        for (name, t) in file.ints {
+            if out.contains_key(&name) || ints.contains_key(&name) {
+                return Err(st_err(&path, format!("tensor {name} appears in more than one shard")));
+            }
+            ints.insert(name, t);
+        }
     }
-    decompress_bitmask(&mut out, raw)?;
+    decompress_bitmask(&mut out, raw, &mut ints)?;
+    let input = if ints.is_empty() { InputQuant::None } else { int8_input_quant(dir)? };
+    assemble_int8(&mut out, ints, input)?;
     Ok(out)
+}
+
+/// The input quantization of a directory's int8 weights, from its `config.json` (W8A16 when the
+/// directory has none).
+fn int8_input_quant(dir: &Path) -> Result<InputQuant> {
+    let path = dir.join("config.json");
+    if !path.is_file() {
+        return Ok(InputQuant::None);
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let v: Value = serde_json::from_str(&text).map_err(|e| Error::Config { path: path.clone(), msg: e.to_string() })?;
+    match crate::int8::read_input_quant(&v) {
+        Ok(Some(q)) => Ok(q),
+        Ok(None) => Err(Error::Config {
+            path,
+            msg: "the checkpoint holds int8 weights but quantization_config.config_groups does not describe them"
+                .into(),
+        }),
+        Err(msg) => Err(Error::Config { path, msg }),
+    }
+}
+
+/// An int8 tensor: the codes of an INT8 weight (or of its `sparse-bitmask` form's non-zeros).
+struct IntTensor {
+    path: PathBuf,
+    shape: Vec<usize>,
+    codes: Storage<i8>,
+    /// Expanded from the `sparse-bitmask` form.
+    from_bitmask: bool,
+}
+
+/// Pairs every int8 `<m>.weight` with its `<m>.weight_scale` into an int8 [`Weight`]; an int8
+/// tensor that is not such a weight, a missing or malformed scale (shape `[rows, 1]`, float,
+/// finite, positive), and quantization parameters Lacuna does not read are errors naming the tensor.
+fn assemble_int8(
+    out: &mut BTreeMap<String, Weight>,
+    ints: BTreeMap<String, IntTensor>,
+    input: InputQuant,
+) -> Result<()> {
+    for (name, t) in ints {
+        let bad = |msg: String| st_err(&t.path, format!("tensor {name}: {msg}"));
+        let Some(prefix) = name.strip_suffix(".weight") else {
+            return Err(bad("int8 tensors are read only as `<module>.weight` of an int-quantized layer".into()));
+        };
+        let [rows, cols] = match t.shape.as_slice() {
+            [r, c] => [*r, *c],
+            s => return Err(bad(format!("int8 weight of shape {s:?} is not a matrix"))),
+        };
+        let scale_name = format!("{prefix}.weight_scale");
+        let bad_scale = |msg: String| st_err(&t.path, format!("tensor {scale_name}: {msg}"));
+        let scale = out.remove(&scale_name).ok_or_else(|| bad(format!("int8 weight without {scale_name}")))?;
+        if scale.shape() != [rows, 1] {
+            return Err(bad_scale(format!(
+                "shape {:?}, expected [{rows}, 1] (one scale per output channel of {name} {:?})",
+                scale.shape(),
+                t.shape
+            )));
+        }
+        if scale.dtype() == crate::weights::Dtype::I8 {
+            return Err(bad_scale("scales must be float".into()));
+        }
+        let m = Int8Matrix::new(rows, cols, t.codes, scale.to_f32_vec()).map_err(|e| bad_scale(e.to_string()))?;
+        let w = Weight::from_int8_matrix(m.with_stored_bitmask(t.from_bitmask).with_input_quant(input))
+            .map_err(|e| bad(e.to_string()))?;
+        out.insert(name, w);
+    }
+    for name in out.keys() {
+        let unread = ["weight_scale", "weight_zero_point", "weight_g_idx", "input_scale", "input_zero_point"];
+        if let Some(p) = unread.iter().find(|p| name.ends_with(&format!(".{p}"))) {
+            let msg = if *p == "weight_scale" {
+                "a scale for a weight that is not int8".to_owned()
+            } else {
+                format!("`{p}` (asymmetric, grouped or static quantization) is not supported")
+            };
+            return Err(Error::Unsupported(format!("tensor {name}: {msg}")));
+        }
+    }
+    Ok(())
 }
 
 /// An integer tensor (the index parts of a compressed weight).
@@ -94,21 +186,29 @@ struct RawTensor {
 
 /// Every tensor of one safetensors file, borrowed from its memory map.
 pub fn read_tensors_file(path: &Path) -> Result<Vec<(String, Weight)>> {
-    let (weights, raws) = read_file(path)?;
-    if let Some((name, r)) = raws.first() {
+    let file = read_file(path)?;
+    if let Some((name, r)) = file.raws.first() {
         return Err(st_err(path, format!("tensor {name}: dtype {:?} is not a weight dtype", r.dtype)));
     }
-    Ok(weights)
+    if let Some((name, _)) = file.ints.first() {
+        return Err(st_err(path, format!("tensor {name}: int8 tensors are read only from checkpoint directories")));
+    }
+    Ok(file.weights)
 }
 
-/// A file's float tensors (weights) and integer tensors (index parts of compressed weights).
-type FileTensors = (Vec<(String, Weight)>, Vec<(String, RawTensor)>);
+/// A file's float tensors (weights), integer index parts of compressed weights, and int8 codes.
+struct FileTensors {
+    weights: Vec<(String, Weight)>,
+    raws: Vec<(String, RawTensor)>,
+    ints: Vec<(String, IntTensor)>,
+}
 
 fn read_file(path: &Path) -> Result<FileTensors> {
     let map = Arc::new(lacuna_kernels::mmap::map_file(path).map_err(|e| Error::io(path, e))?);
     let st = SafeTensors::deserialize(&map).map_err(|e| st_err(path, e))?;
     let mut out = Vec::new();
     let mut raws = Vec::new();
+    let mut ints = Vec::new();
     for (name, view) in st.tensors() {
         let offset = view.data().as_ptr() as usize - map.as_ptr() as usize;
         let n: usize = view.shape().iter().product();
@@ -122,14 +222,22 @@ fn read_file(path: &Path) -> Result<FileTensors> {
                 raws.push((name, RawTensor { dtype: d, shape, bytes: view.data().to_vec() }));
                 continue;
             }
+            StDtype::I8 => {
+                let codes = Storage::from_map(&map, offset, n).ok_or_else(storage_err)?;
+                ints.push((name, IntTensor { path: path.to_path_buf(), shape, codes, from_bitmask: false }));
+                continue;
+            }
             other => {
-                return Err(st_err(path, format!("tensor {name}: dtype {other:?} is not supported (f32, f16, bf16)")));
+                return Err(st_err(
+                    path,
+                    format!("tensor {name}: dtype {other:?} is not supported (f32, f16, bf16; int8 quantized)"),
+                ));
             }
         };
         let w = Weight::new(shape, data).map_err(|e| st_err(path, format!("tensor {name}: {e}")))?;
         out.push((name, w));
     }
-    Ok((out, raws))
+    Ok(FileTensors { weights: out, raws, ints })
 }
 
 fn i64s(r: &RawTensor) -> Option<Vec<i64>> {
@@ -137,10 +245,12 @@ fn i64s(r: &RawTensor) -> Option<Vec<i64>> {
         .then(|| r.bytes.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes"))).collect())
 }
 
-/// Replaces every `<p>.{shape,compressed,bitmask,row_offsets}` group by a dense `<p>.weight`.
+/// Replaces every `<p>.{shape,compressed,bitmask,row_offsets}` group by a dense `<p>.weight`
+/// (into `ints` when the non-zeros are int8 codes).
 fn decompress_bitmask(
     out: &mut BTreeMap<String, Weight>,
     mut raw: BTreeMap<String, (PathBuf, RawTensor)>,
+    ints: &mut BTreeMap<String, IntTensor>,
 ) -> Result<()> {
     let prefixes: Vec<String> = raw.keys().filter_map(|k| k.strip_suffix(".bitmask")).map(str::to_owned).collect();
     for p in prefixes {
@@ -149,7 +259,6 @@ fn decompress_bitmask(
         let (_, shape) = raw.remove(&format!("{p}.shape")).ok_or_else(|| bad("no `.shape` tensor".into()))?;
         let (_, offsets) =
             raw.remove(&format!("{p}.row_offsets")).ok_or_else(|| bad("no `.row_offsets` tensor".into()))?;
-        let values = out.remove(&format!("{p}.compressed")).ok_or_else(|| bad("no `.compressed` tensor".into()))?;
         let shape = i64s(&shape).ok_or_else(|| bad("`.shape` must be int64".into()))?;
         let offsets = i64s(&offsets).ok_or_else(|| bad("`.row_offsets` must be int64".into()))?;
         if bitmask.dtype != StDtype::U8 {
@@ -159,6 +268,26 @@ fn decompress_bitmask(
             [r, c] if *r >= 0 && *c >= 0 => [*r as usize, *c as usize],
             s => return Err(bad(format!("shape {s:?} is not a matrix"))),
         };
+        let name = format!("{p}.weight");
+        if out.contains_key(&name) || ints.contains_key(&name) {
+            return Err(bad(format!("both {name} and its compressed form are present")));
+        }
+        if let Some(codes) = ints.remove(&format!("{p}.compressed")) {
+            // Int8 non-zeros: validated and expanded by the f32 bitmask code (i8 → f32 is exact).
+            let widened: Vec<f32> = codes.codes.as_slice().iter().map(|c| *c as f32).collect();
+            let m = BitmaskMatrix::from_parts(rows, cols, bitmask.bytes, widened, offsets)
+                .map_err(|e| bad(e.to_string()))?;
+            let dense: Vec<i8> = m.to_dense().iter().map(|v| *v as i8).collect();
+            let t = IntTensor {
+                path: path.clone(),
+                shape: vec![rows, cols],
+                codes: Storage::Owned(dense),
+                from_bitmask: true,
+            };
+            ints.insert(name, t);
+            continue;
+        }
+        let values = out.remove(&format!("{p}.compressed")).ok_or_else(|| bad("no `.compressed` tensor".into()))?;
         let data = match values.data() {
             Data::F32(v) => {
                 let m = BitmaskMatrix::from_parts(rows, cols, bitmask.bytes, v.as_slice().to_vec(), offsets)
@@ -170,12 +299,8 @@ fn decompress_bitmask(
                     .map_err(|e| bad(e.to_string()))?;
                 Data::BitmaskBF16(Arc::new(m))
             }
-            _ => return Err(bad("`.compressed` must hold f32 or bf16 values".into())),
+            _ => return Err(bad("`.compressed` must hold f32, bf16 or int8 values".into())),
         };
-        let name = format!("{p}.weight");
-        if out.contains_key(&name) {
-            return Err(bad(format!("both {name} and its compressed form are present")));
-        }
         out.insert(name, Weight::new(vec![rows, cols], data).map_err(|e| bad(e.to_string()))?);
     }
     if let Some((name, (path, r))) = raw.into_iter().next() {
@@ -240,6 +365,7 @@ impl View for &OutTensor<'_> {
                 Dtype::F32 => StDtype::F32,
                 Dtype::F16 => StDtype::F16,
                 Dtype::BF16 => StDtype::BF16,
+                Dtype::I8 => StDtype::I8,
             },
             OutTensor::Raw(r) => r.dtype,
         }
@@ -290,22 +416,55 @@ pub fn sparse_bitmask_quantization_config(
         "quant_method": "compressed-tensors",
         "format": "dense",
         "config_groups": {},
-        "sparsity_config": {
-            "format": "sparse-bitmask",
-            "global_sparsity": global_sparsity,
-            "sparsity_structure": sparsity_structure,
-            "targets": search(targets),
-            "ignore": search(ignore),
-            "registry_requires_subclass": false,
-        },
+        "sparsity_config": sparsity_config(global_sparsity, sparsity_structure, search(targets), search(ignore)),
     })
 }
 
-/// The four tensors of one weight in `sparse-bitmask` form.
+/// compressed-tensors' `sparsity_config` for the `sparse-bitmask` format (targets and ignore as
+/// compressed-tensors reads them: module names, class names or `re:` patterns).
+pub(crate) fn sparsity_config(
+    global_sparsity: f64,
+    sparsity_structure: &str,
+    targets: Vec<String>,
+    ignore: Vec<String>,
+) -> Value {
+    json!({
+        "format": "sparse-bitmask",
+        "global_sparsity": global_sparsity,
+        "sparsity_structure": sparsity_structure,
+        "targets": targets,
+        "ignore": ignore,
+        "registry_requires_subclass": false,
+    })
+}
+
+/// An int8 weight's `<p>.weight_scale`: float32 `[rows, 1]`.
+fn weight_scale<'a>(prefix: &str, m: &Int8Matrix) -> (String, OutTensor<'a>) {
+    let bytes = bytemuck::cast_slice(m.scales()).to_vec();
+    (
+        format!("{prefix}.weight_scale"),
+        OutTensor::Raw(RawTensor { dtype: StDtype::F32, shape: vec![m.rows(), 1], bytes }),
+    )
+}
+
+/// The four tensors of one weight in `sparse-bitmask` form (and the scale of an int8 one, whose
+/// non-zeros are its codes: what compressed-tensors' `ModelCompressor` writes for a sparse
+/// `int-quantized` layer).
 fn compress_bitmask<'a>(prefix: &str, w: &Weight, path_hint: &Path) -> Result<Vec<(String, OutTensor<'a>)>> {
     let [rows, cols] = w.dims2()?;
     let bad = |e: lacuna_kernels::KernelError| st_err(path_hint, format!("{prefix}: {e}"));
+    let mut scale = None;
     let (bitmask, values, offsets) = match w.data() {
+        Data::I8(m) => {
+            // i8 → f32 and back are exact, and f32's `v != 0` is the codes' `c != 0`.
+            let widened: Vec<f32> = m.codes().iter().map(|c| *c as f32).collect();
+            let (b, v, o) = BitmaskMatrix::from_dense(&widened, rows, cols).map_err(bad)?.into_parts();
+            scale = Some(weight_scale(prefix, m));
+            let codes: Vec<i8> = v.iter().map(|x| *x as i8).collect();
+            let n = codes.len();
+            let values = Weight::from_int8(1, n, codes, vec![1.0])?;
+            (b, values.data().clone(), o)
+        }
         Data::BitmaskF32(m) => {
             let (b, v, o) = (**m).clone().into_parts();
             (b, Data::F32(Storage::Owned(v)), o)
@@ -329,7 +488,7 @@ fn compress_bitmask<'a>(prefix: &str, w: &Weight, path_hint: &Path) -> Result<Ve
     // Validated bitmasks: one set bit per stored value.
     let nnz: usize = bitmask.iter().map(|b| b.count_ones() as usize).sum();
     let le = |v: &[i64]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
-    Ok(vec![
+    let mut parts = vec![
         (
             format!("{prefix}.shape"),
             OutTensor::Raw(RawTensor { dtype: StDtype::I64, shape: vec![2], bytes: le(&[rows as i64, cols as i64]) }),
@@ -343,7 +502,9 @@ fn compress_bitmask<'a>(prefix: &str, w: &Weight, path_hint: &Path) -> Result<Ve
             format!("{prefix}.row_offsets"),
             OutTensor::Raw(RawTensor { dtype: StDtype::I64, shape: vec![rows], bytes: le(&offsets) }),
         ),
-    ])
+    ];
+    parts.extend(scale);
+    Ok(parts)
 }
 
 /// Writes `tensors` (HF names, in order) with `config` and `tokenizer` as a checkpoint directory.
@@ -403,18 +564,30 @@ fn write_contents(
     tokenizer: Option<&Tokenizer>,
     opts: &SaveOptions,
 ) -> Result<()> {
-    let dtype =
-        opts.dtype.or_else(|| tensors.iter().map(|(_, w)| w.dtype()).find(|d| *d != Dtype::F32)).unwrap_or(Dtype::F32);
+    // `torch_dtype` names the float dtype; int8 weights keep their codes whatever `opts.dtype` says.
+    let dtype = opts
+        .dtype
+        .filter(|d| *d != Dtype::I8)
+        .or_else(|| tensors.iter().map(|(_, w)| w.dtype()).find(|d| !matches!(d, Dtype::F32 | Dtype::I8)))
+        .unwrap_or(Dtype::F32);
     let mut out: Vec<(String, OutTensor)> = Vec::new();
     for (n, w) in tensors {
         let weight = match opts.dtype {
-            Some(d) if d != w.dtype() => std::borrow::Cow::Owned(w.to_dtype(d)),
+            Some(d) if d != w.dtype() && w.dtype() != Dtype::I8 => std::borrow::Cow::Owned(w.to_dtype(d)),
             _ => std::borrow::Cow::Borrowed(*w),
         };
         let compress = opts.bitmask.as_ref().is_some_and(|b| b.targets.iter().any(|t| t == n));
-        match (compress, n.strip_suffix(".weight")) {
-            (true, Some(prefix)) => out.extend(compress_bitmask(prefix, &weight, tmp)?),
-            (true, None) => return Err(Error::Invalid(format!("{n}: only `.weight` tensors can be compressed"))),
+        match (compress, n.strip_suffix(".weight"), weight.int8()) {
+            (true, Some(prefix), _) => out.extend(compress_bitmask(prefix, &weight, tmp)?),
+            (true, None, _) => return Err(Error::Invalid(format!("{n}: only `.weight` tensors can be compressed"))),
+            (false, Some(prefix), Some(m)) => {
+                let scale = weight_scale(prefix, m);
+                out.push((n.clone(), OutTensor::Weight(weight)));
+                out.push(scale);
+            }
+            (false, None, Some(_)) => {
+                return Err(Error::Invalid(format!("{n}: int8 tensors are written only as `<module>.weight`")));
+            }
             _ => out.push((n.clone(), OutTensor::Weight(weight))),
         }
     }

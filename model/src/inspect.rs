@@ -8,13 +8,16 @@ use crate::checkpoint::{Format, detect, gguf_tensors};
 use crate::config::LlamaConfig;
 use crate::gguf::GgufFile;
 use crate::hf;
+use crate::weights::Weight;
 use crate::{Error, Result};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct TensorStat {
     pub name: String,
-    /// Storage type in the file (`Q4_1`, `bf16`, ...).
+    /// Storage type in the file (`Q4_1`, `bf16`, `int8`, ...).
     pub dtype: String,
+    /// How the file stores it: `float`, `bitmask` (sparse-bitmask float), `int8` or `bitmask-int8`.
+    pub format: String,
     pub shape: Vec<usize>,
     pub numel: usize,
     pub zeros: usize,
@@ -24,6 +27,8 @@ pub struct TensorStat {
 #[derive(Clone, Debug, Serialize)]
 pub struct LayerStat {
     pub layer: usize,
+    /// The formats of its linear weights (see [`TensorStat::format`]), `+`-joined when mixed.
+    pub format: String,
     pub numel: usize,
     pub zeros: usize,
     pub sparsity: f64,
@@ -45,6 +50,16 @@ fn ratio(z: usize, n: usize) -> f64 {
     if n == 0 { 0.0 } else { z as f64 / n as f64 }
 }
 
+/// How `w` was stored: `float`, `bitmask`, `int8` or `bitmask-int8`.
+pub fn storage_format(w: &Weight) -> &'static str {
+    match (w.int8(), w.is_bitmask()) {
+        (Some(m), _) if m.stored_as_bitmask() => "bitmask-int8",
+        (Some(_), _) => "int8",
+        (None, true) => "bitmask",
+        (None, false) => "float",
+    }
+}
+
 /// Layer index of an HF name `model.layers.N.…`.
 fn layer_of(name: &str) -> Option<usize> {
     name.strip_prefix("model.layers.")?.split('.').next()?.parse().ok()
@@ -53,7 +68,7 @@ fn layer_of(name: &str) -> Option<usize> {
 pub fn inspect(path: &Path) -> Result<InspectReport> {
     let format = detect(path)?;
     // (HF name, stored dtype, weight)
-    let (tensors, dtypes): (Vec<(String, crate::weights::Weight)>, Vec<String>) = match format {
+    let (tensors, dtypes): (Vec<(String, Weight)>, Vec<String>) = match format {
         Format::Gguf => {
             let file = GgufFile::open(path)?;
             let cfg = LlamaConfig::from_gguf(&file)?;
@@ -92,16 +107,30 @@ pub fn inspect(path: &Path) -> Result<InspectReport> {
             lin_n += n;
             lin_z += z;
             if layers.len() <= l {
-                layers.resize_with(l + 1, || LayerStat { layer: 0, numel: 0, zeros: 0, sparsity: 0.0 });
+                layers.resize_with(l + 1, || LayerStat {
+                    layer: 0,
+                    format: String::new(),
+                    numel: 0,
+                    zeros: 0,
+                    sparsity: 0.0,
+                });
             }
             let s = &mut layers[l];
             s.layer = l;
+            let f = storage_format(w);
+            if !s.format.split('+').any(|x| x == f) {
+                if !s.format.is_empty() {
+                    s.format.push('+');
+                }
+                s.format.push_str(f);
+            }
             s.numel += n;
             s.zeros += z;
         }
         stats.push(TensorStat {
             name: name.clone(),
             dtype,
+            format: storage_format(w).to_owned(),
             shape: w.shape().to_vec(),
             numel: n,
             zeros: z,

@@ -13,6 +13,7 @@ pub mod generate;
 pub mod gguf;
 pub mod hf;
 pub mod inspect;
+pub mod int8;
 pub mod kv;
 pub mod llama;
 pub mod runtime;

@@ -11,6 +11,7 @@ use lacuna_kernels::dense::{DenseMatrix, Element};
 use lacuna_kernels::matrix::Matrix;
 use lacuna_kernels::mmap::Mmap;
 
+use crate::int8::Int8Matrix;
 use crate::{Error, Result};
 
 /// Element type of a stored weight.
@@ -19,6 +20,8 @@ pub enum Dtype {
     F32,
     F16,
     BF16,
+    /// Per-output-channel symmetric INT8 codes with an f32 scale per row ([`Int8Matrix`]).
+    I8,
 }
 
 impl Dtype {
@@ -26,6 +29,7 @@ impl Dtype {
         match self {
             Dtype::F32 => 4,
             Dtype::F16 | Dtype::BF16 => 2,
+            Dtype::I8 => 1,
         }
     }
     /// The name transformers uses in `torch_dtype`.
@@ -34,6 +38,7 @@ impl Dtype {
             Dtype::F32 => "float32",
             Dtype::F16 => "float16",
             Dtype::BF16 => "bfloat16",
+            Dtype::I8 => "int8",
         }
     }
     pub fn name(self) -> &'static str {
@@ -41,6 +46,7 @@ impl Dtype {
             Dtype::F32 => "f32",
             Dtype::F16 => "f16",
             Dtype::BF16 => "bf16",
+            Dtype::I8 => "int8",
         }
     }
 }
@@ -103,6 +109,9 @@ pub enum Data {
     /// non-zeros in registers, so a decode step streams only the bitmask and the non-zeros.
     BitmaskF32(Arc<BitmaskMatrix<f32>>),
     BitmaskBF16(Arc<BitmaskMatrix<bf16>>),
+    /// Per-output-channel symmetric INT8 (compressed-tensors `int-quantized`): codes and a scale
+    /// per row. Until the INT8 kernels land it is multiplied through its dequantized f32 form.
+    I8(Arc<Int8Matrix>),
 }
 
 /// Keep a matrix in bitmask form only when that streams at most this share of its dense bytes:
@@ -134,6 +143,36 @@ impl Weight {
     pub fn from_f32(shape: Vec<usize>, v: Vec<f32>) -> Result<Self> {
         Self::new(shape, Data::F32(Storage::Owned(v)))
     }
+    /// A per-output-channel symmetric INT8 matrix: `w[r, c] = codes[r·cols + c] as f32 · scales[r]`.
+    /// Errors unless `codes` holds `rows · cols` values and `scales` `rows` finite positive ones
+    /// (an all-zero row takes any positive scale). Codes are whatever i8 the quantizer chose
+    /// (compressed-tensors clamps to `-128..=127`). Activations are not quantized
+    /// ([`Weight::with_input_quant`] makes it a W8A8 layer).
+    pub fn from_int8(rows: usize, cols: usize, codes: Vec<i8>, scales: Vec<f32>) -> Result<Self> {
+        Self::from_int8_matrix(Int8Matrix::new(rows, cols, Storage::Owned(codes), scales)?)
+    }
+    pub fn from_int8_matrix(m: Int8Matrix) -> Result<Self> {
+        Self::new(vec![m.rows(), m.cols()], Data::I8(Arc::new(m)))
+    }
+    /// The INT8 matrix behind an int8 weight.
+    pub fn int8(&self) -> Option<&Int8Matrix> {
+        match &self.data {
+            Data::I8(m) => Some(m),
+            _ => None,
+        }
+    }
+    /// This int8 weight with activations quantized as `q` on their way into it (W8A8 when
+    /// [`crate::int8::InputQuant::Int8PerToken`]); an error for any other weight.
+    pub fn with_input_quant(&self, q: crate::int8::InputQuant) -> Result<Weight> {
+        match &self.data {
+            Data::I8(m) => Self::from_int8_matrix(m.as_ref().clone().with_input_quant(q)),
+            _ => Err(Error::Invalid(format!("{self:?}: only int8 weights quantize their input"))),
+        }
+    }
+    /// Whether a product with this weight quantizes its input first (a W8A8 layer).
+    pub fn quantizes_input(&self) -> bool {
+        matches!(&self.data, Data::I8(m) if m.input_quant() != crate::int8::InputQuant::None)
+    }
     pub fn shape(&self) -> &[usize] {
         &self.shape
     }
@@ -143,16 +182,19 @@ impl Weight {
             Data::F32(_) | Data::BitmaskF32(_) => Dtype::F32,
             Data::F16(_) => Dtype::F16,
             Data::BF16(_) | Data::BitmaskBF16(_) => Dtype::BF16,
+            Data::I8(_) => Dtype::I8,
         }
     }
     pub fn is_bitmask(&self) -> bool {
         matches!(self.data, Data::BitmaskF32(_) | Data::BitmaskBF16(_))
     }
     /// Bytes a full read of this weight streams (bitmask + non-zeros + row offsets when sparse).
+    /// An int8 weight counts the f32 form it is multiplied through today, not its codes.
     pub fn stored_bytes(&self) -> usize {
         match &self.data {
             Data::BitmaskF32(m) => m.nbytes(),
             Data::BitmaskBF16(m) => m.nbytes(),
+            Data::I8(m) => m.compute().stored_bytes(),
             _ => self.nbytes(),
         }
     }
@@ -166,6 +208,7 @@ impl Weight {
             Data::BF16(s) => s.as_slice().len(),
             Data::BitmaskF32(m) => m.rows() * m.cols(),
             Data::BitmaskBF16(m) => m.rows() * m.cols(),
+            Data::I8(m) => m.codes().len(),
         }
     }
     pub fn is_empty(&self) -> bool {
@@ -175,7 +218,7 @@ impl Weight {
         self.len() * self.dtype().size()
     }
     /// Raw little-endian bytes of the dense tensor (what a safetensors file stores); a bitmask
-    /// matrix is expanded.
+    /// matrix is expanded; an int8 matrix gives its codes (its scales are a tensor of their own).
     pub fn bytes(&self) -> Cow<'_, [u8]> {
         match &self.data {
             Data::F32(s) => Cow::Borrowed(bytemuck::cast_slice(s.as_slice())),
@@ -183,6 +226,7 @@ impl Weight {
             Data::BF16(s) => Cow::Borrowed(bytemuck::cast_slice(s.as_slice())),
             Data::BitmaskF32(m) => Cow::Owned(bytemuck::cast_slice(&m.to_dense()).to_vec()),
             Data::BitmaskBF16(m) => Cow::Owned(bytemuck::cast_slice(&m.to_dense()).to_vec()),
+            Data::I8(m) => Cow::Borrowed(bytemuck::cast_slice(m.codes())),
         }
     }
     pub fn is_mapped(&self) -> bool {
@@ -191,9 +235,10 @@ impl Weight {
             Data::F16(s) => s.is_mapped(),
             Data::BF16(s) => s.is_mapped(),
             Data::BitmaskF32(_) | Data::BitmaskBF16(_) => false,
+            Data::I8(m) => m.is_mapped(),
         }
     }
-    /// All elements as f32 (a copy).
+    /// All elements as f32 (a copy; int8 codes dequantized, `code · scale` rounded once).
     pub fn to_f32_vec(&self) -> Vec<f32> {
         fn widen<T: Element>(s: &[T]) -> Vec<f32> {
             s.iter().map(|v| v.to_f32()).collect()
@@ -204,6 +249,7 @@ impl Weight {
             Data::BF16(s) => widen(s.as_slice()),
             Data::BitmaskF32(m) => m.to_dense(),
             Data::BitmaskBF16(m) => widen(&m.to_dense()),
+            Data::I8(m) => m.dequantize(),
         }
     }
     /// Row `r` of a 2-D weight widened into `out`.
@@ -237,10 +283,11 @@ impl Weight {
             Data::BF16(s) => copy(&s.as_slice()[range], out),
             Data::BitmaskF32(m) => expand(m, r, out),
             Data::BitmaskBF16(m) => expand(m, r, out),
+            Data::I8(m) => m.dequantize_row_into(r, out),
         }
         Ok(())
     }
-    /// Number of elements exactly equal to zero (either sign).
+    /// Number of elements exactly equal to zero (either sign; zero codes of an int8 matrix).
     pub fn count_zeros(&self) -> usize {
         match &self.data {
             Data::F32(s) => s.as_slice().iter().filter(|v| **v == 0.0).count(),
@@ -250,6 +297,7 @@ impl Weight {
             Data::BitmaskBF16(m) => {
                 self.len() - m.nnz() + m.values().iter().filter(|v| (v.to_bits() & 0x7fff) == 0).count()
             }
+            Data::I8(m) => m.codes().iter().filter(|c| **c == 0).count(),
         }
     }
     pub fn dims2(&self) -> Result<[usize; 2]> {
@@ -259,7 +307,8 @@ impl Weight {
         }
     }
     /// Converts to another dtype (a copy unless it already is that dtype); a bitmask matrix
-    /// becomes dense.
+    /// becomes dense, an int8 one is dequantized, and [`Dtype::I8`] rounds each row to nearest
+    /// with the scale `max|row| / 127` (the last dimension is the row).
     pub fn to_dtype(&self, dtype: Dtype) -> Weight {
         if dtype == self.dtype() && !self.is_bitmask() {
             return self.clone();
@@ -269,16 +318,29 @@ impl Weight {
             Dtype::F32 => Data::F32(Storage::Owned(v)),
             Dtype::F16 => Data::F16(Storage::Owned(v.iter().map(|x| f16::from_f32(*x)).collect())),
             Dtype::BF16 => Data::BF16(Storage::Owned(v.iter().map(|x| bf16::from_f32(*x)).collect())),
+            Dtype::I8 => {
+                let cols = self.shape.last().copied().unwrap_or(1).max(1);
+                Data::I8(Arc::new(Int8Matrix::round_to_nearest(&v, v.len() / cols, cols)))
+            }
         };
         Weight { shape: self.shape.clone(), data }
     }
 
-    /// `y[n, rows] = x[n, cols] · Wᵀ` for a 2-D weight.
+    /// `y[n, rows] = x[n, cols] · Wᵀ` for a 2-D weight; a W8A8 weight first quantizes `x`
+    /// ([`crate::int8::quantize_activations_per_token`]).
     pub fn matmul(&self, x: &[f32], n: usize, y: &mut [f32]) -> Result<()> {
+        if self.quantizes_input() {
+            let [_, cols] = self.dims2()?;
+            let mut xq = vec![0f32; x.len()];
+            crate::int8::quantize_activations_per_token(x, cols, &mut xq)?;
+            return Ok(self.matrix()?.matmul(&xq, n, y)?);
+        }
         Ok(self.matrix()?.matmul(x, n, y)?)
     }
 
-    /// The kernels' view of this 2-D weight, whatever its stored format.
+    /// The kernels' view of this 2-D weight, whatever its stored format (an int8 weight lends its
+    /// dequantized f32 form; the input quantization of a W8A8 weight is the caller's, see
+    /// [`Weight::quantizes_input`]).
     pub fn matrix(&self) -> Result<Matrix<'_>> {
         let [rows, cols] = self.dims2()?;
         Ok(match &self.data {
@@ -287,6 +349,7 @@ impl Weight {
             Data::BF16(s) => Matrix::Bf16(DenseMatrix::new(s.as_slice(), rows, cols)?),
             Data::BitmaskF32(m) => Matrix::BitmaskF32(m.view()),
             Data::BitmaskBF16(m) => Matrix::BitmaskBf16(m.view()),
+            Data::I8(m) => return m.compute().matrix(),
         })
     }
 
@@ -296,10 +359,17 @@ impl Weight {
     }
 
     /// The `sparse-bitmask` form of a 2-D f32/bf16 weight, if it streams at most
-    /// [`BITMASK_MAX_BYTE_RATIO`] of the dense bytes; `None` when it would not pay.
+    /// [`BITMASK_MAX_BYTE_RATIO`] of the dense bytes; `None` when it would not pay. An int8
+    /// weight stays int8 and is multiplied through the f32 bitmask form of its dequantized values.
     pub fn to_bitmask_if_smaller(&self) -> Result<Option<Weight>> {
         if self.is_bitmask() {
             return Ok(Some(self.clone()));
+        }
+        if let Data::I8(m) = &self.data {
+            let Some(b) = Weight::from_f32(self.shape.clone(), m.dequantize())?.to_bitmask_if_smaller()? else {
+                return Ok(None);
+            };
+            return Ok(Some(Self::from_int8_matrix(m.as_ref().clone().with_compute(b)?)?));
         }
         let [rows, cols] = match self.shape.as_slice() {
             [r, c] => [*r, *c],
