@@ -57,7 +57,7 @@ mod sealed {
     }
 }
 
-/// A value type a bitmask matrix stores (f32 and bf16; quantised types slot in next to them).
+/// A value type a bitmask matrix stores (f32, bf16, and i8 codes of INT8 weights).
 pub trait BitmaskValue: Copy + Send + Sync + PartialEq + std::fmt::Debug + bytemuck::Pod + sealed::Sealed {
     const NAME: &'static str;
     const ZERO: Self;
@@ -90,6 +90,31 @@ impl BitmaskValue for bf16 {
     #[inline]
     fn to_f32(self) -> f32 {
         bf16::to_f32(self)
+    }
+}
+
+/// INT8 codes: the `sparse-bitmask` compression of an `int-quantized` weight. The INT8 kernels
+/// ([`crate::int8`]) multiply them with their scales; the f32 products here treat the codes as
+/// plain numbers on the reference path (a correct, slow fallback, not a decode path).
+impl BitmaskValue for i8 {
+    const NAME: &'static str = "i8";
+    const ZERO: Self = 0;
+    #[inline]
+    fn is_stored(self) -> bool {
+        self != 0
+    }
+    #[inline]
+    fn to_f32(self) -> f32 {
+        self as f32
+    }
+}
+
+impl sealed::Sealed for i8 {
+    unsafe fn gemv_block(_: Isa, mask: &[u8], vals: &[i8], offsets: &[i64], cols: usize, x: &[f32], out: &mut [f32]) {
+        gemv_block_scalar(mask, vals, offsets, cols, x, out)
+    }
+    unsafe fn expand_row(_: Isa, mask: &[u8], vals: &[i8], _: usize, dst: &mut [f32]) {
+        expand_row_scalar(mask, vals, dst)
     }
 }
 

@@ -1,7 +1,7 @@
 //! CPU capability detection and the single dispatch point for every kernel.
 //!
-//! Features are probed once and cached; `LACUNA_KERNEL=scalar|avx2|avx512` forces a path (tests and benches
-//! use it to exercise each one). Forcing a path the CPU lacks falls back to the best available one
+//! Features are probed once and cached; `LACUNA_KERNEL=scalar|avx2|avxvnni|avx512` forces a path (tests and
+//! benches use it to exercise each one; `avxvnni` runs the float kernels on AVX2 and the INT8 ones on AVX-VNNI). Forcing a path the CPU lacks falls back to the best available one
 //! with a warning on stderr, never to an illegal instruction.
 
 use std::sync::OnceLock;
@@ -71,6 +71,7 @@ pub fn isa() -> Isa {
             None | Some("") | Some("auto") => best,
             Some("scalar") => Isa::Scalar,
             Some("avx2") if best >= Isa::Avx2 => Isa::Avx2,
+            Some("avxvnni") if best >= Isa::Avx2 && has_avx_vnni() => Isa::Avx2,
             Some("avx512") if best >= Isa::Avx512 => Isa::Avx512,
             Some(other) => {
                 eprintln!(
@@ -79,6 +80,100 @@ pub fn isa() -> Isa {
                 );
                 best
             }
+        }
+    })
+}
+
+/// The integer dot-product instructions the INT8 kernels ([`crate::int8`]) run on, a refinement
+/// of [`Isa`]: the same `LACUNA_KERNEL` value picks both (`avx2` is plain AVX2 for INT8 too, even
+/// on a CPU with AVX-VNNI, so that the `vpmaddubsw` path can be forced and measured).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Int8Isa {
+    /// Portable Rust; the reference every other INT8 path equals bit for bit.
+    Scalar,
+    /// AVX2 `vpmaddubsw` + `vpmaddwd`, 32 columns a vector.
+    Avx2,
+    /// AVX-VNNI (VEX `vpdpbusd` on 256 bits: Alder Lake, Sapphire Rapids, Zen 5).
+    AvxVnni,
+    /// AVX-512 VNNI `vpdpbusd` with VBMI2 `vpexpandb` and BMI2 (Ice Lake, Zen 4 and later).
+    Avx512Vnni,
+}
+
+impl Int8Isa {
+    pub fn name(self) -> &'static str {
+        match self {
+            Int8Isa::Scalar => "scalar",
+            Int8Isa::Avx2 => "avx2",
+            Int8Isa::AvxVnni => "avxvnni",
+            Int8Isa::Avx512Vnni => "avx512vnni",
+        }
+    }
+
+    /// Whether this CPU can run the path.
+    pub fn supported(self) -> bool {
+        match self {
+            Int8Isa::Scalar => true,
+            Int8Isa::Avx2 => supports(Isa::Avx2),
+            Int8Isa::AvxVnni => supports(Isa::Avx2) && has_avx_vnni(),
+            Int8Isa::Avx512Vnni => supports(Isa::Avx512) && has_avx512_vnni(),
+        }
+    }
+
+    /// Every INT8 path this CPU can run, for tests that sweep them all.
+    pub fn available() -> Vec<Int8Isa> {
+        [Int8Isa::Scalar, Int8Isa::Avx2, Int8Isa::AvxVnni, Int8Isa::Avx512Vnni]
+            .into_iter()
+            .filter(|p| p.supported())
+            .collect()
+    }
+
+    /// The best INT8 path within the float level `isa` (plain AVX2 below AVX-512, see the type).
+    fn best_within(isa: Isa) -> Int8Isa {
+        match isa {
+            Isa::Scalar => Int8Isa::Scalar,
+            Isa::Avx2 => Int8Isa::Avx2,
+            Isa::Avx512 if Int8Isa::Avx512Vnni.supported() => Int8Isa::Avx512Vnni,
+            Isa::Avx512 if Int8Isa::AvxVnni.supported() => Int8Isa::AvxVnni,
+            Isa::Avx512 => Int8Isa::Avx2,
+        }
+    }
+}
+
+fn has_avx_vnni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avxvnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+fn has_avx512_vnni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx512vnni")
+            && std::is_x86_feature_detected!("avx512vbmi2")
+            && std::is_x86_feature_detected!("bmi2")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// The INT8 path this process takes: the best the CPU has, unless `LACUNA_KERNEL` says otherwise
+/// (`avxvnni` forces AVX-VNNI; `avx2` plain AVX2; `avx512` the best INT8 path on AVX-512).
+pub fn int8_isa() -> Int8Isa {
+    static INT8: OnceLock<Int8Isa> = OnceLock::new();
+    *INT8.get_or_init(|| {
+        let isa = isa();
+        let forced = std::env::var("LACUNA_KERNEL").ok();
+        match forced.as_deref() {
+            Some("avxvnni") if Int8Isa::AvxVnni.supported() => Int8Isa::AvxVnni,
+            None | Some("") | Some("auto") => {
+                // Below AVX-512 a CPU may still have AVX-VNNI (Alder Lake).
+                let best = Int8Isa::best_within(isa);
+                if best == Int8Isa::Avx2 && Int8Isa::AvxVnni.supported() { Int8Isa::AvxVnni } else { best }
+            }
+            _ => Int8Isa::best_within(isa),
         }
     })
 }

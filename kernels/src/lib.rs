@@ -9,6 +9,7 @@ pub mod bitmask;
 pub mod cpu;
 pub mod dense;
 pub mod ggml;
+pub mod int8;
 pub mod matrix;
 pub mod mmap;
 pub mod pages;
