@@ -14,7 +14,7 @@ pub use prune::{
     CalibrationSpec, MaskScope, OwlParams, PruneMethod, PruneRecipe, SparseGptParams, SparsityProfile,
     SparsityStructure,
 };
-pub use quantize::{QuantScheme, QuantizeRecipe};
+pub use quantize::{QuantScheme, QuantizeRecipe, WeightRounding};
 pub use train::{
     DataMixture, DataSource, Distillation, FinetuneRecipe, InstructionData, OptimizerSpec, Pathway, PretrainRecipe,
     TrainDtype, TrainingSchedule,

@@ -419,6 +419,38 @@ impl Llama {
         Ok(())
     }
 
+    /// The RMSNorm gain that produces `input` (the input layernorm for Q/K/V, the
+    /// post-attention layernorm for gate/up); `None` for inputs no norm produces.
+    pub fn norm_gain(&self, layer: usize, input: LinearInput) -> Option<&Weight> {
+        let l = self.layers.get(layer)?;
+        match input {
+            LinearInput::Attention => Some(&l.input_layernorm.weight),
+            LinearInput::Mlp => Some(&l.post_attention_layernorm.weight),
+            LinearInput::AttentionOutput | LinearInput::MlpActivation => None,
+        }
+    }
+
+    /// Replaces the RMSNorm gain that produces `input` (same shape); SmoothQuant folds its
+    /// scales into it.
+    pub fn set_norm_gain(&mut self, layer: usize, input: LinearInput, w: Weight) -> Result<()> {
+        let n = self.layers.len();
+        let l = self.layers.get_mut(layer).ok_or_else(|| Error::Invalid(format!("layer {layer} of {n}")))?;
+        let slot = match input {
+            LinearInput::Attention => &mut l.input_layernorm,
+            LinearInput::Mlp => &mut l.post_attention_layernorm,
+            other => return Err(Error::Invalid(format!("no norm produces the {other:?} input"))),
+        };
+        if slot.weight.shape() != w.shape() {
+            return Err(Error::Invalid(format!(
+                "layer {layer} {input:?} norm: new gain {:?} does not match {:?}",
+                w.shape(),
+                slot.weight.shape()
+            )));
+        }
+        *slot = Norm::new(w);
+        Ok(())
+    }
+
     /// Stores every decoder linear in `sparse-bitmask` form where that streams at most
     /// [`crate::weights::BITMASK_MAX_BYTE_RATIO`] of its dense bytes, and densifies the bitmask
     /// ones where it does not; returns how many are bitmask afterwards.

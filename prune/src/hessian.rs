@@ -105,6 +105,27 @@ impl Hessian {
         Ok(())
     }
 
+    /// The statistics of the inputs divided per channel by `s` (`x'_j = x_j / s_j`, SmoothQuant):
+    /// `H'_ij = H_ij / (s_i s_j)`, `‖X'_j‖² = ‖X_j‖² / s_j²`, without another calibration pass.
+    pub fn divide_inputs(&mut self, s: &[f32]) -> Result<()> {
+        if s.len() != self.cols {
+            return Err(Error::Shape { what: "input scales", expected: self.cols, got: s.len() });
+        }
+        crate::check_finite_f32("input scales", s)?;
+        if let Some(j) = s.iter().position(|&v| v <= 0.0) {
+            return Err(Error::NonFinite { what: "input scales (must be > 0)", index: j });
+        }
+        for j in 0..self.cols {
+            let sj = s[j] as f64;
+            let hcol = self.h.col_as_slice_mut(j);
+            for i in j..self.cols {
+                hcol[i] /= s[i] as f64 * sj;
+            }
+            self.sq_norms[j] /= sj * sj;
+        }
+        Ok(())
+    }
+
     /// Number of inputs (the layer's columns).
     pub fn cols(&self) -> usize {
         self.cols

@@ -5,7 +5,10 @@
 //! layer's calibration inputs `X: [tokens, cols]`:
 //!
 //! * [`Hessian`] accumulates `H = 2/n · Σ x xᵀ` and the per-input squared norms `‖X_j‖²`;
-//! * [`sparsegpt`] prunes with the OBS updates of SparseGPT (Frantar & Alistarh 2023);
+//! * [`sparsegpt`] prunes with the OBS updates of SparseGPT (Frantar & Alistarh 2023), and
+//!   [`gptq`] quantizes to per-channel INT8 with the same engine (Frantar et al. 2023): one
+//!   column/block driver (`obs`), two rules;
+//! * [`smooth`] computes SmoothQuant scales and activation kurtosis (Xiao et al. 2023);
 //! * [`wanda`] prunes by `|W_ij|·‖X_j‖₂` (Sun et al. 2023) and [`magnitude`] by `|W_ij|`;
 //! * [`owl_sparsities`] turns per-layer outlier ratios into per-layer sparsities (OWL, Yin et
 //!   al. 2023).
@@ -18,14 +21,19 @@
 //! so the caller chooses the thread count by choosing the pool.
 
 mod config;
+mod gptq;
 mod hessian;
 mod mask;
+mod obs;
 pub mod owl;
 pub mod pipeline;
+pub mod quantize;
 mod scored;
+pub mod smooth;
 mod sparsegpt;
 
 pub use config::{MaskScope, Pattern, PruneConfig, PruneReport, SparseGptConfig};
+pub use gptq::{GptqConfig, INT8_MAX, Int8Layer, QuantReport, channel_scales, gptq, rtn};
 pub use hessian::{Hessian, reconstruction_error};
 pub use owl::{outlier_ratio, owl_sparsities, owl_sparsities_from_ratios};
 pub use scored::{magnitude, wanda};

@@ -18,6 +18,7 @@ use lacuna_api::{PruneMethod, PruneRecipe, SparsityProfile, SparsityStructure};
 use lacuna_model::weights::Weight;
 use lacuna_model::{LinearInput, LinearKind, Llama};
 use rand::{Rng, SeedableRng};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -82,8 +83,8 @@ pub struct RunOptions {
     pub stop_after_blocks: Option<usize>,
 }
 
-/// Everything a resumed run must agree on.
-fn fingerprint(model: &Llama, recipe: &PruneRecipe, calib: &[Vec<u32>]) -> Result<String> {
+/// Everything a resumed run must agree on (model weights, recipe, calibration windows).
+pub(crate) fn fingerprint(model: &Llama, recipe: &impl Serialize, calib: &[Vec<u32>]) -> Result<String> {
     let mut h = Sha256::new();
     h.update(serde_json::to_vec(recipe).map_err(|e| Error::Calibration(e.to_string()))?);
     for s in calib {
@@ -163,7 +164,7 @@ enum Stats {
     Norms(ColNorms),
 }
 
-fn input_width(model: &Llama, input: LinearInput) -> usize {
+pub(crate) fn input_width(model: &Llama, input: LinearInput) -> usize {
     let c = model.config();
     match input {
         LinearInput::Attention | LinearInput::Mlp => c.hidden_size,
@@ -199,15 +200,13 @@ pub fn prune_model(
     let fp = fingerprint(model, recipe, calib)?;
     let ckpt = opts.checkpoint_dir.as_deref().map(Checkpoint::new);
 
-    let mut state = match ckpt.as_ref().map(|c| c.load(&fp)).transpose()?.flatten() {
+    let mut state = match ckpt.as_ref().map(|c| c.load::<State>(&fp)).transpose()?.flatten() {
         Some(s) => {
             // Re-apply the finished blocks' weights.
             let c = ckpt.as_ref().expect("checkpoint present");
             for b in 0..s.next_block {
                 for (name, w) in c.load_block(b)? {
-                    let kind = LinearKind::ALL
-                        .into_iter()
-                        .find(|k| name == format!("model.layers.{b}.{}", k.hf_name()))
+                    let kind = linear_kind_of(&name, b)
                         .ok_or_else(|| Error::Checkpoint(format!("unexpected tensor {name} in block {b}")))?;
                     model.set_linear(b, kind, w).map_err(|e| Error::Checkpoint(e.to_string()))?;
                 }
@@ -381,6 +380,13 @@ fn owl_targets(
     crate::owl::owl_sparsities_from_ratios(&filled, recipe.target_sparsity(), recipe.owl.lambda)
 }
 
+/// The linear a checkpointed tensor of block `b` is, by its module name
+/// (`model.layers.{b}.self_attn.q_proj`).
+pub(crate) fn linear_kind_of(name: &str, b: usize) -> Option<LinearKind> {
+    let rest = name.strip_prefix(&format!("model.layers.{b}."))?;
+    LinearKind::ALL.into_iter().find(|k| rest == k.hf_name())
+}
+
 #[derive(Serialize, Deserialize)]
 struct State {
     fingerprint: String,
@@ -390,10 +396,17 @@ struct State {
     resumed_at: Option<usize>,
 }
 
-/// `state.json`, `block-NNN.safetensors` (a finished block's pruned weights) and
+/// `state.json`, `block-NNN.safetensors` (a finished block's new tensors) and
 /// `activations.f32` (inputs of the next block), each written atomically; `state.json` last.
-struct Checkpoint {
+/// The state is the driver's own (pruning's or quantization's), with a `fingerprint` field.
+pub(crate) struct Checkpoint {
     dir: PathBuf,
+}
+
+/// What every driver's state carries.
+#[derive(Deserialize)]
+struct StateHeader {
+    fingerprint: String,
 }
 
 fn atomic_write(path: &Path, write: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>) -> Result<()> {
@@ -408,24 +421,31 @@ fn atomic_write(path: &Path, write: impl FnOnce(&mut std::fs::File) -> std::io::
 }
 
 impl Checkpoint {
-    fn new(dir: &Path) -> Self {
+    pub(crate) fn new(dir: &Path) -> Self {
         Self { dir: dir.to_path_buf() }
     }
 
-    fn load(&self, fingerprint: &str) -> Result<Option<State>> {
+    pub(crate) fn load<S: DeserializeOwned>(&self, fingerprint: &str) -> Result<Option<S>> {
         let p = self.dir.join("state.json");
         let Ok(text) = std::fs::read_to_string(&p) else { return Ok(None) };
-        let s: State = serde_json::from_str(&text).map_err(|e| Error::Checkpoint(format!("{}: {e}", p.display())))?;
-        if s.fingerprint != fingerprint {
+        let bad = |e: serde_json::Error| Error::Checkpoint(format!("{}: {e}", p.display()));
+        let h: StateHeader = serde_json::from_str(&text).map_err(bad)?;
+        if h.fingerprint != fingerprint {
             return Err(Error::Checkpoint(format!(
                 "{} belongs to another model, recipe or calibration set; remove it or use another checkpoint directory",
                 self.dir.display()
             )));
         }
-        Ok(Some(s))
+        Ok(Some(serde_json::from_str(&text).map_err(bad)?))
     }
 
-    fn save(&self, state: &State, block: usize, weights: &[(String, Weight)], xs: &[Vec<f32>]) -> Result<()> {
+    pub(crate) fn save(
+        &self,
+        state: &impl Serialize,
+        block: usize,
+        weights: &[(String, Weight)],
+        xs: &[Vec<f32>],
+    ) -> Result<()> {
         std::fs::create_dir_all(&self.dir).map_err(|e| Error::Checkpoint(format!("{}: {e}", self.dir.display())))?;
         let block_path = self.dir.join(format!("block-{block:03}.safetensors"));
         let bytes =
@@ -442,12 +462,12 @@ impl Checkpoint {
         atomic_write(&self.dir.join("state.json"), |f| f.write_all(&json))
     }
 
-    fn load_block(&self, block: usize) -> Result<Vec<(String, Weight)>> {
+    pub(crate) fn load_block(&self, block: usize) -> Result<Vec<(String, Weight)>> {
         let p = self.dir.join(format!("block-{block:03}.safetensors"));
         lacuna_model::hf::read_tensors_file(&p).map_err(Error::model)
     }
 
-    fn load_activations(&self, calib: &[Vec<u32>], hidden: usize) -> Result<Vec<Vec<f32>>> {
+    pub(crate) fn load_activations(&self, calib: &[Vec<u32>], hidden: usize) -> Result<Vec<Vec<f32>>> {
         let p = self.dir.join("activations.f32");
         let bytes = std::fs::read(&p).map_err(|e| Error::Checkpoint(format!("{}: {e}", p.display())))?;
         let want: usize = calib.iter().map(|s| s.len() * hidden * 4).sum();

@@ -2,12 +2,12 @@
 
 use std::time::Instant;
 
-use faer::linalg::solvers::DenseSolveCore;
-use faer::{Accum, Mat, Par, Side};
+use faer::{Mat, MatRef};
 
-use crate::config::{MIN_ESCALATED_DAMP, MaskScope, Pattern, PruneReport, SparseGptConfig};
+use crate::config::{MaskScope, Pattern, PruneReport, SparseGptConfig};
 use crate::hessian::{Hessian, reconstruction_error};
 use crate::mask::{smallest, split_quota, target_count};
+use crate::obs::{ObsRule, factor_inverse, obs_pass};
 use crate::{Error, Result, check_layer};
 
 /// Prunes `w` (row-major `[rows, cols]`) in place with SparseGPT, using the layer's input
@@ -79,7 +79,7 @@ pub fn sparsegpt(w: &mut [f32], rows: usize, cols: usize, h: &Hessian, cfg: &Spa
             *f |= v == 0.0;
         }
     }
-    let (l, damp_used) = factor_inverse(&hm, cfg)?;
+    let (l, damp_used) = factor_inverse(&hm, cfg.percdamp, cfg.max_damp_escalations, "SparseGPT")?;
     drop(hm);
 
     // Working copy, column-major so that a column (one input across all rows) is contiguous.
@@ -106,116 +106,17 @@ pub fn sparsegpt(w: &mut [f32], rows: usize, cols: usize, h: &Hessian, cfg: &Spa
         }
     }
 
-    let mut obs_loss = 0.0f64;
-    let mut mask = vec![false; rows * bs]; // column-major rows × block
-    let mut err = Mat::<f64>::zeros(rows, bs);
-    let mut cands: Vec<(f64, usize)> = Vec::with_capacity(rows * bs);
-    for b in 0..nblocks {
-        let i1 = b * bs;
-        let i2 = (i1 + bs).min(cols);
-        let count = i2 - i1;
-        mask.iter_mut().for_each(|m| *m = false);
-        for i in 0..count {
-            for r in 0..rows {
-                mask[i * rows + r] = forced[r * cols + i1 + i];
-            }
-        }
-        if let Pattern::Unstructured(s) = cfg.pattern {
-            let score = |r: usize, i: usize| {
-                let d = l[(i1 + i, i1 + i)];
-                let v = wm[(r, i1 + i)];
-                v * v / (d * d)
-            };
-            match cfg.mask_scope {
-                MaskScope::Block => {
-                    // This block's share of the layer target, forced zeros first.
-                    let share = target_count(s, rows * i2) - target_count(s, rows * i1);
-                    let already = mask[..count * rows].iter().filter(|&&m| m).count();
-                    cands.clear();
-                    for i in 0..count {
-                        for r in 0..rows {
-                            if !mask[i * rows + r] {
-                                cands.push((score(r, i), r * count + i));
-                            }
-                        }
-                    }
-                    for &(_, p) in smallest(&mut cands, share.saturating_sub(already)) {
-                        mask[(p % count) * rows + p / count] = true;
-                    }
-                }
-                MaskScope::Row => {
-                    for r in 0..rows {
-                        cands.clear();
-                        for i in 0..count {
-                            if !mask[i * rows + r] {
-                                cands.push((score(r, i), i));
-                            }
-                        }
-                        for &(_, i) in smallest(&mut cands, quota[r * nblocks + b]) {
-                            mask[i * rows + r] = true;
-                        }
-                    }
-                }
-            }
-        }
-        for i in 0..count {
-            let c = i1 + i;
-            if let Pattern::NM { n, m } = cfg.pattern
-                && i % m == 0
-            {
-                for r in 0..rows {
-                    let already = (i..i + m).filter(|&k| mask[k * rows + r]).count();
-                    cands.clear();
-                    for k in i..i + m {
-                        if !mask[k * rows + r] {
-                            let d = l[(i1 + k, i1 + k)];
-                            let v = wm[(r, i1 + k)];
-                            cands.push((v * v / (d * d), k));
-                        }
-                    }
-                    for &(_, k) in smallest(&mut cands, n.saturating_sub(already)) {
-                        mask[k * rows + r] = true;
-                    }
-                }
-            }
-            let d = l[(c, c)];
-            {
-                let wcol = wm.col_as_slice_mut(c);
-                let ecol = err.col_as_slice_mut(i);
-                for r in 0..rows {
-                    let v = wcol[r];
-                    let q = if mask[i * rows + r] { 0.0 } else { v };
-                    let e = (v - q) / d;
-                    obs_loss += e * e;
-                    ecol[r] = e;
-                    wcol[r] = q;
-                }
-            }
-            // OBS update of the rest of the block: W[:, j] -= err · U[c, j], U[c, j] = L[j, c].
-            for j in c + 1..i2 {
-                let u = l[(j, c)];
-                if u == 0.0 {
-                    continue;
-                }
-                let (ecols, wcols) = (err.col_as_slice(i), wm.col_as_slice_mut(j));
-                for (wv, e) in wcols.iter_mut().zip(ecols) {
-                    *wv -= e * u;
-                }
-            }
-        }
-        // Lazy batch update of all later columns: W[:, i2:] -= Err · U[i1:i2, i2:].
-        if i2 < cols {
-            let rest = cols - i2;
-            faer::linalg::matmul::matmul(
-                wm.as_mut().submatrix_mut(0, i2, rows, rest),
-                Accum::Add,
-                err.as_ref().submatrix(0, 0, rows, count),
-                l.as_ref().submatrix(i2, i1, rest, count).transpose(),
-                -1.0,
-                Par::rayon(0),
-            );
-        }
-    }
+    let mut rule = MaskRule {
+        cfg,
+        rows,
+        cols,
+        nblocks,
+        forced,
+        quota,
+        mask: vec![false; rows * bs],
+        cands: Vec::with_capacity(rows * bs),
+    };
+    let obs_loss = obs_pass(&mut wm, &l, bs, &mut rule);
 
     for r in 0..rows {
         for c in 0..cols {
@@ -232,39 +133,96 @@ pub fn sparsegpt(w: &mut [f32], rows: usize, cols: usize, h: &Hessian, cfg: &Spa
     Ok(report)
 }
 
-/// `L` lower with `(H + damp·I)⁻¹ = L Lᵀ` (so `U = Lᵀ`), escalating the dampening on failure.
-/// Returns `L` and the dampening fraction used.
-fn factor_inverse(h_lower: &Mat<f64>, cfg: &SparseGptConfig) -> Result<(Mat<f64>, f64)> {
-    let n = h_lower.nrows();
-    let mean_diag = (0..n).map(|j| h_lower[(j, j)]).sum::<f64>() / n as f64;
-    let mut percdamp = cfg.percdamp;
-    let mut attempts = 0u32;
-    loop {
-        attempts += 1;
-        let mut hd = h_lower.clone();
-        let damp = percdamp * mean_diag;
-        for j in 0..n {
-            hd[(j, j)] += damp;
+/// SparseGPT's rule on the OBS engine: each block's mask is chosen when the pass reaches the
+/// block (unstructured) or each group of `m` columns (N:M); a masked weight becomes 0, a kept
+/// one stays as the updates left it.
+struct MaskRule<'a> {
+    cfg: &'a SparseGptConfig,
+    rows: usize,
+    cols: usize,
+    nblocks: usize,
+    /// Row-major: weights that must end at zero whatever the scores.
+    forced: Vec<bool>,
+    /// Row scope: each row's new prunes per block, row-major `rows × nblocks`.
+    quota: Vec<usize>,
+    /// The current block's mask, column-major `rows × blocksize`.
+    mask: Vec<bool>,
+    cands: Vec<(f64, usize)>,
+}
+
+impl ObsRule for MaskRule<'_> {
+    fn begin_block(&mut self, b: usize, i1: usize, i2: usize, wm: MatRef<'_, f64>, l: MatRef<'_, f64>) {
+        let (rows, cols, count) = (self.rows, self.cols, i2 - i1);
+        let (mask, cands) = (&mut self.mask, &mut self.cands);
+        mask.iter_mut().for_each(|m| *m = false);
+        for i in 0..count {
+            for r in 0..rows {
+                mask[i * rows + r] = self.forced[r * cols + i1 + i];
+            }
         }
-        let factored = hd.llt(Side::Lower).ok().and_then(|llt| {
-            let inv = llt.inverse();
-            let l = inv.llt(Side::Lower).ok()?.L().to_owned();
-            // A factorisation that "succeeds" on rounding noise shows up as non-finite entries.
-            let finite = (0..n).all(|j| l.col_as_slice(j).iter().all(|x| x.is_finite()));
-            finite.then_some(l)
-        });
-        if let Some(l) = factored {
-            return Ok((l, percdamp));
+        if let Pattern::Unstructured(s) = self.cfg.pattern {
+            let score = |r: usize, i: usize| {
+                let d = l[(i1 + i, i1 + i)];
+                let v = wm[(r, i1 + i)];
+                v * v / (d * d)
+            };
+            match self.cfg.mask_scope {
+                MaskScope::Block => {
+                    // This block's share of the layer target, forced zeros first.
+                    let share = target_count(s, rows * i2) - target_count(s, rows * i1);
+                    let already = mask[..count * rows].iter().filter(|&&m| m).count();
+                    cands.clear();
+                    for i in 0..count {
+                        for r in 0..rows {
+                            if !mask[i * rows + r] {
+                                cands.push((score(r, i), r * count + i));
+                            }
+                        }
+                    }
+                    for &(_, p) in smallest(cands, share.saturating_sub(already)) {
+                        mask[(p % count) * rows + p / count] = true;
+                    }
+                }
+                MaskScope::Row => {
+                    for r in 0..rows {
+                        cands.clear();
+                        for i in 0..count {
+                            if !mask[i * rows + r] {
+                                cands.push((score(r, i), i));
+                            }
+                        }
+                        for &(_, i) in smallest(cands, self.quota[r * self.nblocks + b]) {
+                            mask[i * rows + r] = true;
+                        }
+                    }
+                }
+            }
         }
-        if attempts > cfg.max_damp_escalations {
-            return Err(Error::Cholesky { percdamp, attempts });
+    }
+
+    fn column(&mut self, i1: usize, i: usize, wm: MatRef<'_, f64>, l: MatRef<'_, f64>, q: &mut [f64]) {
+        let rows = self.rows;
+        let (mask, cands) = (&mut self.mask, &mut self.cands);
+        if let Pattern::NM { n, m } = self.cfg.pattern
+            && i.is_multiple_of(m)
+        {
+            for r in 0..rows {
+                let already = (i..i + m).filter(|&k| mask[k * rows + r]).count();
+                cands.clear();
+                for k in i..i + m {
+                    if !mask[k * rows + r] {
+                        let d = l[(i1 + k, i1 + k)];
+                        let v = wm[(r, i1 + k)];
+                        cands.push((v * v / (d * d), k));
+                    }
+                }
+                for &(_, k) in smallest(cands, n.saturating_sub(already)) {
+                    mask[k * rows + r] = true;
+                }
+            }
         }
-        let next = if percdamp == 0.0 { MIN_ESCALATED_DAMP } else { percdamp * 10.0 };
-        tracing::warn!(
-            failed_percdamp = percdamp,
-            next_percdamp = next,
-            "SparseGPT: Cholesky of the dampened Hessian failed; retrying with more dampening"
-        );
-        percdamp = next;
+        for (r, qr) in q.iter_mut().enumerate() {
+            *qr = if mask[i * rows + r] { 0.0 } else { wm[(r, i1 + i)] };
+        }
     }
 }
