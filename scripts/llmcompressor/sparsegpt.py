@@ -38,7 +38,7 @@ def parse_args():
     p.add_argument("--model", required=True, type=Path, help="Hugging Face directory (float32)")
     p.add_argument("--windows", required=True, type=Path, help="JSON from the calibration_windows example")
     p.add_argument("--sparsity", required=True, type=float)
-    p.add_argument("--out", required=True, type=Path, help="output Hugging Face directory (must not exist)")
+    p.add_argument("--out", type=Path, help="output Hugging Face directory (must not exist)")
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--dampening", type=float, default=0.01)
     p.add_argument("--threads", type=int, default=2)
@@ -51,6 +51,11 @@ def parse_args():
     )
     p.add_argument("--dump", type=Path, help="safetensors file for the pruned weights and Hessians of --dump-layer")
     p.add_argument("--dump-layer", action="append", help=f"layer name (repeatable; default {DEFAULT_DUMP_LAYERS})")
+    p.add_argument(
+        "--only-layers",
+        type=int,
+        help="keep only the first N decoder layers and write no model, just --dump (a layer-level comparison in minutes)",
+    )
     return p.parse_args()
 
 
@@ -69,7 +74,11 @@ def main():
     a = parse_args()
     if not 0.0 < a.sparsity < 1.0:
         sys.exit(f"--sparsity {a.sparsity}: must be in (0, 1)")
-    if a.out.exists():
+    if a.only_layers is None and a.out is None:
+        sys.exit("--out DIR is required (or --only-layers N with --dump FILE)")
+    if a.only_layers is not None and (a.out is not None or a.dump is None):
+        sys.exit("--only-layers writes no model: give --dump FILE and no --out")
+    if a.out is not None and a.out.exists():
         sys.exit(f"{a.out} already exists")
     doc, windows, seq_len = load_windows(a.windows)
 
@@ -101,6 +110,9 @@ def main():
 
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(a.model)
+    if a.only_layers is not None:
+        model.model.layers = model.model.layers[: a.only_layers]
+        model.config.num_hidden_layers = a.only_layers
     ds = Dataset.from_dict({"input_ids": windows, "attention_mask": [[1] * seq_len for _ in windows]})
 
     modifier = SparseGPTModifier(
@@ -133,6 +145,25 @@ def main():
             total += m.weight.numel()
     print(f"pruned in {seconds:.0f} s; decoder linears {100 * zeros / total:.2f}% zeros", flush=True)
 
+    if a.out is not None:
+        save(a, model, tokenizer, doc, windows, seq_len, seconds, zeros / total)
+    if a.dump:
+        modules = dict(model.named_modules())
+        for name in dump_layers:
+            if name not in modules:
+                sys.exit(f"--dump-layer {name}: no such module")
+            dumped[f"{name}.weight"] = modules[name].weight.detach().to(torch.float32).contiguous()
+        part = a.dump.with_name(a.dump.name + ".partial")
+        save_file(dumped, str(part))
+        os.replace(part, a.dump)
+    print("wrote " + " and ".join(str(p) for p in (a.out, a.dump) if p is not None))
+
+
+def save(a, model, tokenizer, doc, windows, seq_len, seconds, sparsity):
+    """The pruned model as a dense Hugging Face directory, written under a temporary name."""
+    import llmcompressor
+    import torch
+
     tmp = a.out.with_name(a.out.name + ".partial")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -142,8 +173,6 @@ def main():
     # `rope_parameters`, which Lacuna's config reader does not read (it would fall back to
     # rope_theta = 10000), so the input's config.json is kept as it was.
     shutil.copyfile(a.model / "config.json", tmp / "config.json")
-    import llmcompressor
-
     (tmp / "llmcompressor_run.json").write_text(
         json.dumps(
             {
@@ -161,23 +190,12 @@ def main():
                 "threads": a.threads,
                 "batch_size": a.batch_size,
                 "seconds": seconds,
-                "decoder_linear_sparsity": zeros / total,
+                "decoder_linear_sparsity": sparsity,
             },
             indent=2,
         )
     )
     os.replace(tmp, a.out)
-
-    if a.dump:
-        modules = dict(model.named_modules())
-        for name in dump_layers:
-            if name not in modules:
-                sys.exit(f"--dump-layer {name}: no such module")
-            dumped[f"{name}.weight"] = modules[name].weight.detach().to(torch.float32).contiguous()
-        part = a.dump.with_name(a.dump.name + ".partial")
-        save_file(dumped, str(part))
-        os.replace(part, a.dump)
-    print(f"wrote {a.out}" + (f" and {a.dump}" if a.dump else ""))
 
 
 if __name__ == "__main__":
