@@ -66,29 +66,40 @@ macro_rules! kernels {
         ) {
             let (full, rem) = (cols / VL, cols % VL);
             let mut p = w;
-            let mut acc = [[[zero(); M]; R]; U];
+            // Up to four accumulator sets as separate variables: an array indexed by set was
+            // kept on the stack by LLVM (a loop over sets, loads and stores around each dot).
+            let (mut a0, mut a1, mut a2, mut a3) =
+                ([[zero(); M]; R], [[zero(); M]; R], [[zero(); M]; R], [[zero(); M]; R]);
             let mut j = 0;
-            while j + U <= full {
-                for u in 0..U {
-                    // SAFETY: vector j + u < full lies within every row (contract).
-                    unsafe { step::<R, M, SPARSE>(&mut acc[u], &mut p, mask, j + u, VL, a, stride) };
+            // SAFETY (every step): vector j < full lies within every row (contract); the tail
+            // step reads the last `rem` codes (dense) or mask bits (bitmask).
+            unsafe {
+                while j + U <= full {
+                    step::<R, M, SPARSE>(&mut a0, &mut p, mask, j, VL, a, stride);
+                    if U >= 2 {
+                        step::<R, M, SPARSE>(&mut a1, &mut p, mask, j + 1, VL, a, stride);
+                    }
+                    if U >= 3 {
+                        step::<R, M, SPARSE>(&mut a2, &mut p, mask, j + 2, VL, a, stride);
+                    }
+                    if U >= 4 {
+                        step::<R, M, SPARSE>(&mut a3, &mut p, mask, j + 3, VL, a, stride);
+                    }
+                    j += U;
                 }
-                j += U;
-            }
-            while j < full {
-                // SAFETY: as above.
-                unsafe { step::<R, M, SPARSE>(&mut acc[0], &mut p, mask, j, VL, a, stride) };
-                j += 1;
-            }
-            if rem > 0 {
-                // SAFETY: the last, partial vector: `rem` codes (dense) or mask bits (bitmask).
-                unsafe { step::<R, M, SPARSE>(&mut acc[0], &mut p, mask, full, rem, a, stride) };
+                while j < full {
+                    step::<R, M, SPARSE>(&mut a0, &mut p, mask, j, VL, a, stride);
+                    j += 1;
+                }
+                if rem > 0 {
+                    step::<R, M, SPARSE>(&mut a0, &mut p, mask, full, rem, a, stride);
+                }
             }
             for r in 0..R {
                 for i in 0..M {
-                    let mut s = 0i32;
-                    for u in 0..U {
-                        s = s.wrapping_add(hsum(acc[u][r][i]));
+                    let mut s = hsum(a0[r][i]);
+                    for set in [&a1, &a2, &a3].into_iter().take(U.saturating_sub(1)) {
+                        s = s.wrapping_add(hsum(set[r][i]));
                     }
                     out[r][i] = s;
                 }
@@ -282,11 +293,17 @@ impl<'a> Vals<'a> {
 pub(super) mod avx512 {
     //! 64 columns a vector; the bitmask word of 64 columns expands with one `vpexpandb`.
     //!
+    //! The expansion is a masked load of the word's popcount codes and a register `vpexpandb`:
+    //! on Zen 5 the memory form (`vpexpandb zmm{k}, [mem]`, one instruction fewer) ran the 70 %
+    //! GEMV 4× slower (14.6 vs 3.6 ms on the `int8` bench's matrix, 2 threads), bound by the
+    //! instruction itself rather than by memory.
+    //!
     //! Instructions per 64 columns in the bitmask GEMV's inner loop (one activation row, `U = 4`
-    //! sets; read off the compiled loop): mask word load, `popcnt`, `kmovq`, `vpexpandb` from
-    //! memory, `vpxorq` (+128 bias), `vpdpbusd` with the activation load folded, the pointer
-    //! add, one prefetch — 8, plus a quarter of the loop's add/compare/branch: about 8.75, against
-    //! 4 × 6.5 for the f32 kernel's four 16-column words.
+    //! sets; read off the compiled loop): mask word load, `popcnt`, `bzhi`, two `kmovq`, masked
+    //! `vmovdqu8`, `vpexpandb`, `vpxorq` (+128 bias), `vpdpbusd` with the activation load folded,
+    //! the pointer add, one prefetch: 11, plus per four words 5 of loop control and 2 constant
+    //! reloads (LLVM's register choice), 12.75 in all — against 4 × 6.5 = 26 for the f32 kernel's four 16-column words, for four times
+    //! fewer value bytes. Each further activation row adds one `vpdpbusd`.
     use super::*;
 
     type Acc = __m512i;
@@ -330,11 +347,12 @@ pub(super) mod avx512 {
         // SAFETY: nbytes mask bytes readable (caller).
         let m = unsafe { if nbytes >= 8 { (mp as *const u64).read_unaligned() } else { tail_word(mp, nbytes) } };
         _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH_BYTES));
-        // SAFETY: expand-load reads exactly popcount(m) codes (caller).
-        let v = unsafe { _mm512_maskz_expandloadu_epi8(m, *p) };
+        let pc = m.count_ones();
+        // SAFETY: the masked load reads exactly popcount(m) codes (caller).
+        let v = unsafe { _mm512_maskz_loadu_epi8(_bzhi_u64(u64::MAX, pc), *p) };
         // SAFETY: within the row's codes (caller).
-        *p = unsafe { p.add(m.count_ones() as usize) };
-        v
+        *p = unsafe { p.add(pc as usize) };
+        _mm512_maskz_expand_epi8(m, v)
     }
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi2,bmi2,avx2,fma,popcnt")]
     #[inline]
@@ -413,11 +431,13 @@ pub(super) mod avx512 {
                     if m == 0 {
                         continue;
                     }
-                    // SAFETY: expand-load reads the popcount(m) codes of this word, which the
+                    // SAFETY: the masked load reads the popcount(m) codes of this word, which the
                     // validated row holds from *p on; the store fills the 64-byte buffer.
                     unsafe {
-                        _mm512_store_si512(e.0.as_mut_ptr() as *mut __m512i, _mm512_maskz_expandloadu_epi8(m, *p));
-                        *p = p.add(m.count_ones() as usize);
+                        let pc = m.count_ones();
+                        let codes = _mm512_maskz_loadu_epi8(_bzhi_u64(u64::MAX, pc), *p);
+                        _mm512_store_si512(e.0.as_mut_ptr() as *mut __m512i, _mm512_maskz_expand_epi8(m, codes));
+                        *p = p.add(pc as usize);
                     }
                     // Bit 4g set when group g (columns 4g .. 4g + 4 of the word) holds a code.
                     let t = m | (m >> 1);
@@ -570,9 +590,11 @@ mod expand256 {
 
 pub(super) mod avxvnni {
     //! 32 columns a vector, `vpdpbusd` on 256 bits (VEX). Bitmask words expand a byte at a time
-    //! (`expand256`): per 32 columns four 8-byte loads, two table loads pairs, two `vpshufb`,
-    //! one insert, popcounts and adds, about 20 instructions, then `vpxor` and one `vpdpbusd`
-    //! per activation row.
+    //! (`expand256`): per 32 columns four 8-byte code loads, four table loads, four
+    //! `vpunpcklqdq`, two `vpshufb`, one `vinserti128`, four `popcnt` with their byte
+    //! extractions and adds: about 30 instructions (read off the compiled loop), then `vpxor` and
+    //! one `vpdpbusd` per activation row, so about 65 per 64 columns. Without `vpexpandb` this
+    //! path is bound by instructions, not bytes (docs/benchmarks.md, "INT8 kernels").
     use super::expand256::{hsum, load_dense, load_sparse};
     use super::*;
 
