@@ -37,6 +37,8 @@ pub const CONTAINER: &str = "lacuna";
 pub const MODELS_DIR: &str = "/models";
 const RECIPE_DIR: &str = "/etc/lacuna";
 const CACHE_DIR: &str = "/cache";
+/// The extended resource a GPU replica requests (the NVIDIA device plugin's).
+pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
 
 pub const LABEL_NAME: &str = "app.kubernetes.io/name";
 pub const LABEL_INSTANCE: &str = "app.kubernetes.io/instance";
@@ -348,8 +350,17 @@ impl Serving<'_> {
         }
         let mut resources = spec.resources.clone().unwrap_or_default();
         if spec.backend == Backend::Gpu {
+            // Extended resources are limits only (Kubernetes sets the request equal): `gpus` when
+            // given, else what `resources` says, else one.
             let limits = resources.limits.get_or_insert_with(BTreeMap::new);
-            limits.entry("nvidia.com/gpu".into()).or_insert_with(|| Quantity("1".into()));
+            match spec.gpus {
+                Some(n) => {
+                    limits.insert(GPU_RESOURCE.into(), Quantity(n.to_string()));
+                }
+                None => {
+                    limits.entry(GPU_RESOURCE.into()).or_insert_with(|| Quantity("1".into()));
+                }
+            }
         }
         let resources = (resources != ResourceRequirements::default()).then_some(resources);
         let mut volumes = Vec::new();

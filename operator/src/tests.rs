@@ -757,6 +757,75 @@ spec:
 }
 
 #[tokio::test]
+async fn inference_service_on_gpus_requests_them_and_schedules_onto_gpu_nodes() {
+    let (ctx, verifier, lineage) = test_context();
+    let mut sis: SparseInferenceService = parse(
+        r#"
+apiVersion: lacuna.dev/v1alpha1
+kind: SparseInferenceService
+metadata: {name: chat, namespace: ml, uid: uid-sis, generation: 2, finalizers: [lacuna.dev/cleanup]}
+spec:
+  model: {uri: "pvc://models/q8"}
+  backend: gpu
+  gpus: 4
+  resources: {limits: {nvidia.com/gpu: "1", memory: 64Gi}}
+  nodeSelector: {nvidia.com/gpu.product: NVIDIA-H100-80GB-HBM3}
+  tolerations: [{key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}]
+  replicas: 2
+"#,
+    );
+    let input = ResolvedInput { uri: "pvc://models/q8".into(), sha256: None, from_job: None };
+    sis.status = Some(lacuna_api::crd::InferenceStatus { input: Some(input), ..Default::default() });
+    let scenario = Scenario::Exchanges(vec![
+        Exchange::apply(
+            format!("{}{SSA}", sis_path("/apis/apps/v1", "deployments/chat")),
+            Check::With(Box::new(|d| {
+                assert_eq!(d["spec"]["replicas"], 2);
+                let c = &d["spec"]["template"]["spec"]["containers"][0];
+                // `gpus` wins over the limit in `resources`; the other limits stay.
+                assert_eq!(c["resources"]["limits"]["nvidia.com/gpu"], "4");
+                assert_eq!(c["resources"]["limits"]["memory"], "64Gi");
+                assert_eq!(c["args"][8], "gpu");
+                let pod = &d["spec"]["template"]["spec"];
+                assert_eq!(pod["nodeSelector"], json!({"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}));
+                assert_eq!(
+                    pod["tolerations"],
+                    json!([{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}])
+                );
+            })),
+            json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "chat"},
+                   "spec": {"selector": {}, "template": {}}, "status": {"replicas": 2, "readyReplicas": 2}}),
+        ),
+        Exchange::apply(
+            format!("{}{SSA}", sis_path("/api/v1", "services/chat")),
+            Check::With(Box::new(|_| {})),
+            Value::Null,
+        ),
+        Exchange {
+            check: Check::With(Box::new(|_| {})),
+            ..Exchange::not_found(
+                Method::DELETE,
+                format!("{}?", sis_path("/apis/autoscaling/v2", "horizontalpodautoscalers/chat")),
+            )
+        },
+        Exchange::apply(
+            format!("{}/status{SSA}", path("sparseinferenceservices", "chat")),
+            Check::With(Box::new(|b| {
+                let s = &b["status"];
+                assert_eq!(s["phase"], "Running");
+                assert_eq!((s["replicas"].as_i64(), s["readyReplicas"].as_i64()), (Some(2), Some(2)));
+                assert_eq!(s["observedGeneration"], 2);
+                let r = condition(s, "Ready");
+                assert_eq!((r["status"].as_str(), r["reason"].as_str()), (Some("True"), Some("ReplicasReady")));
+            })),
+            to_value(&sis),
+        ),
+    ]);
+    run_scenario(verifier, scenario, inference::reconcile(Arc::new(sis), ctx)).await.expect("reconcile");
+    assert!(lineage.events().is_empty(), "same input: no new execution");
+}
+
+#[tokio::test]
 async fn inference_service_deletion_is_recorded() {
     let (ctx, verifier, lineage) = test_context();
     let mut sis: SparseInferenceService = parse(SIS);

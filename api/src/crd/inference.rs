@@ -16,7 +16,8 @@ pub enum Backend {
     /// Lacuna's sparse CPU kernels.
     #[default]
     Cpu,
-    /// One NVIDIA GPU per replica (`nvidia.com/gpu: 1` unless resources say otherwise).
+    /// NVIDIA GPUs (`lacuna serve --backend gpu`, the CUDA backend of `lacuna-gpu`): each replica
+    /// requests `spec.gpus` of `nvidia.com/gpu` (default 1).
     Gpu,
 }
 
@@ -99,6 +100,11 @@ pub struct SparseInferenceServiceSpec {
     pub port: i32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
+    /// GPUs per replica with `backend: gpu`: the container's `nvidia.com/gpu` limit (default 1;
+    /// overrides one given in `resources`). Not allowed with `backend: cpu`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 16))]
+    pub gpus: Option<i32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscaling: Option<Autoscaling>,
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
@@ -121,6 +127,15 @@ impl SparseInferenceServiceSpec {
             && r < 0
         {
             return Err(RecipeError::invalid("spec.replicas", "must not be negative"));
+        }
+        match (self.backend, self.gpus) {
+            (Backend::Cpu, Some(_)) => {
+                return Err(RecipeError::invalid("spec.gpus", "only applies with backend: gpu"));
+            }
+            (Backend::Gpu, Some(g)) if !(1..=16).contains(&g) => {
+                return Err(RecipeError::invalid("spec.gpus", format!("{g} is not in [1, 16]")));
+            }
+            _ => {}
         }
         if let Some(a) = &self.autoscaling {
             if a.min_replicas < 1 || a.min_replicas > a.max_replicas {

@@ -195,4 +195,14 @@ fn invalid_manifests_are_refused_with_the_field_named() {
     sis["spec"]["autoscaling"] = json!({"minReplicas": 5, "maxReplicas": 2, "target": {"cpuUtilization": 50}});
     let e = manifest::from_value(&sis).expect_err("min > max").to_string();
     assert!(e.starts_with("spec.autoscaling.minReplicas:"), "{e}");
+    // GPUs per replica: only on the GPU backend, and within the schema's range.
+    let mut sis: Value = serde_saphyr::from_str(&serve).expect("YAML");
+    sis["spec"]["gpus"] = json!(2);
+    let e = manifest::from_value(&sis).expect_err("gpus on cpu").to_string();
+    assert!(e.starts_with("spec.gpus:") && e.contains("backend: gpu"), "{e}");
+    sis["spec"]["backend"] = json!("gpu");
+    manifest::from_value(&sis).expect("two GPUs per replica");
+    sis["spec"]["gpus"] = json!(0);
+    let e = manifest::from_value(&sis).expect_err("no GPUs").to_string();
+    assert!(e.starts_with("spec.gpus:"), "{e}");
 }
