@@ -4,6 +4,11 @@
 //! still has the sparse-bitmask compressor) decompresses it to the dense form and compresses the
 //! dense form back to the same bytes. Corrupted index parts are rejected at load.
 //!
+//! INT8 (`int-quantized`, dense and `sparse-bitmask` over int8, W8A8 and W8A16): the library
+//! parses our `quantization_config`, decompresses our files to the same dequantized tensors, and
+//! compresses those back to our bytes; what it writes itself Lacuna reads to the same codes, scales
+//! and logits.
+//!
 //! Needs the virtualenv of `tests/fixtures/requirements-compressed-tensors.txt` at
 //! `${LACUNA_CACHE:-$HOME/.cache/lacuna}/venvs/compressed-tensors` (`.ci/run` creates it); without
 //! it these tests fail with the command that creates it, never skip.
@@ -11,7 +16,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use lacuna_model::hf::{self, BitmaskOptions, SaveOptions};
+use lacuna_api::QuantScheme;
+use lacuna_model::hf::{self, BitmaskOptions, Int8Config, Int8Sparsity, SaveOptions};
 use lacuna_model::weights::{Dtype, Weight};
 use lacuna_model::{Checkpoint, KvCache, LlamaConfig};
 use lacuna_prune::{PruneConfig, magnitude};
@@ -146,9 +152,19 @@ fn read_header(bytes: &[u8]) -> (serde_json::Value, usize) {
 
 /// Runs the checker; returns whether it passed, its stdout and its stderr.
 fn python_check(bitmask: &Path, dense: &Path) -> (bool, String, String) {
+    python_check_writing(bitmask, dense, None)
+}
+
+/// The checker, also writing the library's own compression of `dense` into `library_out`.
+fn python_check_writing(bitmask: &Path, dense: &Path, library_out: Option<&Path>) -> (bool, String, String) {
     let python = lacuna_tests::torch_python();
     let script = fixtures_dir().join("check_compressed_tensors.py");
-    let out = match Command::new(&python).arg(&script).arg(bitmask).arg(dense).env("HF_HUB_OFFLINE", "1").output() {
+    let mut cmd = Command::new(&python);
+    cmd.arg(&script).arg(bitmask).arg(dense).env("HF_HUB_OFFLINE", "1");
+    if let Some(out) = library_out {
+        cmd.arg(out);
+    }
+    let out = match cmd.output() {
         Ok(out) => out,
         Err(e) => panic!(
             "cannot run {} ({e}): create the virtualenv with `{}`",
@@ -329,4 +345,134 @@ fn python_check_catches_a_changed_value_and_wrong_targets() {
 
     let (dense, bitmask, _) = small_pair(&tmp.path().join("targets"), "down_proj");
     python_check_fails(&bitmask, &dense, "select 12 layers in the library but 14 are compressed");
+}
+
+/// A two-layer SmolLM2 with INT8 decoder linears (round to nearest per output channel) except
+/// layer 1's down projection (kept in float, as a kurtosis-skipped layer is); with `sparse`, 50%
+/// magnitude-pruned first and the int8 weights stored in `sparse-bitmask` form. Writes the int8
+/// checkpoint and the dequantized f32 one; returns their paths and the int8 tensors.
+fn int8_pair(root: &Path, scheme: QuantScheme, sparse: bool) -> (PathBuf, PathBuf, Vec<(String, Weight)>) {
+    const FLOAT_LAYER: &str = "model.layers.1.mlp.down_proj";
+    let ck = smollm2();
+    let mut cfg = ck.model.config().clone();
+    cfg.num_hidden_layers = 2;
+    let keep = |n: &str| {
+        !n.starts_with("model.layers.") || n.starts_with("model.layers.0.") || n.starts_with("model.layers.1.")
+    };
+    let mut targets = Vec::new();
+    let tensors: Vec<(String, Weight)> = ck
+        .model
+        .tensors()
+        .into_iter()
+        .filter(|(n, _)| keep(n))
+        .map(|(n, w)| {
+            let Some(l) = n.strip_suffix(".weight").filter(|l| is_target(l)) else { return (n, w.clone()) };
+            let [rows, cols] = w.dims2().unwrap();
+            let mut v = w.to_f32_vec();
+            if sparse {
+                magnitude(&mut v, rows, cols, &PruneConfig::unstructured(0.5)).unwrap();
+            }
+            let w = Weight::from_f32(vec![rows, cols], v).unwrap();
+            if l == FLOAT_LAYER {
+                return (n, w);
+            }
+            targets.push(n.clone());
+            (n, w.to_dtype(Dtype::I8))
+        })
+        .collect();
+    assert_eq!(targets.len(), 13);
+    let zeros: usize = tensors.iter().filter(|(n, _)| targets.contains(n)).map(|(_, w)| w.count_zeros()).sum();
+    let total: usize = tensors.iter().filter(|(n, _)| targets.contains(n)).map(|(_, w)| w.len()).sum();
+    let qc = hf::int8_quantization_config(&Int8Config {
+        scheme,
+        ignore: vec!["lm_head".into(), FLOAT_LAYER.into()],
+        sparsity: sparse.then(|| Int8Sparsity {
+            global_sparsity: zeros as f64 / total as f64,
+            structure: "unstructured".into(),
+            targets: targets.clone(),
+        }),
+        metadata: serde_json::json!({"skipped_by_kurtosis": [FLOAT_LAYER]}),
+    });
+    let tok = &ck.tokenizer;
+    let int8 = root.join("int8");
+    let refs: Vec<(String, &Weight)> = tensors.iter().map(|(n, w)| (n.clone(), w)).collect();
+    let opts = SaveOptions {
+        bitmask: sparse.then(|| BitmaskOptions { targets: targets.clone() }),
+        extra_config: [("quantization_config".to_owned(), qc)].into(),
+        ..Default::default()
+    };
+    hf::save_dir(&int8, &cfg, &refs, Some(tok), &opts).unwrap();
+    let dequantized: Vec<(String, Weight)> = tensors.iter().map(|(n, w)| (n.clone(), w.to_dtype(Dtype::F32))).collect();
+    let refs: Vec<(String, &Weight)> = dequantized.iter().map(|(n, w)| (n.clone(), w)).collect();
+    let dense = root.join("dequantized");
+    hf::save_dir(&dense, &cfg, &refs, Some(tok), &SaveOptions::default()).unwrap();
+    (int8, dense, tensors)
+}
+
+/// Our int8 files against compressed-tensors both ways: the library reads ours (config,
+/// decompression, compression back to our bytes), and Lacuna reads the library's.
+fn int8_interop(scheme: QuantScheme, sparse: bool) {
+    let tmp = tempfile::tempdir().unwrap();
+    let (int8, dense, tensors) = int8_pair(tmp.path(), scheme, sparse);
+    let library = tmp.path().join("library");
+    let (ok, stdout, stderr) = python_check_writing(&int8, &dense, Some(&library));
+    assert!(ok, "compressed-tensors rejected {}\nstdout:\n{stdout}\nstderr:\n{stderr}", int8.display());
+    eprintln!("{stdout}");
+    let scheme_name = if scheme == QuantScheme::W8a8 { "W8A8" } else { "W8A16" };
+    assert!(stdout.contains(&format!("13 int8 layers ({scheme_name}, ['torch.int8'])")), "{stdout}");
+    assert_eq!(stdout.contains("sparse-bitmask over int8"), sparse, "{stdout}");
+
+    // Lacuna reads what the library wrote: the same codes, scales and stored form, and the model
+    // computes the same logits from it as from ours.
+    let ours = hf::load_tensors(&int8).unwrap();
+    let theirs = hf::load_tensors(&library).unwrap();
+    assert_eq!(ours.len(), tensors.len());
+    assert_eq!(theirs.len(), tensors.len());
+    for (name, w) in &tensors {
+        let (a, b) = (&ours[name], &theirs[name]);
+        match w.int8() {
+            Some(m) => {
+                let (a, b) = (a.int8().expect("int8"), b.int8().expect("int8"));
+                assert_eq!(a.codes(), m.codes(), "{name}: our codes");
+                assert_eq!(b.codes(), m.codes(), "{name}: the library's codes");
+                assert_eq!(b.scales(), m.scales(), "{name}: the library's scales");
+                assert_eq!(b.stored_as_bitmask(), sparse, "{name}");
+                assert_eq!(b.input_quant(), a.input_quant(), "{name}");
+            }
+            None => assert!(b.bytes() == w.bytes() && a.bytes() == w.bytes(), "{name}"),
+        }
+    }
+    let (c_ours, c_theirs) = (Checkpoint::open(&int8).unwrap(), Checkpoint::open(&library).unwrap());
+    let ids = c_ours.tokenizer.encode(PROMPT, true).unwrap();
+    let (lo, lt) = (last_logits(&c_ours, &ids), last_logits(&c_theirs, &ids));
+    assert!(lo.iter().zip(&lt).all(|(x, y)| x.to_bits() == y.to_bits()), "logits must be bit-identical");
+}
+
+#[test]
+fn int8_w8a8_dense_matches_compressed_tensors_both_ways() {
+    int8_interop(QuantScheme::W8a8, false);
+}
+
+#[test]
+fn int8_w8a8_sparse_bitmask_matches_compressed_tensors_both_ways() {
+    int8_interop(QuantScheme::W8a8, true);
+}
+
+#[test]
+fn int8_w8a16_dense_matches_compressed_tensors_both_ways() {
+    int8_interop(QuantScheme::W8a16, false);
+}
+
+/// The int8 checker is not vacuous: a changed scale (the file still loads) is caught.
+#[test]
+fn python_check_catches_a_changed_int8_scale() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (int8, dense, _) = int8_pair(tmp.path(), QuantScheme::W8a8, true);
+    edit_file(&int8.join(hf::SINGLE_FILE), |bytes| {
+        let r = data_range(bytes, "model.layers.0.self_attn.k_proj.weight_scale");
+        // The low mantissa bit of the first scale: still finite and positive.
+        bytes[r.start] ^= 0x01;
+    });
+    Checkpoint::open(&int8).expect("a changed scale is still a valid checkpoint");
+    python_check_fails(&int8, &dense, "decompress: model.layers.0.self_attn.k_proj.weight: bytes differ");
 }
