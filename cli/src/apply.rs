@@ -378,14 +378,6 @@ impl Runner {
     ) -> Result<OutputArtifact, StageFailure> {
         let fail = |reason: &str, message: String| StageFailure { reason: reason.to_owned(), message };
         let stage_failed = |e: anyhow::Error| fail(conditions::REASON_STAGE_FAILED, format!("{e:#}"));
-        if stage.name == "quantize" {
-            return Err(fail(
-                "StageUnavailable",
-                "this build of lacuna has no `quantize` command yet (SmoothQuant + GPTQ lands with the quantization \
-                 work); the stages after it cannot run"
-                    .into(),
-            ));
-        }
         let model = self.local_path(&input.uri).map_err(stage_failed)?;
         let out = self.local_path(out_uri).map_err(stage_failed)?;
         let dir = self.state_dir.join(&item.namespace).join(item.manifest.name());

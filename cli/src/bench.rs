@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::Args;
+use lacuna_gpu::{DeviceSpec, Gpu, GpuLlama};
 use lacuna_model::runtime::Runtime;
 use lacuna_model::sampling::argmax;
 use lacuna_model::{KvCache, KvDtype};
@@ -42,6 +43,10 @@ pub struct BenchArgs {
     /// KV cache values (f16: the inference service's default; f32: exact).
     #[arg(long, default_value_t = KvDtype::F16)]
     pub kv_cache: KvDtype,
+    /// Where decode runs: `cpu`, or CUDA device `cuda[:N]` (weights uploaded as stored, f16 KV
+    /// cache; docs/gpu.md).
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceSpec,
     #[arg(long)]
     pub json: bool,
 }
@@ -249,6 +254,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
     anyhow::ensure!(a.prompt_len > 0 && a.batch_prompt_len > 0, "prompt lengths must be positive");
     anyhow::ensure!(a.decode_tokens > 0, "--decode-tokens must be positive");
     anyhow::ensure!(a.rounds > 0, "--rounds must be positive");
+    if let DeviceSpec::Cuda(ordinal) = a.device {
+        return run_cuda(&a, ordinal);
+    }
     let mut subjects = Vec::with_capacity(a.model.len());
     for name in &a.model {
         subjects.push(load(&a, name).with_context(|| format!("loading {name}"))?);
@@ -366,6 +374,112 @@ pub fn run(a: BenchArgs) -> Result<()> {
             c.byte_ratio_with_kv,
             c.decode_speedup / c.byte_ratio_with_kv
         );
+    }
+    Ok(())
+}
+
+/// One model's decode on a CUDA device.
+#[derive(Serialize)]
+struct CudaModelReport {
+    model: String,
+    format: String,
+    /// Bytes of weights a decode step streams from device memory, as uploaded.
+    weight_bytes_per_token: u64,
+    /// One sequence, one token per step (median round).
+    decode_tokens_per_second: f64,
+    batch: usize,
+    batch_decode_tokens_per_second: Option<f64>,
+    /// weight_bytes_per_token × batch-1 decode tok/s.
+    decode_weight_gb_per_second: f64,
+}
+
+#[derive(Serialize)]
+struct CudaBenchReport {
+    device: String,
+    rounds: usize,
+    models: Vec<CudaModelReport>,
+    /// Per model after the first: (model, byte ratio, decode speed-up, speed-up ÷ byte ratio).
+    comparisons: Vec<(String, f64, f64, f64)>,
+}
+
+/// `lacuna bench --device cuda[:N]`: batch-1 and batched decode of each model on the GPU (the
+/// prompt runs through the decode step; prefill speed is not measured there yet).
+fn run_cuda(a: &BenchArgs, ordinal: usize) -> Result<()> {
+    let mut models = Vec::new();
+    let mut device = String::new();
+    for name in &a.model {
+        let ck = open_model(name).with_context(|| format!("loading {name}"))?;
+        let gpu = Gpu::new(ordinal)?;
+        device = gpu.name().to_owned();
+        let slots = a.batch.max(1);
+        let capacity = a.prompt_len.max(a.batch_prompt_len) + a.decode_tokens + 1;
+        let mut g = GpuLlama::load(gpu, &ck.model, slots, capacity).with_context(|| format!("uploading {name}"))?;
+        let vocab = g.config().vocab_size;
+        let (mut decode, mut batched) = (Vec::new(), Vec::new());
+        for _ in 0..a.rounds {
+            g.reset(0);
+            let mut next = argmax(&g.prefill(0, &prompt(a.prompt_len, vocab, 0))?) as u32;
+            let t = Instant::now();
+            for _ in 0..a.decode_tokens {
+                next = argmax(&g.step(&[(0, next)])?) as u32;
+            }
+            decode.push(a.decode_tokens as f64 / t.elapsed().as_secs_f64());
+            if a.batch > 0 {
+                let mut tokens = Vec::with_capacity(a.batch);
+                for s in 0..a.batch {
+                    g.reset(s);
+                    let l = g.prefill(s, &prompt(a.batch_prompt_len, vocab, s as u64 + 1))?;
+                    tokens.push((s, argmax(&l) as u32));
+                }
+                let t = Instant::now();
+                for _ in 0..a.decode_tokens {
+                    let logits = g.step(&tokens)?;
+                    for (row, tok) in logits.chunks(vocab).zip(tokens.iter_mut()) {
+                        tok.1 = argmax(row) as u32;
+                    }
+                }
+                batched.push((a.batch * a.decode_tokens) as f64 / t.elapsed().as_secs_f64());
+            }
+        }
+        let bytes = g.weight_bytes_per_token() as u64;
+        let tps = median(&mut decode);
+        models.push(CudaModelReport {
+            model: ck.path.display().to_string(),
+            format: ck.format.name().to_owned(),
+            weight_bytes_per_token: bytes,
+            decode_tokens_per_second: tps,
+            batch: a.batch,
+            batch_decode_tokens_per_second: (!batched.is_empty()).then(|| median(&mut batched)),
+            decode_weight_gb_per_second: bytes as f64 * tps / 1e9,
+        });
+    }
+    let base = &models[0];
+    let comparisons = models[1..]
+        .iter()
+        .map(|m| {
+            let ratio = base.weight_bytes_per_token as f64 / m.weight_bytes_per_token.max(1) as f64;
+            let speedup = m.decode_tokens_per_second / base.decode_tokens_per_second;
+            (m.model.clone(), ratio, speedup, speedup / ratio)
+        })
+        .collect();
+    let r = CudaBenchReport { device, rounds: a.rounds, models, comparisons };
+    if a.json {
+        return print_json(&r);
+    }
+    println!("device {} (median of {} rounds)", r.device, r.rounds);
+    for m in &r.models {
+        println!(
+            "{} ({}): {:.1} MiB/token, decode {:.1} tok/s ({:.1} GB/s of weights){}",
+            m.model,
+            m.format,
+            m.weight_bytes_per_token as f64 / (1024.0 * 1024.0),
+            m.decode_tokens_per_second,
+            m.decode_weight_gb_per_second,
+            m.batch_decode_tokens_per_second.map(|b| format!(", batch {}: {b:.1} tok/s", m.batch)).unwrap_or_default()
+        );
+    }
+    for (m, ratio, speedup, share) in &r.comparisons {
+        println!("{m}: byte ratio {ratio:.2}, decode speed-up {speedup:.2} ({share:.2} of the byte ratio)");
     }
     Ok(())
 }

@@ -258,6 +258,9 @@ pub struct GenerateArgs {
     pub chat: bool,
     #[command(flatten)]
     pub sampling: SamplingArgs,
+    /// Where the model runs: `cpu`, or CUDA device `cuda[:N]` (docs/gpu.md).
+    #[arg(long, default_value = "cpu")]
+    pub device: lacuna_gpu::DeviceSpec,
     #[command(flatten)]
     pub json: JsonFlag,
 }
@@ -273,12 +276,21 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     };
     let params = a.sampling.params();
     let mut stdout = std::io::stdout();
-    let g = run_generate(&ck.model, &ck.tokenizer, &ids, &params, |t| {
+    let mut on_text = |t: &str| {
         if !a.json.json {
             let _ = stdout.write_all(t.as_bytes());
             let _ = stdout.flush();
         }
-    })?;
+    };
+    let g = match a.device {
+        lacuna_gpu::DeviceSpec::Cpu => run_generate(&ck.model, &ck.tokenizer, &ids, &params, &mut on_text)?,
+        lacuna_gpu::DeviceSpec::Cuda(ordinal) => {
+            let capacity = (ids.len() + params.max_new_tokens + 1).min(ck.model.config().max_position_embeddings);
+            let gpu = lacuna_gpu::Gpu::new(ordinal)?;
+            let mut m = lacuna_gpu::GpuLlama::load(gpu, &ck.model, 1, capacity)?;
+            m.generate(&ck.tokenizer, &ids, &params, &mut on_text)?
+        }
+    };
     if a.json.json {
         return print_json(&g);
     }
@@ -417,6 +429,7 @@ pub fn demo(a: DemoArgs) -> Result<()> {
         prompt: a.prompt,
         chat: true,
         sampling,
+        device: lacuna_gpu::DeviceSpec::Cpu,
         json: JsonFlag { json: false },
     })?;
     eprintln!("== perplexity (wiki held-out, {} × 512 tokens)", a.segments);

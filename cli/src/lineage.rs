@@ -141,6 +141,8 @@ pub struct StageRun<'a> {
     /// The outputs: the dense directory, and the bitmask form when one was written.
     pub outputs: Vec<&'a Path>,
     pub sparsity: Option<f64>,
+    /// The outputs' quantization (`w8a8`), when the stage quantized.
+    pub quantization: Option<String>,
     /// Measurements attached to the outputs (`perplexity`, …).
     pub metrics: serde_json::Map<String, serde_json::Value>,
     /// One line on what it did (`sparsegpt to 50.00% sparsity`).
@@ -218,6 +220,7 @@ async fn record_run(store: Arc<LineageStore>, run: &StageRun<'_>) -> Result<()> 
     for dir in &run.outputs {
         let mut a = NewArtifact::new(ArtifactKind::Model, file_uri(dir), sha256_of_path(dir)?);
         a.sparsity = run.sparsity.map(|s| s.clamp(0.0, 1.0));
+        a.quantization = run.quantization.clone();
         a.metrics = run.metrics.clone();
         outputs.push(store.record_artifact(&a).await?);
     }

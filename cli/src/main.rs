@@ -6,6 +6,7 @@ mod commands;
 mod lineage;
 mod objects;
 mod prune;
+mod quantize;
 mod resolve;
 mod serve;
 mod stage;
@@ -49,6 +50,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// One-shot pruning (SparseGPT, Wanda, magnitude; uniform or OWL; unstructured or N:M).
     Prune(Box<prune::PruneArgs>),
+    /// INT8 quantization keeping the sparsity mask (SmoothQuant + GPTQ; W8A8 or W8A16).
+    Quantize(Box<quantize::QuantizeArgs>),
     /// Where models came from: the chain of runs and artifacts in the lineage database.
     #[command(subcommand)]
     Lineage(lineage::LineageCmd),
@@ -130,6 +133,7 @@ fn main() -> ExitCode {
         Command::Bench(a) => bench::run(a),
         Command::Demo(a) => commands::demo(a),
         Command::Prune(a) => prune::run(*a),
+        Command::Quantize(a) => quantize::run(*a),
         Command::Lineage(c) => lineage::run(c),
         Command::Serve(a) => serve::run(*a, cli.verbose),
         Command::Train(c) => train::run(c),

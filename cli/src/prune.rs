@@ -116,6 +116,47 @@ pub fn recipe(a: &PruneArgs) -> Result<PruneRecipe> {
     Ok(r)
 }
 
+/// The calibration windows of `spec` for `ck`: each corpus's calibration split, documents
+/// tokenized and joined by EOS into one stream, corpus `i` drawn with seed `seed + i`. Shared by
+/// `lacuna prune` and `lacuna quantize`.
+pub fn calibration_windows(
+    ck: &lacuna_model::checkpoint::Checkpoint,
+    spec: &CalibrationSpec,
+    seed: u64,
+) -> Result<Vec<Vec<u32>>> {
+    let mut calib = Vec::new();
+    for (i, (corpus, samples)) in spec.datasets().into_iter().zip(spec.samples_per_dataset()).enumerate() {
+        let pb = spinner(&format!("fetching {corpus}"));
+        // A local text file (`file://…`, documents separated by blank lines or JSONL `text`)
+        // gives its training documents; a known corpus its calibration split.
+        let docs: Vec<String> = if corpus.starts_with("file://") {
+            lacuna_train::data::load_source(None, corpus, &|_| {}).context("calibration.dataset")?.train
+        } else {
+            let name: DatasetName = corpus.parse().context("calibration.dataset")?;
+            let cache = Cache::from_env()?;
+            lacuna_data::fetch_dataset(&cache, name, &|s| pb.set_message(s.to_owned()))?;
+            pb.set_message(format!("tokenizing the {name} calibration split"));
+            lacuna_data::load_split(&cache, name, Split::Calibration)?.into_iter().map(|d| d.text).collect()
+        };
+        let name = corpus;
+        // Documents joined by EOS into one stream, as pretraining data is packed.
+        let sep = ck.tokenizer.eos_ids().first().copied();
+        let mut stream = Vec::new();
+        for d in docs {
+            stream.extend(ck.tokenizer.encode(&d, false)?);
+            stream.extend(sep);
+        }
+        pb.finish_and_clear();
+        // Each corpus gets its own seeded stream of windows.
+        let seed = seed.wrapping_add(i as u64);
+        calib.extend(
+            pipeline::calibration_windows(&stream, samples, spec.seq_len, seed)
+                .with_context(|| format!("calibration.seqLen: the {name} calibration split"))?,
+        );
+    }
+    Ok(calib)
+}
+
 pub fn run(mut a: PruneArgs) -> Result<()> {
     let recipe = recipe(&a)?;
     // An `s3://` output is written to a staging directory and uploaded when complete.
@@ -133,28 +174,7 @@ pub fn run(mut a: PruneArgs) -> Result<()> {
     let calib = if recipe.method == PruneMethod::Magnitude {
         Vec::new()
     } else {
-        let spec = &recipe.calibration;
-        let cache = Cache::from_env()?;
-        let mut calib = Vec::new();
-        for (i, (corpus, samples)) in spec.datasets().into_iter().zip(spec.samples_per_dataset()).enumerate() {
-            let name: DatasetName = corpus.parse().context("calibration.dataset")?;
-            let pb = spinner(&format!("fetching {name}"));
-            lacuna_data::fetch_dataset(&cache, name, &|s| pb.set_message(s.to_owned()))?;
-            pb.set_message(format!("tokenizing the {name} calibration split"));
-            let docs = lacuna_data::load_split(&cache, name, Split::Calibration)?;
-            // Documents joined by EOS into one stream, as pretraining data is packed.
-            let sep = ck.tokenizer.eos_ids().first().copied();
-            let mut stream = Vec::new();
-            for d in docs {
-                stream.extend(ck.tokenizer.encode(&d.text, false)?);
-                stream.extend(sep);
-            }
-            pb.finish_and_clear();
-            // Each corpus gets its own seeded stream of windows.
-            let seed = recipe.seed.wrapping_add(i as u64);
-            calib.extend(pipeline::calibration_windows(&stream, samples, spec.seq_len, seed)?);
-        }
-        calib
+        calibration_windows(&ck, &recipe.calibration, recipe.seed)?
     };
 
     let ckpt_dir = a.checkpoint_dir.clone().unwrap_or_else(|| sibling(&a.out, ".checkpoint"));
@@ -212,6 +232,7 @@ pub fn run(mut a: PruneArgs) -> Result<()> {
         recipe: serde_json::to_value(&recipe)?,
         outputs: vec![&a.out, &bitmask_out],
         sparsity: Some(summary.sparsity),
+        quantization: None,
         metrics: perplexity.map(|p| [("perplexity".to_owned(), p.clone())].into_iter().collect()).unwrap_or_default(),
         message: format!("{:?} to {:.2}% sparsity", recipe.method, 100.0 * summary.sparsity).to_lowercase(),
     });

@@ -263,6 +263,7 @@ fn report_outputs(
         recipe,
         outputs,
         sparsity,
+        quantization: None,
         metrics: metrics.iter().map(|(k, v)| (k.clone(), serde_json::json!(v))).collect(),
         message: format!("{kind} for {} steps", s.steps),
     });

@@ -12,6 +12,7 @@ use lacuna_model::hf::{self, SaveOptions};
 use lacuna_train::testing::{tiny_config, tiny_llama};
 
 mod apply;
+mod quantize;
 mod s3;
 mod tls;
 
