@@ -178,7 +178,10 @@ impl LlamaConfig {
             None | Some(Value::Null) => hidden_size / num_attention_heads.max(1),
             Some(_) => req("head_dim")?,
         };
-        let rope_scaling = match v.get("rope_scaling") {
+        // transformers >= 5 writes `rope_parameters` (`rope_type`, `rope_theta` and the scaling
+        // fields in one object) instead of `rope_theta` + `rope_scaling`; read either.
+        let rope_parameters = v.get("rope_parameters").filter(|p| !p.is_null());
+        let rope_scaling = match v.get("rope_scaling").filter(|p| !p.is_null()).or(rope_parameters) {
             None | Some(Value::Null) => None,
             Some(rs) => {
                 let kind = rs.get("rope_type").or_else(|| rs.get("type")).and_then(Value::as_str).unwrap_or("");
@@ -207,7 +210,12 @@ impl LlamaConfig {
             head_dim,
             max_position_embeddings: req("max_position_embeddings")?,
             rms_norm_eps: opt_f("rms_norm_eps", 1e-6)?,
-            rope_theta: opt_f("rope_theta", 10000.0)?,
+            rope_theta: match rope_parameters.and_then(|p| p.get("rope_theta")) {
+                Some(t) if v.get("rope_theta").is_none_or(Value::is_null) => {
+                    t.as_f64().ok_or_else(|| err(format!("`rope_parameters.rope_theta` must be a number, got {t}")))?
+                }
+                _ => opt_f("rope_theta", 10000.0)?,
+            },
             rope_scaling,
             tie_word_embeddings: v.get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false),
             bos_token_id: v.get("bos_token_id").and_then(Value::as_u64).map(|b| b as u32),
@@ -384,6 +392,24 @@ mod tests {
         assert!(((f[63] as f64) - unscaled_last / 8.0).abs() < 1e-12); // lowest divided by factor
         let json = c.to_hf_json("bfloat16").unwrap();
         assert_eq!(LlamaConfig::from_hf_value(&json, Path::new("c")).unwrap().rope_scaling, c.rope_scaling);
+    }
+
+    #[test]
+    fn transformers_5_rope_parameters_are_read() {
+        // transformers >= 5 saves `rope_parameters` in place of `rope_theta` / `rope_scaling`.
+        let mut v = base();
+        v.as_object_mut().unwrap().remove("rope_theta");
+        v["rope_parameters"] = json!({"rope_type": "default", "rope_theta": 100000.0});
+        let c = LlamaConfig::from_hf_value(&v, Path::new("c")).unwrap();
+        assert_eq!((c.rope_theta, c.rope_scaling.clone()), (100000.0, None));
+        v["rope_parameters"] = json!({"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192});
+        let c = LlamaConfig::from_hf_value(&v, Path::new("c")).unwrap();
+        assert_eq!(c.rope_theta, 500000.0);
+        assert!(matches!(c.rope_scaling, Some(RopeScaling::Llama3 { .. })));
+        v["rope_parameters"] = json!({"rope_type": "default", "rope_theta": "big"});
+        let e = LlamaConfig::from_hf_value(&v, Path::new("c")).unwrap_err().to_string();
+        assert!(e.contains("rope_parameters.rope_theta"), "{e}");
     }
 
     #[test]
