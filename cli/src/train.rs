@@ -11,7 +11,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use lacuna_api::{FinetuneRecipe, Pathway, PretrainRecipe, PruneMethod};
-use lacuna_data::{Cache, DatasetName, Split};
+use lacuna_data::Cache;
 use lacuna_model::hf::{self, SaveOptions};
 use lacuna_model::{Checkpoint, LinearKind, Llama};
 use lacuna_train::trainer::{self, Event, TrainSummary};
@@ -348,25 +348,7 @@ fn calibration(recipe: &lacuna_api::PruneRecipe, ck: &Checkpoint) -> Result<Vec<
     if recipe.method == PruneMethod::Magnitude {
         return Ok(Vec::new());
     }
-    let spec = &recipe.calibration;
-    let cache = Cache::from_env()?;
-    let mut calib = Vec::new();
-    for (i, (corpus, samples)) in spec.datasets().into_iter().zip(spec.samples_per_dataset()).enumerate() {
-        let name: DatasetName = corpus.parse().context("pruning.calibration.dataset")?;
-        let pb = spinner(&format!("fetching {name}"));
-        lacuna_data::fetch_dataset(&cache, name, &|s| pb.set_message(s.to_owned()))?;
-        let docs = lacuna_data::load_split(&cache, name, Split::Calibration)?;
-        let sep = ck.tokenizer.eos_ids().first().copied();
-        let mut stream = Vec::new();
-        for d in docs {
-            stream.extend(ck.tokenizer.encode(&d.text, false)?);
-            stream.extend(sep);
-        }
-        pb.finish_and_clear();
-        let seed = recipe.seed.wrapping_add(i as u64);
-        calib.extend(lacuna_prune::pipeline::calibration_windows(&stream, samples, spec.seq_len, seed)?);
-    }
-    Ok(calib)
+    crate::prune::calibration_windows(ck, &recipe.calibration, recipe.seed).context("pruning.calibration")
 }
 
 fn finetune(a: TrainArgs) -> Result<()> {
