@@ -180,6 +180,41 @@ fn pattern(recipe: &PruneRecipe, target: f64) -> Pattern {
     }
 }
 
+/// What a calibration pass does with block `b`'s samples.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Pass {
+    /// Statistics only: each sample runs through a copy (the down projection's output is not
+    /// computed) and stays the block's input.
+    Observe,
+    /// Each sample becomes the block's output (the next block's input).
+    Advance,
+}
+
+/// Runs block `b` over every calibration sample and hands each linear's input to `visit`. The
+/// first error `visit` returns is returned once the pass is over.
+pub(crate) fn calibration_pass(
+    model: &Llama,
+    b: usize,
+    xs: &mut [Vec<f32>],
+    pass: Pass,
+    visit: &mut dyn FnMut(LinearInput, &[f32]) -> Result<()>,
+) -> Result<()> {
+    let mut err = None;
+    let mut observe = |input: LinearInput, act: &[f32]| {
+        if let Err(e) = visit(input, act) {
+            err.get_or_insert(e);
+        }
+    };
+    for x in xs.iter_mut() {
+        match pass {
+            Pass::Observe => model.layer_observe(b, &mut x.clone(), &mut observe),
+            Pass::Advance => model.layer_forward(b, x, &mut observe),
+        }
+        .map_err(Error::model)?;
+    }
+    err.map_or(Ok(()), Err)
+}
+
 /// Runs `recipe` on `model` in place.
 pub fn prune_model(
     model: &mut Llama,
@@ -244,26 +279,15 @@ pub fn prune_model(
                     _ => Stats::Norms(ColNorms { sq: vec![0.0; width] }),
                 });
             }
-            let mut err = None;
             // Statistics only: the block's output comes from the pruned weights below.
-            for x in &xs {
-                let mut tmp = x.clone();
-                model
-                    .layer_observe(b, &mut tmp, &mut |input, act| match stats.get_mut(&input) {
-                        Some(Stats::Hessian(h)) => {
-                            let rows = act.len() / h.cols();
-                            if let Err(e) = h.add_batch(act, rows) {
-                                err.get_or_insert(e);
-                            }
-                        }
-                        Some(Stats::Norms(n)) => n.add(act),
-                        None => {}
-                    })
-                    .map_err(Error::model)?;
-            }
-            if let Some(e) = err {
-                return Err(e);
-            }
+            calibration_pass(model, b, &mut xs, Pass::Observe, &mut |input, act| match stats.get_mut(&input) {
+                Some(Stats::Hessian(h)) => h.add_batch(act, act.len() / h.cols()),
+                Some(Stats::Norms(n)) => {
+                    n.add(act);
+                    Ok(())
+                }
+                None => Ok(()),
+            })?;
         }
         let block_target = state.block_targets[b];
         let mut pruned = Vec::new();
@@ -308,9 +332,7 @@ pub fn prune_model(
         }
         drop(stats);
         if needs_data && b + 1 < blocks {
-            for x in xs.iter_mut() {
-                model.layer_forward(b, x, &mut |_, _| {}).map_err(Error::model)?;
-            }
+            calibration_pass(model, b, &mut xs, Pass::Advance, &mut |_, _| Ok(()))?;
         }
         state.next_block = b + 1;
         if let Some(c) = &ckpt {
@@ -354,15 +376,12 @@ fn owl_targets(
         for k in LinearKind::ALL {
             norms.entry(k.input()).or_insert_with(|| ColNorms { sq: vec![0.0; input_width(model, k.input())] });
         }
-        for x in xs.iter_mut() {
-            model
-                .layer_forward(b, x, &mut |input, act| {
-                    if let Some(n) = norms.get_mut(&input) {
-                        n.add(act)
-                    }
-                })
-                .map_err(Error::model)?;
-        }
+        calibration_pass(model, b, &mut xs, Pass::Advance, &mut |input, act| {
+            if let Some(n) = norms.get_mut(&input) {
+                n.add(act)
+            }
+            Ok(())
+        })?;
         let mut scores: Vec<Vec<f32>> = Vec::new();
         for (_, k, _) in selected.iter().filter(|(lb, _, _)| *lb == b) {
             let w = model.linear(b, *k).expect("selected").to_f32_vec();

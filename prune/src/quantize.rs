@@ -33,7 +33,7 @@ use lacuna_model::{LinearInput, LinearKind, Llama};
 use serde::{Deserialize, Serialize};
 
 use crate::gptq::{GptqConfig, Int8Layer, gptq, rtn};
-use crate::pipeline::{Checkpoint, RunOptions, fingerprint, input_width, linear_kind_of};
+use crate::pipeline::{Checkpoint, Pass, RunOptions, calibration_pass, fingerprint, input_width, linear_kind_of};
 use crate::smooth::{ActStats, scale_columns, smoothing_scales};
 use crate::{Error, Hessian, Result};
 
@@ -212,27 +212,15 @@ pub fn quantize_model(
             ALL_INPUTS.iter().map(|&i| (i, Hessian::new(input_width(model, i)))).collect();
         let mut acts: BTreeMap<LinearInput, ActStats> =
             SMOOTHED_INPUTS.iter().map(|&i| (i, ActStats::new(input_width(model, i)))).collect();
-        let mut err = None;
-        for x in &xs {
-            let mut tmp = x.clone();
-            model
-                .layer_observe(b, &mut tmp, &mut |input, act| {
-                    if let Some(h) = hessians.get_mut(&input)
-                        && let Err(e) = h.add_batch(act, act.len() / h.cols())
-                    {
-                        err.get_or_insert(e);
-                    }
-                    if let Some(a) = acts.get_mut(&input)
-                        && let Err(e) = a.add(act)
-                    {
-                        err.get_or_insert(e);
-                    }
-                })
-                .map_err(Error::model)?;
-        }
-        if let Some(e) = err {
-            return Err(e);
-        }
+        calibration_pass(model, b, &mut xs, Pass::Observe, &mut |input, act| {
+            if let Some(h) = hessians.get_mut(&input) {
+                h.add_batch(act, act.len() / h.cols())?;
+            }
+            if let Some(a) = acts.get_mut(&input) {
+                a.add(act)?;
+            }
+            Ok(())
+        })?;
 
         let mut saved: Vec<(String, Weight)> = Vec::new();
         if recipe.smoothquant_alpha > 0.0 {
@@ -295,9 +283,7 @@ pub fn quantize_model(
         }
         drop(hessians);
         if b + 1 < blocks {
-            for x in xs.iter_mut() {
-                model.layer_forward(b, x, &mut |_, _| {}).map_err(Error::model)?;
-            }
+            calibration_pass(model, b, &mut xs, Pass::Advance, &mut |_, _| Ok(()))?;
         }
         state.next_block = b + 1;
         if let Some(c) = &ckpt {
@@ -409,21 +395,10 @@ fn kurtosis_ranking(
         progress(QuantProgress::Kurtosis { block: b, blocks });
         let mut acts: BTreeMap<LinearInput, ActStats> =
             ALL_INPUTS.iter().map(|&i| (i, ActStats::new(input_width(model, i)))).collect();
-        let mut err = None;
-        for x in xs.iter_mut() {
-            model
-                .layer_forward(b, x, &mut |input, act| {
-                    if let Some(a) = acts.get_mut(&input)
-                        && let Err(e) = a.add(act)
-                    {
-                        err.get_or_insert(e);
-                    }
-                })
-                .map_err(Error::model)?;
-        }
-        if let Some(e) = err {
-            return Err(e);
-        }
+        calibration_pass(model, b, &mut xs, Pass::Advance, &mut |input, act| match acts.get_mut(&input) {
+            Some(a) => a.add(act),
+            None => Ok(()),
+        })?;
         let mut per_input = BTreeMap::new();
         for input in ALL_INPUTS {
             let a = &acts[&input];
