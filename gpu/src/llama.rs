@@ -4,11 +4,8 @@
 //! Prompts run through the same step one token at a time (decode is what this backend serves;
 //! a GEMM prefill is the next step, docs/gpu.md). Sampling stays on the CPU.
 
-use std::time::Instant;
-
 use cudarc::driver::CudaSlice;
-use lacuna_model::generate::{FinishReason, GenerateParams, Generation, StopText};
-use lacuna_model::sampling::Sampler;
+use lacuna_model::generate::{GenerateParams, Generation};
 use lacuna_model::tokenizer::Tokenizer;
 use lacuna_model::weights::Weight;
 use lacuna_model::{Llama, LlamaConfig};
@@ -247,7 +244,7 @@ impl GpuLlama {
         tok: &Tokenizer,
         prompt: &[u32],
         params: &GenerateParams,
-        mut on_text: impl FnMut(&str),
+        on_text: impl FnMut(&str),
     ) -> Result<Generation> {
         if prompt.is_empty() {
             return Err(GpuError::Shape("the prompt is empty".into()));
@@ -260,46 +257,7 @@ impl GpuLlama {
             )));
         }
         let budget = params.max_new_tokens.min(self.capacity - prompt.len());
-        let mut sampler = Sampler::new(params.sampling.clone())?;
         self.reset(0);
-        let t0 = Instant::now();
-        let mut logits = self.prefill(0, prompt)?;
-        let prefill_seconds = t0.elapsed().as_secs_f64();
-        let t1 = Instant::now();
-        let mut text = StopText::new(tok, &params.stop);
-        let mut ids = Vec::new();
-        let mut finish = FinishReason::Length;
-        while ids.len() < budget {
-            let next = sampler.sample(&logits);
-            if !params.ignore_eos && tok.eos_ids().contains(&next) {
-                finish = FinishReason::Stop;
-                break;
-            }
-            ids.push(next);
-            let step = text.push(next)?;
-            if !step.text.is_empty() {
-                on_text(&step.text);
-            }
-            if step.stopped {
-                finish = FinishReason::Stop;
-                break;
-            }
-            if ids.len() == budget {
-                break;
-            }
-            logits = self.step(&[(0, next)])?;
-        }
-        let rest = text.finish();
-        if !rest.is_empty() {
-            on_text(&rest);
-        }
-        Ok(Generation {
-            ids,
-            text: text.into_text(),
-            finish_reason: finish,
-            prompt_tokens: prompt.len(),
-            prefill_seconds,
-            decode_seconds: t1.elapsed().as_secs_f64(),
-        })
+        lacuna_model::generate::sample_loop(tok, prompt, budget, params, |tokens| self.prefill(0, tokens), on_text)
     }
 }

@@ -62,7 +62,7 @@ pub fn generate(
     tok: &Tokenizer,
     prompt: &[u32],
     params: &GenerateParams,
-    mut on_text: impl FnMut(&str),
+    on_text: impl FnMut(&str),
 ) -> Result<Generation> {
     let ctx = model.config().max_position_embeddings;
     if prompt.is_empty() {
@@ -72,10 +72,25 @@ pub fn generate(
         return Err(Error::Invalid(format!("the prompt has {} tokens; the context holds {ctx}", prompt.len())));
     }
     let budget = params.max_new_tokens.min(ctx - prompt.len());
-    let mut sampler = Sampler::new(params.sampling.clone())?;
     let mut cache = KvCache::with_dtype(model.config(), prompt.len() + budget, params.kv_cache);
+    sample_loop(tok, prompt, budget, params, |tokens| model.forward_last_logits(tokens, &mut cache), on_text)
+}
+
+/// The generation loop every engine shares: `feed(tokens)` appends tokens to the engine's
+/// sequence and returns the last position's logits — the whole prompt first, then each sampled
+/// token — until EOS (unless ignored), a stop string, or `budget` new tokens; text is streamed to
+/// `on_text` as soon as it can no longer be part of a stop string.
+pub fn sample_loop<E: From<Error>>(
+    tok: &Tokenizer,
+    prompt: &[u32],
+    budget: usize,
+    params: &GenerateParams,
+    mut feed: impl FnMut(&[u32]) -> std::result::Result<Vec<f32>, E>,
+    mut on_text: impl FnMut(&str),
+) -> std::result::Result<Generation, E> {
+    let mut sampler = Sampler::new(params.sampling.clone())?;
     let t0 = Instant::now();
-    let mut logits = model.forward_last_logits(prompt, &mut cache)?;
+    let mut logits = feed(prompt)?;
     let prefill_seconds = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
 
@@ -100,7 +115,7 @@ pub fn generate(
         if ids.len() == budget {
             break;
         }
-        logits = model.forward_last_logits(&[next], &mut cache)?;
+        logits = feed(&[next])?;
     }
     let rest = text.finish();
     if !rest.is_empty() {
