@@ -72,19 +72,56 @@ fn product_with<T: BitmaskValue>(
         panel.par_chunks_mut(cols * tile).enumerate().for_each(|(t, p)| pack_tile(x, n, cols, tile, t, p));
     }
     // Tasks: a tile's rows in ranges, enough of them that both (all) cores stay busy when a
-    // prompt is a single tile; ranges of whole rows are independent.
+    // prompt is a single tile; ranges of whole rows are independent. The ranges hold equal work,
+    // not equal rows: SparseGPT's block rule leaves rows with very different numbers of
+    // non-zeros, and equal row counts made the heaviest task the prompt's critical path.
     let tasks_per_tile = (4 * cpu::threads()).div_ceil(tiles).max(1);
-    let per = rows.div_ceil(tasks_per_tile).max(8).min(rows);
+    let bounds = balanced_rows(w, tasks_per_tile);
     let panel = &*panel;
     out.par_chunks_mut(rows * tile).enumerate().for_each(|(t, tile_out)| {
         let lanes = (n - t * tile).min(tile);
         let p = &panel[t * cols * tile..(t + 1) * cols * tile];
-        tile_out.par_chunks_mut(per * tile).enumerate().for_each(|(k, o)| rows_tile(isa, w, k * per, o, p, lanes));
+        let mut parts = Vec::with_capacity(bounds.len());
+        let mut rest = tile_out;
+        for r in bounds.windows(2) {
+            let (o, tail) = std::mem::take(&mut rest).split_at_mut((r[1] - r[0]) * tile);
+            if !o.is_empty() {
+                parts.push((r[0], o));
+            }
+            rest = tail;
+        }
+        parts.into_par_iter().for_each(|(r0, o)| rows_tile(isa, w, r0, o, p, lanes));
     });
     let out = &*out;
     y.par_chunks_mut(tile * rows).enumerate().for_each(|(t, yt)| {
         dense::scatter_transposed(&out[t * rows * tile..(t + 1) * rows * tile], tile, rows, yt);
     });
+}
+
+/// Row bounds `0 = b₀ ≤ b₁ ≤ … ≤ b_k = rows` splitting `w` into `k ≤ tasks` ranges (at most one
+/// per 8 rows) of about equal cost, counting a row's non-zeros (one broadcast and a tile of FMAs
+/// each) plus its per-block overhead (a mask word, and loading and storing the row's
+/// accumulators: about two non-zeros' worth per 64-column block).
+fn balanced_rows<T: BitmaskValue>(w: &BitmaskView<'_, T>, tasks: usize) -> Vec<usize> {
+    let (rows, offsets) = (w.rows(), w.row_offsets());
+    let per_row = 2 * w.cols().div_ceil(BLOCK);
+    // Cost of rows 0..r (validated views: row r's values start at offsets[r], row 0's at 0).
+    let prefix = |r: usize| if r == rows { w.nnz() } else { offsets[r] as usize } + r * per_row;
+    let tasks = tasks.clamp(1, rows.div_ceil(8).max(1));
+    let total = prefix(rows);
+    let mut bounds = vec![0];
+    for k in 1..tasks {
+        let target = total * k / tasks;
+        // The first row whose prefix reaches the target (the prefix is non-decreasing).
+        let (mut lo, mut hi) = (bounds[k - 1], rows);
+        while lo < hi {
+            let mid = (lo + hi) / 2;
+            if prefix(mid) < target { lo = mid + 1 } else { hi = mid }
+        }
+        bounds.push(lo);
+    }
+    bounds.push(rows);
+    bounds
 }
 
 thread_local! {
@@ -274,3 +311,37 @@ kernel!(
     _mm256_fmadd_ps,
     _mm256_set1_ps
 );
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bitmask::BitmaskMatrix;
+
+    #[test]
+    fn row_ranges_hold_equal_work_when_rows_are_uneven() {
+        // Rows 0..64 nearly dense, 64..256 nearly empty: equal row counts would give the first
+        // task almost all the work.
+        let (rows, cols) = (256, 256);
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|i| if (i / cols < 64) == (i % 16 != 0) { 1.0 + (i % 7) as f32 } else { 0.0 })
+            .collect();
+        let m = BitmaskMatrix::from_dense(&w, rows, cols).unwrap();
+        let v = m.view();
+        let b = balanced_rows(&v, 8);
+        assert_eq!((b.len(), b[0], b[8]), (9, 0, rows), "{b:?}");
+        assert!(b.windows(2).all(|r| r[0] <= r[1]), "{b:?}");
+        let cost = |a: usize, z: usize| {
+            (a..z).map(|r| w[r * cols..(r + 1) * cols].iter().filter(|x| **x != 0.0).count() + 8).sum::<usize>()
+        };
+        let (total, max_row) = (cost(0, rows), cost(0, 1));
+        for r in b.windows(2) {
+            let c = cost(r[0], r[1]);
+            assert!(c <= total / 8 + max_row, "range {r:?} costs {c} of {total}: {b:?}");
+        }
+        // The dense quarter holds 78% of the work: six ranges of eight.
+        assert!(b[6] <= 64 && b[7] > 64, "{b:?}");
+        // Few (uniform) rows: no more ranges than one per 8 rows, split evenly.
+        let small = BitmaskMatrix::from_dense(&w[..12 * cols], 12, cols).unwrap();
+        assert_eq!(balanced_rows(&small.view(), 8), vec![0, 6, 12]);
+    }
+}
