@@ -25,11 +25,16 @@ fn lacuna() -> Command {
 
 /// A 2-layer, 32-wide random Llama with SmolLM2's tokenizer, half of each linear zero.
 fn tiny_model(root: &Path, seed: u64) -> PathBuf {
+    tiny_model_at(root, seed, 0.5)
+}
+
+/// A tiny Llama with SmolLM2's tokenizer and `sparsity` of every linear's weights zero.
+fn tiny_model_at(root: &Path, seed: u64, sparsity: f64) -> PathBuf {
     let smol = lacuna_tests::smollm2();
     let mut cfg = tiny_config(smol.model.config().vocab_size, 32, 2, 4, 2, true);
     cfg.eos_token_ids = smol.model.config().eos_token_ids.clone();
     cfg.bos_token_id = smol.model.config().bos_token_id;
-    let model = tiny_llama(&cfg, seed, 0.5).unwrap();
+    let model = tiny_llama(&cfg, seed, sparsity).unwrap();
     let dir = root.join(format!("tiny-{seed}"));
     hf::save_dir(&dir, model.config(), &model.tensors(), Some(&smol.tokenizer), &SaveOptions::default()).unwrap();
     dir

@@ -8,7 +8,7 @@ use std::process::Output;
 use lacuna_model::checkpoint::Checkpoint;
 use lacuna_model::{LinearKind, Llama};
 
-use super::{corpus, lacuna, tiny_model};
+use super::{corpus, lacuna, tiny_model, tiny_model_at};
 
 fn text(o: &Output) -> String {
     format!(
@@ -67,7 +67,8 @@ fn weight_files(dir: &Path) -> Vec<Vec<u8>> {
 fn quantize_keeps_the_mask_resumes_bit_identically_and_names_bad_fields() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    let base = tiny_model(root, 31);
+    // 70% sparse, the paper's quantized model.
+    let base = tiny_model_at(root, 31, 0.7);
     let (prose, _) = corpus(root);
     let r = recipe(root, "q.yaml", &prose, 2);
 
@@ -105,12 +106,26 @@ fn quantize_keeps_the_mask_resumes_bit_identically_and_names_bad_fields() {
         int8 += usize::from(after.model.linear(b, k).unwrap().int8().is_some());
     }
     assert_eq!(int8, 14 - 2);
+    let (mut zeros_before, mut newly_zero, mut total) = (0, 0, 0);
     for ((name, w0), (_, w1)) in linears(&before.model).iter().zip(linears(&after.model).iter()) {
         for (i, (a, b)) in w0.iter().zip(w1).enumerate() {
             if *a == 0.0 {
                 assert_eq!(*b, 0.0, "{name}[{i}] was zero");
             }
+            zeros_before += usize::from(*a == 0.0);
+            newly_zero += usize::from(*a != 0.0 && *b == 0.0);
         }
+        total += w0.len();
+    }
+    // The 70% mask: error compensation never revives a pruned weight, and a kept weight becomes
+    // zero only when its code rounds to 0 (rare: the row's scale is its largest |w| / 127).
+    let sparsity = zeros_before as f64 / total as f64;
+    assert!((0.69..0.71).contains(&sparsity), "input sparsity {sparsity}");
+    assert!(newly_zero * 100 < total, "{newly_zero} of {total} kept weights rounded to zero");
+    // The bitmask form stores exactly the non-zero codes of the dense int8 form.
+    let packed = Checkpoint::open(&root.join("w8a8-bitmask")).unwrap();
+    for ((name, w1), (_, w2)) in linears(&after.model).iter().zip(linears(&packed.model).iter()) {
+        assert_eq!(w1, w2, "{name}: bitmask form differs from the dense int8 form");
     }
 
     // Interrupted after block 1, then resumed: byte-identical weights.
