@@ -13,7 +13,7 @@ mod common;
 use criterion::Throughput;
 use lacuna_kernels::bitmask::BitmaskMatrix;
 use lacuna_kernels::dense::DenseMatrix;
-use lacuna_kernels::matrix::{Matrix, Product, matmul_many};
+use lacuna_kernels::matrix::{Matrix, Product, Scratch, matmul_many};
 use lacuna_kernels::pages;
 use rand::{Rng, SeedableRng};
 
@@ -83,7 +83,7 @@ fn main() {
             .map(|(s, l)| (l.to_owned(), stack(s)))
             .into();
     let mut y = vec![0f32; VOCAB];
-    let mut scratch = Vec::new();
+    let mut scratch = Scratch::new();
     for (label, groups) in &models {
         let mats: Vec<Vec<Matrix>> = groups.iter().map(|g| g.iter().map(Stored::matrix).collect()).collect();
         pages::prefer_huge_pages(mats.iter().flatten().flat_map(|m| m.buffers()));

@@ -3,15 +3,20 @@
 //! `quantization_config` that describes them, and the dynamic per-token INT8 quantization of
 //! a W8A8 layer's input.
 //!
-//! Until the INT8 kernels land, an int8 weight is multiplied through its dequantized f32 form
-//! (dense, or the f32 `sparse-bitmask` form when [`crate::Llama::prefer_bitmask`] finds that it
-//! streams fewer bytes), and a W8A8 layer's input goes through
-//! [`quantize_activations_per_token`] first, so what runs is the W8A8 model's arithmetic up to
-//! f32 accumulation order.
+//! A W8A8 weight ([`InputQuant::Int8PerToken`]) runs on the INT8 kernels
+//! ([`lacuna_kernels::int8`]): its input is quantized per token to INT8 codes, each output is an
+//! i32 sum of code products dequantized once, and a product streams the codes (dense, or their
+//! `sparse-bitmask` form when [`crate::Llama::prefer_bitmask`] finds that it streams fewer
+//! bytes) and the scales: a quarter of the f32 bytes. A W8A16 weight ([`InputQuant::None`])
+//! keeps float activations, so it is multiplied through its dequantized f32 form (built on
+//! first use). [`quantize_activations_per_token`] is the same quantization simulated in f32:
+//! the reference the kernels are tested against ([`crate::Llama::set_int8_reference`]).
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use lacuna_api::QuantScheme;
+use lacuna_kernels::bitmask::BitmaskMatrix;
+use lacuna_kernels::int8 as kernels;
 use serde_json::{Value, json};
 
 use crate::weights::{Storage, Weight};
@@ -37,7 +42,11 @@ pub struct Int8Matrix {
     input: InputQuant,
     /// The checkpoint held the codes in `sparse-bitmask` form (what `inspect` reports).
     stored_bitmask: bool,
-    /// The f32 form products run on today (dense unless set by [`Int8Matrix::with_compute`]).
+    /// The codes in `sparse-bitmask` form, which W8A8 products run on when set (see
+    /// [`Weight::to_bitmask_if_smaller`]).
+    bitmask: Option<Arc<BitmaskMatrix<i8>>>,
+    /// The dequantized f32 form W8A16 products (and the reference path) run on, built on first
+    /// use: dense unless set by [`Int8Matrix::with_compute`]. A W8A8 model never builds it.
     compute: OnceLock<Weight>,
 }
 
@@ -68,7 +77,16 @@ impl Int8Matrix {
         if let Some((r, s)) = scales.iter().enumerate().find(|(_, s)| !(s.is_finite() && **s > 0.0)) {
             return Err(Error::Invalid(format!("scale of row {r} is {s}: scales must be finite and positive")));
         }
-        Ok(Self { rows, cols, codes, scales, input: InputQuant::None, stored_bitmask: false, compute: OnceLock::new() })
+        Ok(Self {
+            rows,
+            cols,
+            codes,
+            scales,
+            input: InputQuant::None,
+            stored_bitmask: false,
+            bitmask: None,
+            compute: OnceLock::new(),
+        })
     }
 
     /// Round to nearest (ties to even) with the scale `max|row| / 127` (1 for an all-zero row):
@@ -90,6 +108,7 @@ impl Int8Matrix {
             scales,
             input,
             stored_bitmask: false,
+            bitmask: None,
             compute: OnceLock::new(),
         }
     }
@@ -146,7 +165,47 @@ impl Int8Matrix {
         }
     }
 
-    /// The f32 weight products run on.
+    /// The INT8 kernels' view: the bitmask form when set, the dense codes otherwise.
+    pub fn kernel_matrix(&self) -> Result<kernels::Int8Matrix<'_>> {
+        Ok(match &self.bitmask {
+            Some(b) => kernels::Int8Matrix::Bitmask(kernels::Int8Bitmask::new(b.view(), &self.scales)?),
+            None => {
+                kernels::Int8Matrix::Dense(kernels::Int8Dense::new(self.codes(), &self.scales, self.rows, self.cols)?)
+            }
+        })
+    }
+
+    /// Bytes an INT8 product streams: codes (or bitmask, packed codes and row offsets) and scales.
+    pub fn kernel_bytes(&self) -> usize {
+        let codes = match &self.bitmask {
+            Some(b) => b.nbytes(),
+            None => self.codes().len(),
+        };
+        codes + 4 * self.scales.len()
+    }
+
+    /// The `sparse-bitmask` form of the codes W8A8 products run on, if set.
+    pub fn bitmask_codes(&self) -> Option<&BitmaskMatrix<i8>> {
+        self.bitmask.as_deref()
+    }
+
+    /// Runs W8A8 products on `b`, the codes in `sparse-bitmask` form (`None`: the dense codes).
+    pub(crate) fn with_bitmask_codes(self, b: Option<BitmaskMatrix<i8>>) -> Result<Self> {
+        if let Some(b) = &b
+            && (b.rows() != self.rows || b.cols() != self.cols)
+        {
+            return Err(Error::Invalid(format!(
+                "a [{}, {}] bitmask cannot hold the codes of int8 matrix [{}, {}]",
+                b.rows(),
+                b.cols(),
+                self.rows,
+                self.cols
+            )));
+        }
+        Ok(Self { bitmask: b.map(Arc::new), ..self })
+    }
+
+    /// The f32 weight W8A16 products run on.
     pub(crate) fn compute(&self) -> &Weight {
         self.compute.get_or_init(|| {
             Weight::from_f32(vec![self.rows, self.cols], self.dequantize()).expect("rows · cols values, checked in new")
@@ -168,8 +227,10 @@ impl Int8Matrix {
 /// row becomes `round(x · 127 / max|row|) · max|row| / 127` (ties to even; an all-zero row stays
 /// zero), so codes lie in `-127..=127`. This is what vLLM's dynamic per-token kernel computes for
 /// a compressed-tensors W8A8 checkpoint (compressed-tensors' own fake quantization divides by
-/// 127.5 and clamps to -128; the deployed model is vLLM's). The INT8 kernels replace this function
-/// with real codes and an i32 accumulation; it is the one place activation quantization happens.
+/// 127.5 and clamps to -128; the deployed model is vLLM's). The INT8 kernels
+/// ([`lacuna_kernels::int8::QuantizedActs`]) compute the same codes and scales (a test holds
+/// them to it: every value here is their code · scale exactly) and accumulate in i32; this f32
+/// form is the reference they are tested against, never the product path.
 pub fn quantize_activations_per_token(x: &[f32], width: usize, out: &mut [f32]) -> Result<()> {
     if out.len() != x.len() || (width == 0 && !x.is_empty()) || (width > 0 && !x.len().is_multiple_of(width)) {
         return Err(Error::Invalid(format!(
@@ -361,6 +422,37 @@ mod tests {
         assert_eq!(out[7], 64.0 * (2.0 / 127.0));
         assert_eq!(out[8], -127.0 * (2.0 / 127.0));
         assert!(quantize_activations_per_token(&x, 4, &mut out).is_err());
+    }
+
+    #[test]
+    fn the_f32_reference_quantizes_as_the_int8_kernels_do_exactly() {
+        // Rows with ties (values k + 0.5 of the code step), zeros, a single large value and
+        // ordinary values: the simulated value is exactly the kernel's code times its scale.
+        let width = 67;
+        let mut x = Vec::new();
+        for r in 0..40usize {
+            for c in 0..width {
+                let v = match r % 4 {
+                    0 => (c as f32 - 33.0) + 0.5,
+                    1 => 0.0,
+                    2 if c == 5 => 1e4,
+                    _ => ((r * 131 + c * 71) % 1009) as f32 * 1e-3 - 0.5,
+                };
+                x.push(v * (1.0 + r as f32 * 0.37));
+            }
+        }
+        let n = x.len() / width;
+        let mut sim = vec![0f32; x.len()];
+        quantize_activations_per_token(&x, width, &mut sim).unwrap();
+        let mut q = lacuna_kernels::int8::QuantizedActs::new();
+        q.quantize(&x, n, width).unwrap();
+        for i in 0..n {
+            for (c, &code) in q.codes(i).iter().enumerate() {
+                let want = code as f32 * q.scale(i);
+                // Equal as numbers (a negative value rounded to zero is −0 in f32, a 0 code +0).
+                assert_eq!(sim[i * width + c], want, "row {i} col {c}");
+            }
+        }
     }
 
     #[test]

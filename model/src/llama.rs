@@ -68,6 +68,12 @@ pub struct Llama {
     pub(crate) norm: Norm,
     /// `None` when the output projection is tied to the embedding.
     lm_head: Option<Weight>,
+    /// The output projection quantized to W8A8 by [`Llama::quantize_lm_head`]: logits run on it
+    /// (the embedding lookup keeps the float table, and checkpoints save the float head).
+    int8_head: Option<Weight>,
+    /// W8A8 products of the reference forward through their dequantized f32 form on inputs
+    /// quantized in f32 (see [`Llama::set_int8_reference`]).
+    int8_reference: bool,
     pub(crate) inv_freq: Vec<f32>,
 }
 
@@ -266,7 +272,7 @@ impl Llama {
         let mut config = config;
         config.tie_word_embeddings = lm_head.is_none();
         let inv_freq = config.inv_freq();
-        Ok(Self { config, embed_tokens, layers, norm, lm_head, inv_freq })
+        Ok(Self { config, embed_tokens, layers, norm, lm_head, int8_head: None, int8_reference: false, inv_freq })
     }
 
     pub fn config(&self) -> &LlamaConfig {
@@ -463,7 +469,7 @@ impl Llama {
                         *w = b;
                         n += 1;
                     }
-                    None if w.is_bitmask() => *w = w.densify(),
+                    None if w.runs_bitmask() => *w = w.densify(),
                     None => {}
                 }
             }
@@ -475,16 +481,49 @@ impl Llama {
     pub fn densify(&mut self) {
         for l in &mut self.layers {
             for w in l.linears_mut() {
-                if w.is_bitmask() {
+                if w.runs_bitmask() {
                     *w = w.densify();
                 }
             }
         }
     }
 
+    /// Runs the logits on a W8A8 copy of the output projection (the tied embedding or
+    /// `lm_head`): each row rounded to nearest on its own scale `max|row| / 127`, the final hidden
+    /// states quantized per token, the product on the INT8 kernels. The embedding lookup keeps
+    /// the float table and [`Llama::tensors`] the float head, so a saved model is unchanged; the
+    /// copy adds `vocab · hidden` bytes (and a scale per row) to memory and streams a quarter of
+    /// an f32 head's bytes per token.
+    pub fn quantize_lm_head(&mut self) -> Result<()> {
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
+        let [rows, cols] = head.dims2()?;
+        let m = crate::int8::Int8Matrix::round_to_nearest(&head.to_f32_vec(), rows, cols)
+            .with_input_quant(crate::int8::InputQuant::Int8PerToken);
+        self.int8_head = Some(Weight::from_int8_matrix(m)?);
+        Ok(())
+    }
+
+    /// Whether the logits run on a W8A8 head ([`Llama::quantize_lm_head`]).
+    pub fn has_int8_lm_head(&self) -> bool {
+        self.int8_head.is_some()
+    }
+
+    /// With `on`, the reference forward ([`Llama::forward`], [`Llama::logits`]) runs every W8A8
+    /// product as [`Weight::matmul_dequantized`]: the dequantized f32 weights times inputs
+    /// quantized per token in f32. That is the oracle tests hold the INT8 kernels to; the decode
+    /// runtime always runs the kernels.
+    pub fn set_int8_reference(&mut self, on: bool) {
+        self.int8_reference = on;
+    }
+
+    /// `y = x · wᵀ` of one linear sublayer of the reference forward.
+    fn product(&self, w: &Weight, x: &[f32], n: usize, y: &mut [f32]) -> Result<()> {
+        if self.int8_reference { w.matmul_dequantized(x, n, y) } else { w.matmul(x, n, y) }
+    }
+
     /// Bytes of weights one decode step streams: every decoder linear as stored and the LM head.
     pub fn weight_bytes_per_token(&self) -> usize {
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens).stored_bytes();
+        let head = self.lm_head().stored_bytes();
         head + self.layers.iter().flat_map(|l| l.linears()).map(|w| w.stored_bytes()).sum::<usize>()
     }
 
@@ -511,9 +550,9 @@ impl Llama {
         let (cos, sin) = self.rope_tables(pos0, n);
         rms_norm(x, &layer.input_layernorm.w, eps, &mut s.h);
         observe(LinearInput::Attention, &s.h);
-        layer.q_proj.matmul(&s.h, n, &mut s.q)?;
-        layer.k_proj.matmul(&s.h, n, &mut s.k)?;
-        layer.v_proj.matmul(&s.h, n, &mut s.v)?;
+        self.product(&layer.q_proj, &s.h, n, &mut s.q)?;
+        self.product(&layer.k_proj, &s.h, n, &mut s.k)?;
+        self.product(&layer.v_proj, &s.h, n, &mut s.v)?;
         apply_rope(&mut s.q, c.num_attention_heads, c.head_dim, &cos, &sin);
         apply_rope(&mut s.k, c.num_key_value_heads, c.head_dim, &cos, &sin);
         round_through(kv, &mut s.k);
@@ -523,32 +562,33 @@ impl Llama {
         vc[pos0 * kvd..(pos0 + n) * kvd].copy_from_slice(&s.v);
         let attn = self.attention(&s.q, kc, vc, pos0, n)?;
         observe(LinearInput::AttentionOutput, &attn);
-        layer.o_proj.matmul(&attn, n, &mut s.o)?;
+        self.product(&layer.o_proj, &attn, n, &mut s.o)?;
         add_into(x, &s.o);
 
         rms_norm(x, &layer.post_attention_layernorm.w, eps, &mut s.h);
         observe(LinearInput::Mlp, &s.h);
-        layer.gate_proj.matmul(&s.h, n, &mut s.gate)?;
-        layer.up_proj.matmul(&s.h, n, &mut s.up)?;
+        self.product(&layer.gate_proj, &s.h, n, &mut s.gate)?;
+        self.product(&layer.up_proj, &s.h, n, &mut s.up)?;
         silu_mul(&mut s.gate, &s.up);
         observe(LinearInput::MlpActivation, &s.gate);
         if !down {
             return Ok(());
         }
-        layer.down_proj.matmul(&s.gate, n, &mut s.o)?;
+        self.product(&layer.down_proj, &s.gate, n, &mut s.o)?;
         add_into(x, &s.o);
         Ok(())
     }
 
-    /// The output projection (the embedding when tied).
+    /// The output projection logits run on: the W8A8 head of [`Llama::quantize_lm_head`], else
+    /// `lm_head`, else the (tied) embedding.
     pub(crate) fn lm_head(&self) -> &Weight {
-        self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
+        self.int8_head.as_ref().or(self.lm_head.as_ref()).unwrap_or(&self.embed_tokens)
     }
 
     /// Logits `[n, vocab]` of final-normed hidden states `[n, hidden]`.
     pub fn logits(&self, hidden: &[f32], n: usize) -> Result<Vec<f32>> {
         let mut out = vec![0f32; n * self.config.vocab_size];
-        self.lm_head().matmul(hidden, n, &mut out)?;
+        self.product(self.lm_head(), hidden, n, &mut out)?;
         Ok(out)
     }
 

@@ -15,19 +15,20 @@
 //! forward pass, whose products are GEMMs.
 //!
 //! Each layer runs on its weights as the checkpoint stored them: bitmask where
-//! [`Llama::prefer_bitmask`] found it streams fewer bytes, dense elsewhere; INT8 layers through
-//! their dequantized f32 form, a W8A8 layer's input quantized per token first
-//! ([`crate::int8::quantize_activations_per_token`]).
+//! [`Llama::prefer_bitmask`] found it streams fewer bytes, dense elsewhere. W8A8 layers run on
+//! the INT8 kernels: a group's shared input is quantized per token once (into the group's
+//! [`Scratch`]) and every INT8 product of the group reads those codes, in the same region as any
+//! float product beside it (a layer that kurtosis kept in float); W8A16 layers through their
+//! dequantized f32 form (see [`crate::int8`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use lacuna_kernels::attention::{self, CacheValue, HeadCache};
-use lacuna_kernels::matrix::{Product, matmul_many};
+use lacuna_kernels::matrix::{Product, Scratch, matmul_many};
 use lacuna_kernels::team::Team;
 
 use crate::config::LlamaConfig;
-use crate::int8::quantize_activations_per_token;
 use crate::kv::{KvCache, KvDtype, LayerView};
 use crate::llama::{Llama, add_into, apply_rope, rms_norm, silu_mul};
 use crate::{Error, Result};
@@ -53,10 +54,9 @@ struct Buffers {
     scores: Vec<f32>,
     /// Attention tasks' partial results (see [`attention::merge_partials`]).
     partials: Vec<f32>,
-    /// Transposed outputs of batched products (see [`matmul_many`]).
-    scratch: Vec<f32>,
-    /// The per-token INT8 form of a W8A8 layer's input, `[max_batch, widest input]`.
-    xq: Vec<f32>,
+    /// Transposed outputs of batched products and the INT8 form of a W8A8 group's input (see
+    /// [`matmul_many`]).
+    scratch: Scratch,
     /// Cache slot and position of each batch row.
     slots: Vec<usize>,
     pos: Vec<usize>,
@@ -106,12 +106,11 @@ impl Runtime {
             sin: vec![0.0; max_batch * half],
             scores: vec![0.0; max_batch * c.num_attention_heads * (max_context + MAX_SPLIT)],
             partials: vec![0.0; max_batch * MAX_SPLIT * (c.q_dim() + 2 * c.num_attention_heads)],
-            scratch: Vec::with_capacity(
+            scratch: Scratch::with_capacity(
                 max_batch * (c.vocab_size.max(c.q_dim() + 2 * c.kv_dim()).max(2 * c.intermediate_size)),
             ),
             slots: Vec::with_capacity(max_batch),
             pos: Vec::with_capacity(max_batch),
-            xq: vec![0.0; max_batch * c.hidden_size.max(c.q_dim()).max(c.intermediate_size)],
         };
         // Every decode step streams these: on 2 MiB pages it does without a TLB miss every 4 KiB.
         let mut buffers = Vec::new();
@@ -247,16 +246,14 @@ impl Runtime {
             let h = &mut b.h[..n * hs];
             rms_norm(x, &layer.input_layernorm.w, eps, h);
             let (q, k, v) = (&mut b.q[..n * qd], &mut b.k[..n * kvd], &mut b.v[..n * kvd]);
-            matmul_linears(
+            matmul_many(
                 &mut [
                     Product { w: layer.q_proj.matrix()?, y: q },
                     Product { w: layer.k_proj.matrix()?, y: k },
                     Product { w: layer.v_proj.matrix()?, y: v },
                 ],
-                &[layer.q_proj.quantizes_input(), layer.k_proj.quantizes_input(), layer.v_proj.quantizes_input()],
                 h,
                 n,
-                &mut b.xq,
                 &mut b.scratch,
             )?;
             apply_rope(q, c.num_attention_heads, c.head_dim, &b.cos, &b.sin);
@@ -277,34 +274,18 @@ impl Runtime {
                 self.max_context,
             );
             let o = &mut b.o[..n * hs];
-            matmul_linears(
-                &mut [Product { w: layer.o_proj.matrix()?, y: o }],
-                &[layer.o_proj.quantizes_input()],
-                &b.attn[..n * qd],
-                n,
-                &mut b.xq,
-                &mut b.scratch,
-            )?;
+            matmul_many(&mut [Product { w: layer.o_proj.matrix()?, y: o }], &b.attn[..n * qd], n, &mut b.scratch)?;
             add_into(x, o);
             rms_norm(x, &layer.post_attention_layernorm.w, eps, h);
             let (gate, up) = (&mut b.gate[..n * fd], &mut b.up[..n * fd]);
-            matmul_linears(
+            matmul_many(
                 &mut [Product { w: layer.gate_proj.matrix()?, y: gate }, Product { w: layer.up_proj.matrix()?, y: up }],
-                &[layer.gate_proj.quantizes_input(), layer.up_proj.quantizes_input()],
                 h,
                 n,
-                &mut b.xq,
                 &mut b.scratch,
             )?;
             silu_mul(gate, up);
-            matmul_linears(
-                &mut [Product { w: layer.down_proj.matrix()?, y: o }],
-                &[layer.down_proj.quantizes_input()],
-                gate,
-                n,
-                &mut b.xq,
-                &mut b.scratch,
-            )?;
+            matmul_many(&mut [Product { w: layer.down_proj.matrix()?, y: o }], gate, n, &mut b.scratch)?;
             add_into(x, o);
         }
         for &s in &b.slots {
@@ -313,40 +294,9 @@ impl Runtime {
         let h = &mut b.h[..n * hs];
         rms_norm(&b.x[..n * hs], &model.norm.w, eps, h);
         let logits = &mut b.logits[..n * c.vocab_size];
-        matmul_linears(
-            &mut [Product { w: model.lm_head().matrix()?, y: logits }],
-            &[model.lm_head().quantizes_input()],
-            h,
-            n,
-            &mut b.xq,
-            &mut b.scratch,
-        )?;
+        matmul_many(&mut [Product { w: model.lm_head().matrix()?, y: logits }], h, n, &mut b.scratch)?;
         Ok(n)
     }
-}
-
-/// The products `ps` of the `n` rows of `x`, those with `quantized[i]` (W8A8 layers) on the
-/// per-token INT8 form of `x` (computed once into `xq`): one parallel region when they all agree.
-fn matmul_linears(
-    ps: &mut [Product<'_, '_>],
-    quantized: &[bool],
-    x: &[f32],
-    n: usize,
-    xq: &mut [f32],
-    scratch: &mut Vec<f32>,
-) -> Result<()> {
-    if !quantized.iter().any(|q| *q) {
-        return Ok(matmul_many(ps, x, n, scratch)?);
-    }
-    let xq = &mut xq[..x.len()];
-    quantize_activations_per_token(x, x.len() / n.max(1), xq)?;
-    if quantized.iter().all(|q| *q) {
-        return Ok(matmul_many(ps, xq, n, scratch)?);
-    }
-    for (i, q) in quantized.iter().enumerate() {
-        matmul_many(&mut ps[i..=i], if *q { xq } else { x }, n, scratch)?;
-    }
-    Ok(())
 }
 
 /// One KV head's columns (`offset..`) of a layer's `kv_dim`-wide rows, positions `a..b`.

@@ -11,7 +11,7 @@ use lacuna_kernels::dense::{DenseMatrix, Element};
 use lacuna_kernels::matrix::Matrix;
 use lacuna_kernels::mmap::Mmap;
 
-use crate::int8::Int8Matrix;
+use crate::int8::{InputQuant, Int8Matrix};
 use crate::{Error, Result};
 
 /// Element type of a stored weight.
@@ -110,7 +110,8 @@ pub enum Data {
     BitmaskF32(Arc<BitmaskMatrix<f32>>),
     BitmaskBF16(Arc<BitmaskMatrix<bf16>>),
     /// Per-output-channel symmetric INT8 (compressed-tensors `int-quantized`): codes and a scale
-    /// per row. Until the INT8 kernels land it is multiplied through its dequantized f32 form.
+    /// per row. A W8A8 weight runs on the INT8 kernels (dense codes or their bitmask form); a
+    /// W8A16 one through its dequantized f32 form (see [`crate::int8`]).
     I8(Arc<Int8Matrix>),
 }
 
@@ -189,11 +190,13 @@ impl Weight {
         matches!(self.data, Data::BitmaskF32(_) | Data::BitmaskBF16(_))
     }
     /// Bytes a full read of this weight streams (bitmask + non-zeros + row offsets when sparse).
-    /// An int8 weight counts the f32 form it is multiplied through today, not its codes.
+    /// A W8A8 weight counts its codes (or their bitmask form) and scales; a W8A16 one the f32
+    /// form it is multiplied through.
     pub fn stored_bytes(&self) -> usize {
         match &self.data {
             Data::BitmaskF32(m) => m.nbytes(),
             Data::BitmaskBF16(m) => m.nbytes(),
+            Data::I8(m) if m.input_quant() == InputQuant::Int8PerToken => m.kernel_bytes(),
             Data::I8(m) => m.compute().stored_bytes(),
             _ => self.nbytes(),
         }
@@ -326,21 +329,31 @@ impl Weight {
         Weight { shape: self.shape.clone(), data }
     }
 
-    /// `y[n, rows] = x[n, cols] · Wᵀ` for a 2-D weight; a W8A8 weight first quantizes `x`
-    /// ([`crate::int8::quantize_activations_per_token`]).
+    /// `y[n, rows] = x[n, cols] · Wᵀ` for a 2-D weight; a W8A8 weight on the INT8 kernels, its
+    /// input quantized per token.
     pub fn matmul(&self, x: &[f32], n: usize, y: &mut [f32]) -> Result<()> {
-        if self.quantizes_input() {
-            let [_, cols] = self.dims2()?;
-            let mut xq = vec![0f32; x.len()];
-            crate::int8::quantize_activations_per_token(x, cols, &mut xq)?;
-            return Ok(self.matrix()?.matmul(&xq, n, y)?);
-        }
         Ok(self.matrix()?.matmul(x, n, y)?)
     }
 
-    /// The kernels' view of this 2-D weight, whatever its stored format (an int8 weight lends its
-    /// dequantized f32 form; the input quantization of a W8A8 weight is the caller's, see
-    /// [`Weight::quantizes_input`]).
+    /// The reference of [`Weight::matmul`], the oracle the INT8 kernels are tested against: a
+    /// W8A8 weight's product is its dequantized f32 form (`code · scale`) times the input
+    /// quantized per token in f32 ([`crate::int8::quantize_activations_per_token`]); any other
+    /// weight's is [`Weight::matmul`].
+    pub fn matmul_dequantized(&self, x: &[f32], n: usize, y: &mut [f32]) -> Result<()> {
+        match &self.data {
+            Data::I8(m) if m.input_quant() == InputQuant::Int8PerToken => {
+                let [_, cols] = self.dims2()?;
+                let mut xq = vec![0f32; x.len()];
+                crate::int8::quantize_activations_per_token(x, cols, &mut xq)?;
+                Ok(m.compute().matrix()?.matmul(&xq, n, y)?)
+            }
+            _ => self.matmul(x, n, y),
+        }
+    }
+
+    /// The kernels' view of this 2-D weight, whatever its stored format: a W8A8 weight lends its
+    /// INT8 codes ([`Matrix::Int8`], whose products quantize their input), a W8A16 one its
+    /// dequantized f32 form.
     pub fn matrix(&self) -> Result<Matrix<'_>> {
         let [rows, cols] = self.dims2()?;
         Ok(match &self.data {
@@ -349,23 +362,50 @@ impl Weight {
             Data::BF16(s) => Matrix::Bf16(DenseMatrix::new(s.as_slice(), rows, cols)?),
             Data::BitmaskF32(m) => Matrix::BitmaskF32(m.view()),
             Data::BitmaskBF16(m) => Matrix::BitmaskBf16(m.view()),
+            Data::I8(m) if m.input_quant() == InputQuant::Int8PerToken => Matrix::Int8(m.kernel_matrix()?),
             Data::I8(m) => return m.compute().matrix(),
         })
     }
 
-    /// The dense form (a copy for a bitmask matrix, a clone otherwise).
+    /// The dense form (a copy for a bitmask matrix, the dense codes alone for an int8 one, a
+    /// clone otherwise).
     pub fn densify(&self) -> Weight {
-        if self.is_bitmask() { self.to_dtype(self.dtype()) } else { self.clone() }
+        match &self.data {
+            Data::I8(m) if m.bitmask_codes().is_some() => Weight {
+                shape: self.shape.clone(),
+                data: Data::I8(Arc::new(
+                    m.as_ref().clone().with_bitmask_codes(None).expect("dropping a form always fits"),
+                )),
+            },
+            _ if self.is_bitmask() => self.to_dtype(self.dtype()),
+            _ => self.clone(),
+        }
+    }
+
+    /// Whether products run on a `sparse-bitmask` form (a float bitmask matrix, or the codes of
+    /// an int8 one).
+    pub fn runs_bitmask(&self) -> bool {
+        self.is_bitmask() || self.int8().is_some_and(|m| m.bitmask_codes().is_some())
     }
 
     /// The `sparse-bitmask` form of a 2-D f32/bf16 weight, if it streams at most
     /// [`BITMASK_MAX_BYTE_RATIO`] of the dense bytes; `None` when it would not pay. An int8
-    /// weight stays int8 and is multiplied through the f32 bitmask form of its dequantized values.
+    /// weight stays int8: a W8A8 one runs on the bitmask form of its codes (compared with the
+    /// dense codes), a W8A16 one on the f32 bitmask form of its dequantized values (compared
+    /// with the dense f32 form).
     pub fn to_bitmask_if_smaller(&self) -> Result<Option<Weight>> {
         if self.is_bitmask() {
             return Ok(Some(self.clone()));
         }
         if let Data::I8(m) = &self.data {
+            let [rows, cols] = self.dims2()?;
+            if m.input_quant() == InputQuant::Int8PerToken {
+                let b = BitmaskMatrix::from_dense(m.codes(), rows, cols)?;
+                if b.nbytes() as f64 > BITMASK_MAX_BYTE_RATIO * m.codes().len() as f64 {
+                    return Ok(None);
+                }
+                return Ok(Some(Self::from_int8_matrix(m.as_ref().clone().with_bitmask_codes(Some(b))?)?));
+            }
             let Some(b) = Weight::from_f32(self.shape.clone(), m.dequantize())?.to_bitmask_if_smaller()? else {
                 return Ok(None);
             };

@@ -340,9 +340,16 @@ pub fn matmul_quantized_on(isa: Int8Isa, w: &Int8Matrix<'_>, acts: &QuantizedAct
 /// groups, its weights stay in L2 while every group passes over them.
 const CHUNK_ROWS: usize = dense::SMALL_GEMM_CHUNK_ROWS;
 
-/// Rows `r0 .. r0 + out.len() / n` into `out` (`[rows, n]`), on this thread.
-fn rows_into(isa: Int8Isa, w: &Int8Matrix<'_>, acts: &QuantizedActs, r0: usize, out: &mut [f32]) {
+/// Rows `r0 .. r0 + out.len() / n` into `out` (`[rows, n]`, for `n == 1` simply the outputs),
+/// on this thread: the layout of the float kernels' `rows_into`, so that [`crate::matrix`] runs
+/// INT8 and float products in one region. Callers have checked that `isa` runs here and that
+/// `acts` holds `n >= 1` rows quantized for `w`'s columns.
+pub(crate) fn rows_into(isa: Int8Isa, w: &Int8Matrix<'_>, acts: &QuantizedActs, r0: usize, out: &mut [f32]) {
     let n = acts.n;
+    if w.cols() == 0 {
+        out.fill(0.0);
+        return;
+    }
     let r1 = r0 + out.len() / n;
     let scales = w.scales();
     SUMS.with(|cell| {
