@@ -189,11 +189,14 @@ impl Int8Matrix {
         self.bitmask.as_deref()
     }
 
-    /// Runs W8A8 products on `b`, the codes in `sparse-bitmask` form (`None`: the dense codes).
-    pub(crate) fn with_bitmask_codes(self, b: Option<BitmaskMatrix<i8>>) -> Result<Self> {
-        if let Some(b) = &b
-            && (b.rows() != self.rows || b.cols() != self.cols)
-        {
+    /// Runs W8A8 products on the dense codes.
+    pub(crate) fn without_bitmask_codes(self) -> Self {
+        Self { bitmask: None, ..self }
+    }
+
+    /// Runs W8A8 products on `b`, the codes in `sparse-bitmask` form.
+    pub(crate) fn with_bitmask_codes(self, b: BitmaskMatrix<i8>) -> Result<Self> {
+        if b.rows() != self.rows || b.cols() != self.cols {
             return Err(Error::Invalid(format!(
                 "a [{}, {}] bitmask cannot hold the codes of int8 matrix [{}, {}]",
                 b.rows(),
@@ -202,7 +205,7 @@ impl Int8Matrix {
                 self.cols
             )));
         }
-        Ok(Self { bitmask: b.map(Arc::new), ..self })
+        Ok(Self { bitmask: Some(Arc::new(b)), ..self })
     }
 
     /// The f32 weight W8A16 products run on.

@@ -8,6 +8,7 @@ use std::path::Path;
 use rayon::prelude::*;
 
 use lacuna_kernels::dense::{Strided, gemm_strided};
+use lacuna_kernels::matrix::{Product, Scratch, matmul_many};
 
 use crate::config::LlamaConfig;
 use crate::kv::round_through;
@@ -146,6 +147,8 @@ struct LayerScratch {
     o: Vec<f32>,
     gate: Vec<f32>,
     up: Vec<f32>,
+    /// The products' own scratch (see [`matmul_many`]).
+    products: Scratch,
 }
 
 impl LayerScratch {
@@ -158,6 +161,7 @@ impl LayerScratch {
             o: vec![0f32; n * c.hidden_size],
             gate: vec![0f32; n * c.intermediate_size],
             up: vec![0f32; n * c.intermediate_size],
+            products: Scratch::new(),
         }
     }
 }
@@ -550,9 +554,19 @@ impl Llama {
         let (cos, sin) = self.rope_tables(pos0, n);
         rms_norm(x, &layer.input_layernorm.w, eps, &mut s.h);
         observe(LinearInput::Attention, &s.h);
-        self.product(&layer.q_proj, &s.h, n, &mut s.q)?;
-        self.product(&layer.k_proj, &s.h, n, &mut s.k)?;
-        self.product(&layer.v_proj, &s.h, n, &mut s.v)?;
+        if self.int8_reference {
+            self.product(&layer.q_proj, &s.h, n, &mut s.q)?;
+            self.product(&layer.k_proj, &s.h, n, &mut s.k)?;
+            self.product(&layer.v_proj, &s.h, n, &mut s.v)?;
+        } else {
+            // One group: a W8A8 input is quantized once for the three.
+            let group = &mut [
+                Product { w: layer.q_proj.matrix()?, y: &mut s.q },
+                Product { w: layer.k_proj.matrix()?, y: &mut s.k },
+                Product { w: layer.v_proj.matrix()?, y: &mut s.v },
+            ];
+            matmul_many(group, &s.h, n, &mut s.products)?;
+        }
         apply_rope(&mut s.q, c.num_attention_heads, c.head_dim, &cos, &sin);
         apply_rope(&mut s.k, c.num_key_value_heads, c.head_dim, &cos, &sin);
         round_through(kv, &mut s.k);
@@ -567,8 +581,16 @@ impl Llama {
 
         rms_norm(x, &layer.post_attention_layernorm.w, eps, &mut s.h);
         observe(LinearInput::Mlp, &s.h);
-        self.product(&layer.gate_proj, &s.h, n, &mut s.gate)?;
-        self.product(&layer.up_proj, &s.h, n, &mut s.up)?;
+        if self.int8_reference {
+            self.product(&layer.gate_proj, &s.h, n, &mut s.gate)?;
+            self.product(&layer.up_proj, &s.h, n, &mut s.up)?;
+        } else {
+            let group = &mut [
+                Product { w: layer.gate_proj.matrix()?, y: &mut s.gate },
+                Product { w: layer.up_proj.matrix()?, y: &mut s.up },
+            ];
+            matmul_many(group, &s.h, n, &mut s.products)?;
+        }
         silu_mul(&mut s.gate, &s.up);
         observe(LinearInput::MlpActivation, &s.gate);
         if !down {

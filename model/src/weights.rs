@@ -373,9 +373,7 @@ impl Weight {
         match &self.data {
             Data::I8(m) if m.bitmask_codes().is_some() => Weight {
                 shape: self.shape.clone(),
-                data: Data::I8(Arc::new(
-                    m.as_ref().clone().with_bitmask_codes(None).expect("dropping a form always fits"),
-                )),
+                data: Data::I8(Arc::new(m.as_ref().clone().without_bitmask_codes())),
             },
             _ if self.is_bitmask() => self.to_dtype(self.dtype()),
             _ => self.clone(),
@@ -404,7 +402,7 @@ impl Weight {
                 if b.nbytes() as f64 > BITMASK_MAX_BYTE_RATIO * m.codes().len() as f64 {
                     return Ok(None);
                 }
-                return Ok(Some(Self::from_int8_matrix(m.as_ref().clone().with_bitmask_codes(Some(b))?)?));
+                return Ok(Some(Self::from_int8_matrix(m.as_ref().clone().with_bitmask_codes(b)?)?));
             }
             let Some(b) = Weight::from_f32(self.shape.clone(), m.dequantize())?.to_bitmask_if_smaller()? else {
                 return Ok(None);
