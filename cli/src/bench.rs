@@ -15,7 +15,7 @@ use lacuna_model::sampling::argmax;
 use lacuna_model::{KvCache, KvDtype};
 use serde::Serialize;
 
-use crate::commands::{open_model, print_json};
+use crate::commands::{EngineArgs, open_engine_model, open_model, print_json};
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -47,6 +47,8 @@ pub struct BenchArgs {
     /// cache; docs/gpu.md).
     #[arg(long, default_value = "cpu")]
     pub device: DeviceSpec,
+    #[command(flatten)]
+    pub engine: EngineArgs,
     #[arg(long)]
     pub json: bool,
 }
@@ -101,6 +103,10 @@ struct Comparison {
 struct BenchReport {
     threads: usize,
     kernel: &'static str,
+    /// The path of the INT8 kernels (W8A8 layers, and the LM head with `--int8-lm-head`).
+    int8_kernel: &'static str,
+    /// Whether the logits ran on a W8A8 copy of the LM head.
+    int8_lm_head: bool,
     kv_cache: KvDtype,
     /// The machine's read bandwidth, measured by this run (see `cpu::measure_read_bandwidth`)
     /// after every round; the median of the rounds.
@@ -162,7 +168,7 @@ struct Subject {
 fn load(a: &BenchArgs, name: &str) -> Result<Subject> {
     let before = rss_bytes();
     let t = Instant::now();
-    let ck = open_model(name)?;
+    let ck = open_engine_model(name, &a.engine)?;
     let load_seconds = t.elapsed().as_secs_f64();
     let cfg = ck.model.config().clone();
     let need = (a.prompt_len + a.decode_tokens).max(a.batch_prompt_len + a.decode_tokens);
@@ -254,6 +260,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     anyhow::ensure!(a.prompt_len > 0 && a.batch_prompt_len > 0, "prompt lengths must be positive");
     anyhow::ensure!(a.decode_tokens > 0, "--decode-tokens must be positive");
     anyhow::ensure!(a.rounds > 0, "--rounds must be positive");
+    a.engine.check_device(&a.device)?;
     if let DeviceSpec::Cuda(ordinal) = a.device {
         return run_cuda(&a, ordinal);
     }
@@ -308,6 +315,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let r = BenchReport {
         threads: lacuna_kernels::cpu::threads(),
         kernel: lacuna_kernels::cpu::isa().name(),
+        int8_kernel: lacuna_kernels::cpu::int8_isa().name(),
+        int8_lm_head: a.engine.int8_lm_head,
         kv_cache: a.kv_cache,
         memory_read_gb_per_second: bandwidth,
         memory_read_gb_per_second_rounds: bandwidths,
@@ -320,10 +329,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
         return print_json(&r);
     }
     println!(
-        "threads {} ({} kernels, {} KV cache), measured read bandwidth {:.1} GB/s (rounds {}), median of {} rounds{}",
+        "threads {} ({} kernels, {} INT8, {} KV cache{}), measured read bandwidth {:.1} GB/s (rounds {}), median of {} rounds{}",
         r.threads,
         r.kernel,
+        r.int8_kernel,
         r.kv_cache,
+        if r.int8_lm_head { ", INT8 LM head" } else { "" },
         bandwidth,
         r.memory_read_gb_per_second_rounds.iter().map(|v| format!("{v:.1}")).collect::<Vec<_>>().join(" "),
         r.rounds,

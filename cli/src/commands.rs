@@ -26,6 +26,42 @@ pub fn open_model(arg: &str) -> Result<Checkpoint> {
     load_model(&model_path(arg)?)
 }
 
+/// How the CPU engine runs a loaded model (`generate`, `eval perplexity`, `bench`; `serve` has
+/// the same flag among its settings).
+#[derive(Args, Clone, Debug, Default)]
+pub struct EngineArgs {
+    /// Run the logits on a W8A8 copy of the LM head (the tied embedding or `lm_head`, rows
+    /// rounded to INT8 at load, hidden states quantized per token): a quarter of the head's
+    /// bytes per token; the logits move a little. CPU only.
+    #[arg(long)]
+    pub int8_lm_head: bool,
+}
+
+impl EngineArgs {
+    /// Applies the options to a loaded checkpoint.
+    pub fn apply(&self, ck: &mut Checkpoint) -> Result<()> {
+        if self.int8_lm_head {
+            ck.model.quantize_lm_head().context("quantizing the LM head to INT8")?;
+        }
+        Ok(())
+    }
+
+    /// An error when an option the CPU engine alone has is asked of another device.
+    pub fn check_device(&self, device: &lacuna_gpu::DeviceSpec) -> Result<()> {
+        if self.int8_lm_head && !matches!(device, lacuna_gpu::DeviceSpec::Cpu) {
+            bail!("--int8-lm-head runs on the CPU engine only (device {device:?})");
+        }
+        Ok(())
+    }
+}
+
+/// [`open_model`] with the engine options applied.
+pub fn open_engine_model(arg: &str, engine: &EngineArgs) -> Result<Checkpoint> {
+    let mut ck = open_model(arg)?;
+    engine.apply(&mut ck)?;
+    Ok(ck)
+}
+
 /// Loads the checkpoint at `path` (a spinner while it reads).
 pub fn load_model(path: &std::path::Path) -> Result<Checkpoint> {
     let pb = spinner(&format!("loading {}", path.display()));
@@ -262,11 +298,14 @@ pub struct GenerateArgs {
     #[arg(long, default_value = "cpu")]
     pub device: lacuna_gpu::DeviceSpec,
     #[command(flatten)]
+    pub engine: EngineArgs,
+    #[command(flatten)]
     pub json: JsonFlag,
 }
 
 pub fn generate(a: GenerateArgs) -> Result<()> {
-    let ck = open_model(&a.model)?;
+    a.engine.check_device(&a.device)?;
+    let ck = open_engine_model(&a.model, &a.engine)?;
     let ids = if a.chat {
         let tpl = ChatTemplate::from_tokenizer(&ck.tokenizer)?;
         let text = tpl.render(&[ChatMessage::new("user", a.prompt.clone())], true)?;
@@ -371,12 +410,14 @@ pub struct PerplexityArgs {
     #[arg(long)]
     pub max_segments: Option<usize>,
     #[command(flatten)]
+    pub engine: EngineArgs,
+    #[command(flatten)]
     pub json: JsonFlag,
 }
 
 pub fn perplexity(a: PerplexityArgs) -> Result<()> {
     let split: Split = a.split.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
-    let ck = open_model(&a.model)?;
+    let ck = open_engine_model(&a.model, &a.engine)?;
     let (txt, docs) = text(&a.data, split)?;
     let ids = ck.tokenizer.encode(&txt, false)?;
     let pb = ProgressBar::new(0);
@@ -430,6 +471,7 @@ pub fn demo(a: DemoArgs) -> Result<()> {
         chat: true,
         sampling,
         device: lacuna_gpu::DeviceSpec::Cpu,
+        engine: EngineArgs::default(),
         json: JsonFlag { json: false },
     })?;
     eprintln!("== perplexity (wiki held-out, {} × 512 tokens)", a.segments);
@@ -439,6 +481,7 @@ pub fn demo(a: DemoArgs) -> Result<()> {
         split: "heldout".into(),
         seq_len: 512,
         max_segments: Some(a.segments),
+        engine: EngineArgs::default(),
         json: JsonFlag { json: false },
     })
 }

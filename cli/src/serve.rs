@@ -41,6 +41,9 @@ pub struct ServeArgs {
     /// Most prompt tokens prefilled between two decode steps.
     #[arg(long)]
     prefill_chunk: Option<usize>,
+    /// Run the logits on a W8A8 (INT8) copy of the LM head.
+    #[arg(long)]
+    int8_lm_head: bool,
     /// Largest request body in bytes (larger: 413).
     #[arg(long)]
     max_body_bytes: Option<usize>,
@@ -85,6 +88,9 @@ pub fn run(a: ServeArgs, verbose: u8) -> Result<()> {
     }
     if a.api_key_file.is_some() {
         s.api_key_file = a.api_key_file;
+    }
+    if a.int8_lm_head {
+        s.int8_lm_head = true;
     }
     if a.max_context.is_some() {
         s.max_context = a.max_context;

@@ -51,6 +51,10 @@ pub struct Settings {
     pub kv_cache: KvDtype,
     /// Most prompt tokens prefilled between two decode steps.
     pub prefill_chunk: usize,
+    /// Run the logits on a W8A8 copy of the output projection (rows rounded to INT8 at load, the
+    /// hidden states quantized per token): a quarter of the head's bytes per token, logits that
+    /// move a little (see docs/quantization.md).
+    pub int8_lm_head: bool,
     /// Largest accepted request body; larger ones get 413.
     pub max_body_bytes: usize,
     /// Seconds in-flight requests get to finish after SIGTERM.
@@ -73,6 +77,7 @@ impl Default for Settings {
             max_context: None,
             kv_cache: KvDtype::F16,
             prefill_chunk: 256,
+            int8_lm_head: false,
             max_body_bytes: 4 << 20,
             grace_seconds: 30,
             http_workers: 2,
@@ -131,6 +136,7 @@ impl Settings {
                 "MAX_CONTEXT" => self.max_context = Some(parse(&value).map_err(err)?),
                 "KV_CACHE" => self.kv_cache = value.parse().map_err(|e: lacuna_model::Error| err(e.to_string()))?,
                 "PREFILL_CHUNK" => self.prefill_chunk = parse(&value).map_err(err)?,
+                "INT8_LM_HEAD" => self.int8_lm_head = parse(&value).map_err(err)?,
                 "MAX_BODY_BYTES" => self.max_body_bytes = parse(&value).map_err(err)?,
                 "GRACE_SECONDS" => self.grace_seconds = parse(&value).map_err(err)?,
                 "HTTP_WORKERS" => self.http_workers = parse(&value).map_err(err)?,

@@ -58,7 +58,10 @@ impl Application {
         let ck = Checkpoint::open(&path).with_context(|| format!("loading {}", path.display()))?;
         tracing::info!(model = %path.display(), seconds = t0.elapsed().as_secs_f64(), "model loaded");
         let name = settings.served_model_name.clone().unwrap_or_else(|| default_model_name(&path));
-        let Checkpoint { model, tokenizer, .. } = ck;
+        let Checkpoint { mut model, tokenizer, .. } = ck;
+        if settings.int8_lm_head {
+            model.quantize_lm_head().context("quantizing the LM head to INT8")?;
+        }
         let max_context = settings.max_context.unwrap_or(model.config().max_position_embeddings);
         let runtime = Runtime::new(Arc::new(model), settings.max_batch.max(1), max_context, settings.kv_cache)
             .context("starting the decode runtime")?;
