@@ -191,10 +191,12 @@ mod tests {
         s.apply_env([
             ("LACUNA_MAX_BATCH".to_owned(), "4".to_owned()),
             ("LACUNA_THREADS".to_owned(), "3".to_owned()),
+            ("LACUNA_INT8_LM_HEAD".to_owned(), "true".to_owned()),
             ("OTHER".to_owned(), "x".to_owned()),
         ])
         .unwrap();
         assert_eq!((s.port, s.max_batch), (9000, 4));
+        assert!(s.int8_lm_head && !Settings::default().int8_lm_head);
         assert_eq!(s.served_model_name.as_deref(), Some("tiny"));
     }
 
