@@ -110,6 +110,26 @@ fn bad_inputs_fail_cleanly() {
     assert_eq!(lacuna(&["generate"]).status.code(), Some(2));
 }
 
+#[test]
+fn int8_lm_head_streams_fewer_bytes_and_is_cpu_only() {
+    let gguf = smollm2_gguf();
+    let m = gguf.to_str().unwrap();
+    let bench = |extra: &[&str]| {
+        let mut args =
+            vec!["bench", "--model", m, "--rounds", "1", "--prompt-len", "4", "--decode-tokens", "2", "--batch", "0"];
+        args.extend_from_slice(extra);
+        args.push("--json");
+        ok_json(&args)
+    };
+    let (f32_head, int8_head) = (bench(&[]), bench(&["--int8-lm-head"]));
+    assert_eq!((f32_head["int8_lm_head"].as_bool(), int8_head["int8_lm_head"].as_bool()), (Some(false), Some(true)));
+    let bytes = |v: &Value| v["models"][0]["weight_bytes_per_token"].as_u64().unwrap();
+    // SmolLM2's tied head, 49152 × 576: f32 rows replaced by int8 codes and a scale per row.
+    let (vocab, hidden) = (49152u64, 576u64);
+    assert_eq!(bytes(&f32_head) - bytes(&int8_head), 4 * vocab * hidden - (vocab * hidden + 4 * vocab));
+    fails_with(&["generate", "--model", m, "--prompt", "x", "--int8-lm-head", "--device", "cuda"], &["CPU engine"]);
+}
+
 /// `kill -9` in the middle of `lacuna prune`, then the same command again: it resumes from the
 /// last finished block and writes exactly the weights of an uninterrupted run.
 #[test]
