@@ -15,7 +15,7 @@ use lacuna_model::sampling::argmax;
 use lacuna_model::{KvCache, KvDtype};
 use serde::Serialize;
 
-use crate::commands::{EngineArgs, open_engine_model, open_model, print_json};
+use crate::commands::{EngineArgs, open_model, print_json};
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -80,6 +80,8 @@ struct ModelReport {
     bandwidth_ratio: f64,
     /// Resident memory the model added when it was loaded (weights, tokenizer, runtime buffers).
     resident_bytes: Option<u64>,
+    /// Whether its logits ran on the W8A8 head (`--int8-lm-head`, W8A8 models only).
+    int8_lm_head: bool,
 }
 
 /// A model against the first (dense) one.
@@ -159,6 +161,7 @@ struct Subject {
     weight_bytes_per_token: u64,
     kv_bytes_per_token: u64,
     resident_bytes: Option<u64>,
+    int8_lm_head: bool,
     rt: Runtime,
     ttft: Vec<f64>,
     decode: Vec<f64>,
@@ -168,7 +171,13 @@ struct Subject {
 fn load(a: &BenchArgs, name: &str) -> Result<Subject> {
     let before = rss_bytes();
     let t = Instant::now();
-    let ck = open_engine_model(name, &a.engine)?;
+    // The INT8 head is an option of the INT8 engine: float models (the baseline of the ratios)
+    // keep their float head.
+    let mut ck = open_model(name)?;
+    if ck.model.has_w8a8_layers() {
+        a.engine.apply(&mut ck)?;
+    }
+    let int8_lm_head = ck.model.has_int8_lm_head();
     let load_seconds = t.elapsed().as_secs_f64();
     let cfg = ck.model.config().clone();
     let need = (a.prompt_len + a.decode_tokens).max(a.batch_prompt_len + a.decode_tokens);
@@ -191,6 +200,7 @@ fn load(a: &BenchArgs, name: &str) -> Result<Subject> {
         weight_bytes_per_token,
         kv_bytes_per_token,
         resident_bytes,
+        int8_lm_head,
         rt,
         ttft: Vec::new(),
         decode: Vec::new(),
@@ -253,6 +263,7 @@ fn report(a: &BenchArgs, mut s: Subject) -> ModelReport {
         decode_weight_gb_per_second: s.weight_bytes_per_token as f64 * dtps / 1e9,
         bandwidth_ratio: 0.0,
         resident_bytes: s.resident_bytes,
+        int8_lm_head: s.int8_lm_head,
     }
 }
 
@@ -334,14 +345,14 @@ pub fn run(a: BenchArgs) -> Result<()> {
         r.kernel,
         r.int8_kernel,
         r.kv_cache,
-        if r.int8_lm_head { ", INT8 LM head" } else { "" },
+        if r.int8_lm_head { ", INT8 LM head for W8A8 models" } else { "" },
         bandwidth,
         r.memory_read_gb_per_second_rounds.iter().map(|v| format!("{v:.1}")).collect::<Vec<_>>().join(" "),
         r.rounds,
         r.peak_rss_bytes.map(|p| format!(", peak RSS {:.1} MiB", p as f64 / (1024.0 * 1024.0))).unwrap_or_default()
     );
     for m in &r.models {
-        println!("\nmodel            {} ({})", m.model, m.format);
+        println!("\nmodel            {} ({}{})", m.model, m.format, if m.int8_lm_head { ", INT8 LM head" } else { "" });
         println!("load             {:.2} s", m.load_seconds);
         println!(
             "prefill          {} tokens: TTFT {:.3} s, {:.1} tok/s",

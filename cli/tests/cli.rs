@@ -110,23 +110,61 @@ fn bad_inputs_fail_cleanly() {
     assert_eq!(lacuna(&["generate"]).status.code(), Some(2));
 }
 
+/// `--int8-lm-head` is the INT8 engine's option: in one bench run a W8A8 model takes the INT8
+/// head and the float baseline keeps its float head.
 #[test]
 fn int8_lm_head_streams_fewer_bytes_and_is_cpu_only() {
     let gguf = smollm2_gguf();
     let m = gguf.to_str().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let q = dir.path().join("w8a8");
+    // The quickest W8A8 SmolLM2 (round-to-nearest, no smoothing, one short window): its bytes,
+    // not its quality, are under test.
+    ok_json(&[
+        "quantize",
+        "--model",
+        m,
+        "--rounding",
+        "nearest",
+        "--smoothquant-alpha",
+        "0",
+        "--skip-by-kurtosis",
+        "0",
+        "--calibration",
+        "wiki:1x16",
+        "--out",
+        q.to_str().unwrap(),
+        "--json",
+    ]);
     let bench = |extra: &[&str]| {
-        let mut args =
-            vec!["bench", "--model", m, "--rounds", "1", "--prompt-len", "4", "--decode-tokens", "2", "--batch", "0"];
+        let mut args = vec![
+            "bench",
+            "--model",
+            m,
+            "--model",
+            q.to_str().unwrap(),
+            "--rounds",
+            "1",
+            "--prompt-len",
+            "4",
+            "--decode-tokens",
+            "2",
+            "--batch",
+            "0",
+        ];
         args.extend_from_slice(extra);
         args.push("--json");
         ok_json(&args)
     };
     let (f32_head, int8_head) = (bench(&[]), bench(&["--int8-lm-head"]));
-    assert_eq!((f32_head["int8_lm_head"].as_bool(), int8_head["int8_lm_head"].as_bool()), (Some(false), Some(true)));
-    let bytes = |v: &Value| v["models"][0]["weight_bytes_per_token"].as_u64().unwrap();
+    let heads = |v: &Value| -> Vec<Option<bool>> { (0..2).map(|i| v["models"][i]["int8_lm_head"].as_bool()).collect() };
+    assert_eq!(heads(&f32_head), [Some(false), Some(false)]);
+    assert_eq!(heads(&int8_head), [Some(false), Some(true)], "only the W8A8 model takes the INT8 head");
+    let bytes = |v: &Value, i: usize| v["models"][i]["weight_bytes_per_token"].as_u64().unwrap();
+    assert_eq!(bytes(&f32_head, 0), bytes(&int8_head, 0));
     // SmolLM2's tied head, 49152 × 576: f32 rows replaced by int8 codes and a scale per row.
     let (vocab, hidden) = (49152u64, 576u64);
-    assert_eq!(bytes(&f32_head) - bytes(&int8_head), 4 * vocab * hidden - (vocab * hidden + 4 * vocab));
+    assert_eq!(bytes(&f32_head, 1) - bytes(&int8_head, 1), 4 * vocab * hidden - (vocab * hidden + 4 * vocab));
     fails_with(&["generate", "--model", m, "--prompt", "x", "--int8-lm-head", "--device", "cuda"], &["CPU engine"]);
 }
 

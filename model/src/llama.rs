@@ -507,6 +507,11 @@ impl Llama {
         Ok(())
     }
 
+    /// Whether any decoder linear is a W8A8 layer (its input quantized per token).
+    pub fn has_w8a8_layers(&self) -> bool {
+        self.layers.iter().flat_map(|l| l.linears()).any(|w| w.quantizes_input())
+    }
+
     /// Whether the logits run on a W8A8 head ([`Llama::quantize_lm_head`]).
     pub fn has_int8_lm_head(&self) -> bool {
         self.int8_head.is_some()
