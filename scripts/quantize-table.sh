@@ -20,7 +20,9 @@ BASE=$($L model fetch smollm2-135m --json | python3 -c 'import json,sys; print(j
 
 evaluate() { # name, model path
   for data in wiki python; do
-    [ -f "$OUT/$1.$data.json" ] || $L eval perplexity --model "$2" --data $data $EVAL --json >"$OUT/$1.$data.json"
+    # Written under a temporary name: an interrupted run leaves no file that looks finished.
+    [ -f "$OUT/$1.$data.json" ] || { $L eval perplexity --model "$2" --data $data $EVAL --json >"$OUT/$1.$data.json.tmp" &&
+      mv "$OUT/$1.$data.json.tmp" "$OUT/$1.$data.json"; }
   done
 }
 quantize() { # name, input model, then lacuna quantize flags
@@ -44,8 +46,6 @@ quantize dense-w8a8-rtn "$BASE" --smoothquant-alpha 0.8 --skip-by-kurtosis 0 --r
 quantize dense-w8a8-a0 "$BASE" --smoothquant-alpha 0 --skip-by-kurtosis 0
 quantize dense-w8a8-a05 "$BASE" --smoothquant-alpha 0.5 --skip-by-kurtosis 0
 quantize dense-w8a8-skip5 "$BASE" --smoothquant-alpha 0.8 --skip-by-kurtosis 5
-quantize dense-w8a8-rtn-a0 "$BASE" --smoothquant-alpha 0 --skip-by-kurtosis 0 --rounding nearest
-quantize sparse70-w8a8-rtn "$OUT/sparse70" --smoothquant-alpha 0.8 --skip-by-kurtosis 0 --rounding nearest
 
 python3 - "$OUT" <<'PY'
 import json, os, sys

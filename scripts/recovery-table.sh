@@ -24,7 +24,9 @@ prune() { # name, then lacuna prune flags
 }
 evaluate() { # name, model path
   for data in wiki python; do
-    [ -f "$OUT/$1.$data.json" ] || $L eval perplexity --model "$2" --data $data $EVAL --json >"$OUT/$1.$data.json"
+    # Written under a temporary name: an interrupted run leaves no file that looks finished.
+    [ -f "$OUT/$1.$data.json" ] || { $L eval perplexity --model "$2" --data $data $EVAL --json >"$OUT/$1.$data.json.tmp" &&
+      mv "$OUT/$1.$data.json.tmp" "$OUT/$1.$data.json"; }
   done
 }
 
