@@ -3,17 +3,16 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use lacuna_api::{CalibrationSpec, PruneMethod, PruneRecipe, SparsityProfile, SparsityStructure};
 use lacuna_data::{Cache, DatasetName, Split};
 use lacuna_model::hf::{self, SaveOptions};
-use lacuna_prune::pipeline::{self, Progress, RunOptions};
+use lacuna_prune::pipeline::{self, Progress};
 
 use crate::bench::peak_rss_bytes;
 use crate::commands::print_json;
-use crate::resolve::sibling;
 use crate::resolve::spinner;
 
 #[derive(Args)]
@@ -51,23 +50,8 @@ pub struct PruneArgs {
     /// Regex over layer names to leave dense (repeatable; replaces the recipe's).
     #[arg(long)]
     pub ignore: Vec<String>,
-    /// Output directory (Hugging Face layout, zeros in place).
-    #[arg(long)]
-    pub out: PathBuf,
-    /// The same model in the compressed-tensors `sparse-bitmask` layout (default: `<out>-bitmask`).
-    #[arg(long)]
-    pub bitmask_out: Option<PathBuf>,
-    /// Checkpoint directory (default: `<out>.checkpoint`); a run there is resumed.
-    #[arg(long)]
-    pub checkpoint_dir: Option<PathBuf>,
-    /// Replace the output directory if it exists.
-    #[arg(long)]
-    pub overwrite: bool,
-    /// Stop after this many blocks (the checkpoint is kept; run again to resume).
-    #[arg(long, hide = true)]
-    pub stop_after_blocks: Option<usize>,
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub stage: crate::stage::BlockStageArgs,
 }
 
 /// The recipe: the file's, with every flag given applied on top.
@@ -160,14 +144,8 @@ pub fn calibration_windows(
 pub fn run(mut a: PruneArgs) -> Result<()> {
     let recipe = recipe(&a)?;
     // An `s3://` output is written to a staging directory and uploaded when complete.
-    let output = crate::objects::Output::new(&a.out)?;
-    a.out = output.local.clone();
-    let bitmask_out = a.bitmask_out.clone().unwrap_or_else(|| sibling(&a.out, "-bitmask"));
-    for out in [&a.out, &bitmask_out] {
-        if out.exists() && !a.overwrite {
-            bail!("{} already exists (pass --overwrite to replace it)", out.display());
-        }
-    }
+    let places = a.stage.prepare()?;
+    let (output, bitmask_out, ckpt_dir) = (places.output, places.bitmask_out, places.checkpoint_dir);
     let mut ck = crate::stage::open_input_model(&a.model)?;
     pipeline::preflight(&ck.model, &recipe)?;
 
@@ -177,10 +155,9 @@ pub fn run(mut a: PruneArgs) -> Result<()> {
         calibration_windows(&ck, &recipe.calibration, recipe.seed)?
     };
 
-    let ckpt_dir = a.checkpoint_dir.clone().unwrap_or_else(|| sibling(&a.out, ".checkpoint"));
     let pb = ProgressBar::new(ck.model.num_layers() as u64);
     pb.set_style(ProgressStyle::with_template("{msg:>10} {bar:30} {pos}/{len} blocks  {elapsed} (eta {eta})")?);
-    let opts = RunOptions { checkpoint_dir: Some(ckpt_dir.clone()), stop_after_blocks: a.stop_after_blocks };
+    let opts = places.run;
     let summary = pipeline::prune_model(&mut ck.model, &recipe, &calib, &opts, &mut |p| match p {
         Progress::Owl { block, .. } => {
             pb.set_message("OWL");
@@ -193,11 +170,11 @@ pub fn run(mut a: PruneArgs) -> Result<()> {
     })?;
     pb.finish_and_clear();
 
-    let pb = spinner(&format!("writing {}", a.out.display()));
-    let opts = SaveOptions { overwrite: a.overwrite, ..Default::default() };
+    let pb = spinner(&format!("writing {}", a.stage.out.display()));
+    let opts = SaveOptions { overwrite: a.stage.overwrite, ..Default::default() };
     let tensors = ck.model.tensors();
-    hf::save_dir(&a.out, ck.model.config(), &tensors, Some(&ck.tokenizer), &opts)
-        .with_context(|| format!("writing {}", a.out.display()))?;
+    hf::save_dir(&a.stage.out, ck.model.config(), &tensors, Some(&ck.tokenizer), &opts)
+        .with_context(|| format!("writing {}", a.stage.out.display()))?;
     pb.set_message(format!("writing {}", bitmask_out.display()));
     let targets: Vec<String> = summary.layers.iter().map(|l| format!("{}.weight", l.name)).collect();
     // compressed-tensors counts kept weights (`2:4`: two of every four survive); recipes count pruned ones.
@@ -208,7 +185,7 @@ pub fn run(mut a: PruneArgs) -> Result<()> {
     let quantization_config =
         hf::sparse_bitmask_quantization_config(summary.sparsity, &structure, &recipe.targets, &recipe.ignore);
     let opts = SaveOptions {
-        overwrite: a.overwrite,
+        overwrite: a.stage.overwrite,
         bitmask: Some(hf::BitmaskOptions { targets }),
         extra_config: [("quantization_config".to_owned(), quantization_config)].into(),
         ..Default::default()
@@ -222,7 +199,7 @@ pub fn run(mut a: PruneArgs) -> Result<()> {
         "summary": summary,
         "peak_rss_bytes": peak_rss_bytes(),
     });
-    std::fs::write(a.out.join("lacuna_prune.json"), serde_json::to_vec_pretty(&report)?)?;
+    std::fs::write(a.stage.out.join("lacuna_prune.json"), serde_json::to_vec_pretty(&report)?)?;
     std::fs::remove_dir_all(&ckpt_dir).with_context(|| format!("removing {}", ckpt_dir.display()))?;
     let perplexity = report.get("perplexity").or_else(|| report["summary"].get("perplexity")).filter(|p| p.is_number());
     crate::lineage::report_run(&crate::lineage::StageRun {
@@ -230,7 +207,7 @@ pub fn run(mut a: PruneArgs) -> Result<()> {
         model: &ck.path,
         recipe_file: a.recipe.as_deref(),
         recipe: serde_json::to_value(&recipe)?,
-        outputs: vec![&a.out, &bitmask_out],
+        outputs: vec![&a.stage.out, &bitmask_out],
         sparsity: Some(summary.sparsity),
         quantization: None,
         metrics: perplexity.map(|p| [("perplexity".to_owned(), p.clone())].into_iter().collect()).unwrap_or_default(),
@@ -240,7 +217,7 @@ pub fn run(mut a: PruneArgs) -> Result<()> {
         perplexity.and_then(|p| p.as_f64()).map(|p| [("perplexity".to_owned(), p)].into()).unwrap_or_default();
     output.publish(Some(&bitmask_out))?;
     crate::stage::report_success(&output, Some(summary.sparsity), metrics)?;
-    if a.json {
+    if a.stage.json {
         return print_json(&report);
     }
     println!(
@@ -250,7 +227,7 @@ pub fn run(mut a: PruneArgs) -> Result<()> {
         100.0 * summary.sparsity,
         summary.seconds,
         summary.resumed_at_block.map(|b| format!(" (resumed at block {b})")).unwrap_or_default(),
-        a.out.display(),
+        a.stage.out.display(),
         bitmask_out.display()
     );
     Ok(())

@@ -12,12 +12,11 @@ use lacuna_api::{CalibrationSpec, QuantScheme, QuantizeRecipe, WeightRounding};
 use lacuna_model::hf::{self, Int8Config, Int8Sparsity, SaveOptions};
 use lacuna_model::int8::InputQuant;
 use lacuna_model::weights::Weight;
-use lacuna_prune::pipeline::RunOptions;
 use lacuna_prune::quantize::{self, QuantProgress};
 
 use crate::bench::peak_rss_bytes;
 use crate::commands::print_json;
-use crate::resolve::{sibling, spinner};
+use crate::resolve::spinner;
 
 /// How many of the kurtosis ranking's entries the summary line prints.
 const RANKING_SHOWN: usize = 8;
@@ -56,24 +55,8 @@ pub struct QuantizeArgs {
     /// GPTQ columns per lazy-update block.
     #[arg(long)]
     pub block_size: Option<usize>,
-    /// Output directory (compressed-tensors `int-quantized`).
-    #[arg(long)]
-    pub out: PathBuf,
-    /// For a sparse input, the same model with the int8 codes in `sparse-bitmask` form (default:
-    /// `<out>-bitmask`).
-    #[arg(long)]
-    pub bitmask_out: Option<PathBuf>,
-    /// Checkpoint directory (default: `<out>.checkpoint`); a run there is resumed.
-    #[arg(long)]
-    pub checkpoint_dir: Option<PathBuf>,
-    /// Replace the output directories if they exist.
-    #[arg(long)]
-    pub overwrite: bool,
-    /// Stop after this many blocks (the checkpoint is kept; run again to resume).
-    #[arg(long, hide = true)]
-    pub stop_after_blocks: Option<usize>,
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub stage: crate::stage::BlockStageArgs,
 }
 
 /// The recipe: the file's (or the defaults), with every flag given applied on top.
@@ -118,14 +101,8 @@ pub fn recipe(a: &QuantizeArgs) -> Result<QuantizeRecipe> {
 
 pub fn run(mut a: QuantizeArgs) -> Result<()> {
     let recipe = recipe(&a)?;
-    let output = crate::objects::Output::new(&a.out)?;
-    a.out = output.local.clone();
-    let bitmask_out = a.bitmask_out.clone().unwrap_or_else(|| sibling(&a.out, "-bitmask"));
-    for out in [&a.out, &bitmask_out] {
-        if out.exists() && !a.overwrite {
-            bail!("{} already exists (pass --overwrite to replace it)", out.display());
-        }
-    }
+    let places = a.stage.prepare()?;
+    let (output, bitmask_out, ckpt_dir) = (places.output, places.bitmask_out, places.checkpoint_dir);
     let mut ck = crate::stage::open_input_model(&a.model)?;
     if let Some((name, _)) = ck.model.tensors().into_iter().find(|(_, w)| w.int8().is_some()) {
         bail!(
@@ -138,10 +115,9 @@ pub fn run(mut a: QuantizeArgs) -> Result<()> {
     ck.model.densify();
     let calib = crate::prune::calibration_windows(&ck, &recipe.calibration, recipe.seed)?;
 
-    let ckpt_dir = a.checkpoint_dir.clone().unwrap_or_else(|| sibling(&a.out, ".checkpoint"));
     let pb = ProgressBar::new(ck.model.num_layers() as u64);
     pb.set_style(ProgressStyle::with_template("{msg:>10} {bar:30} {pos}/{len} blocks  {elapsed} (eta {eta})")?);
-    let opts = RunOptions { checkpoint_dir: Some(ckpt_dir.clone()), stop_after_blocks: a.stop_after_blocks };
+    let opts = places.run;
     let rounding = format!("{:?}", recipe.rounding).to_lowercase();
     let outcome = quantize::quantize_model(&mut ck.model, &recipe, &calib, &opts, &mut |p| match p {
         QuantProgress::Kurtosis { block, .. } => {
@@ -201,14 +177,14 @@ pub fn run(mut a: QuantizeArgs) -> Result<()> {
         })
     };
 
-    let pb = spinner(&format!("writing {}", a.out.display()));
+    let pb = spinner(&format!("writing {}", a.stage.out.display()));
     let opts = SaveOptions {
-        overwrite: a.overwrite,
+        overwrite: a.stage.overwrite,
         extra_config: [("quantization_config".to_owned(), config(None))].into(),
         ..Default::default()
     };
-    hf::save_dir(&a.out, ck.model.config(), &tensors, Some(&ck.tokenizer), &opts)
-        .with_context(|| format!("writing {}", a.out.display()))?;
+    hf::save_dir(&a.stage.out, ck.model.config(), &tensors, Some(&ck.tokenizer), &opts)
+        .with_context(|| format!("writing {}", a.stage.out.display()))?;
     // A sparse input also gets the bitmask-over-int8 form (what compressed-tensors writes for a
     // sparse and quantized model).
     let sparse = summary.zeros_before > 0 && sparsity >= 0.1;
@@ -217,7 +193,7 @@ pub fn run(mut a: QuantizeArgs) -> Result<()> {
         let targets: Vec<String> = int8.keys().cloned().collect();
         let sp = Int8Sparsity { global_sparsity: sparsity, structure: "unstructured".into(), targets: targets.clone() };
         let opts = SaveOptions {
-            overwrite: a.overwrite,
+            overwrite: a.stage.overwrite,
             bitmask: Some(hf::BitmaskOptions { targets }),
             extra_config: [("quantization_config".to_owned(), config(Some(sp)))].into(),
             ..Default::default()
@@ -234,10 +210,10 @@ pub fn run(mut a: QuantizeArgs) -> Result<()> {
         "calibration_tokens": calib.iter().map(Vec::len).sum::<usize>(),
         "peak_rss_bytes": peak_rss_bytes(),
     });
-    std::fs::write(a.out.join("lacuna_quantize.json"), serde_json::to_vec_pretty(&report)?)?;
+    std::fs::write(a.stage.out.join("lacuna_quantize.json"), serde_json::to_vec_pretty(&report)?)?;
     std::fs::remove_dir_all(&ckpt_dir).with_context(|| format!("removing {}", ckpt_dir.display()))?;
     let scheme = format!("{:?}", recipe.scheme).to_lowercase();
-    let mut outputs = vec![a.out.as_path()];
+    let mut outputs = vec![a.stage.out.as_path()];
     if sparse {
         outputs.push(&bitmask_out);
     }
@@ -259,7 +235,7 @@ pub fn run(mut a: QuantizeArgs) -> Result<()> {
     });
     output.publish(sparse.then_some(bitmask_out.as_path()))?;
     crate::stage::report_success(&output, Some(sparsity), Default::default())?;
-    if a.json {
+    if a.stage.json {
         return print_json(&report);
     }
     let quantized = summary.layers.iter().filter(|l| l.quantized).count();
@@ -272,7 +248,7 @@ pub fn run(mut a: QuantizeArgs) -> Result<()> {
         if summary.zeros_after >= summary.zeros_before { "kept" } else { "CHANGED" },
         summary.zeros_before,
         summary.zeros_after,
-        a.out.display(),
+        a.stage.out.display(),
         if sparse { format!(" (and {})", bitmask_out.display()) } else { String::new() },
     );
     if !summary.kurtosis_ranking.is_empty() {

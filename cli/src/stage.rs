@@ -119,3 +119,60 @@ pub fn started() -> std::time::SystemTime {
     static STARTED: std::sync::OnceLock<std::time::SystemTime> = std::sync::OnceLock::new();
     *STARTED.get_or_init(std::time::SystemTime::now)
 }
+
+/// Where a block-by-block stage (`lacuna prune`, `lacuna quantize`) writes and how it resumes:
+/// the flags both share.
+#[derive(clap::Args, Clone, Debug)]
+pub struct BlockStageArgs {
+    /// Output directory (Hugging Face layout; `s3://…` is written to a staging directory and
+    /// uploaded when complete).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// The same model in the compressed-tensors `sparse-bitmask` layout (default:
+    /// `<out>-bitmask`; `lacuna quantize` writes it for a sparse input).
+    #[arg(long)]
+    pub bitmask_out: Option<PathBuf>,
+    /// Checkpoint directory (default: `<out>.checkpoint`); a run there is resumed.
+    #[arg(long)]
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Replace the output directories if they exist.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Stop after this many blocks (the checkpoint is kept; run again to resume).
+    #[arg(long, hide = true)]
+    pub stop_after_blocks: Option<usize>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// A block stage's resolved places ([`BlockStageArgs::prepare`]).
+pub struct BlockStagePlaces {
+    /// The output as the stage publishes it (staged locally for an object-store URI).
+    pub output: crate::objects::Output,
+    pub bitmask_out: PathBuf,
+    pub checkpoint_dir: PathBuf,
+    /// Checkpointing and interruption for the block driver.
+    pub run: lacuna_prune::pipeline::RunOptions,
+}
+
+impl BlockStageArgs {
+    /// Resolves the defaults (`out` becomes the local directory the stage writes) and refuses
+    /// to start when an output exists without `--overwrite`, before any weight is read.
+    pub fn prepare(&mut self) -> Result<BlockStagePlaces> {
+        let output = crate::objects::Output::new(&self.out)?;
+        self.out = output.local.clone();
+        let bitmask_out = self.bitmask_out.clone().unwrap_or_else(|| crate::resolve::sibling(&self.out, "-bitmask"));
+        for out in [&self.out, &bitmask_out] {
+            if out.exists() && !self.overwrite {
+                anyhow::bail!("{} already exists (pass --overwrite to replace it)", out.display());
+            }
+        }
+        let checkpoint_dir =
+            self.checkpoint_dir.clone().unwrap_or_else(|| crate::resolve::sibling(&self.out, ".checkpoint"));
+        let run = lacuna_prune::pipeline::RunOptions {
+            checkpoint_dir: Some(checkpoint_dir.clone()),
+            stop_after_blocks: self.stop_after_blocks,
+        };
+        Ok(BlockStagePlaces { output, bitmask_out, checkpoint_dir, run })
+    }
+}
