@@ -58,6 +58,10 @@ pub struct TrainArgs {
     /// Replace the output directories if they exist.
     #[arg(long)]
     pub overwrite: bool,
+    /// Run masked layers as dense products multiplied by the mask (the reference) instead of the
+    /// sparse kernels over their kept values; for comparisons.
+    #[arg(long)]
+    pub masked_dense: bool,
     /// Sleep this long after each step (tests interrupt runs at a known pace).
     #[arg(long, hide = true, default_value_t = 0)]
     pub throttle_ms: u64,
@@ -278,10 +282,12 @@ fn finish(a: &TrainArgs, o: &Outputs, s: &TrainSummary, report: &serde_json::Val
     let ppl =
         |r: &Option<trainer::EvalReport>| r.as_ref().map(|r| format!("{:.3}", r.perplexity)).unwrap_or("-".into());
     println!(
-        "trained {} steps{} at {:.0} tokens/s (masks {:.2}% of step time), held-out perplexity {} → {}, sparsity {:.2}% unchanged → {}",
+        "trained {} steps{} at {:.0} tokens/s ({} layers on the sparse kernels, AdamW state {:.0} MiB, masks {:.2}% of step time), held-out perplexity {} → {}, sparsity {:.2}% unchanged → {}",
         s.steps,
         s.resumed_at.map(|b| format!(" (resumed at step {b})")).unwrap_or_default(),
         s.tokens_per_s,
+        s.packed_layers,
+        s.optimizer_bytes as f64 / (1 << 20) as f64,
         100.0 * s.mask_share,
         ppl(&s.eval_before),
         ppl(&s.eval_after),
@@ -300,6 +306,7 @@ fn interrupted(o: &Outputs, s: &TrainSummary) -> anyhow::Error {
 }
 
 fn pretrain(a: TrainArgs) -> Result<()> {
+    lacuna_kernels::pages::keep_freed_memory();
     let recipe: PretrainRecipe = read_recipe(&a.recipe)?;
     recipe.validate().with_context(|| format!("recipe {}", a.recipe.display()))?;
     let o = outputs(&a)?;
@@ -318,6 +325,7 @@ fn pretrain(a: TrainArgs) -> Result<()> {
         stop: Some(&*stop),
         throttle_ms: a.throttle_ms,
         masks: a.mask.clone(),
+        masked_dense: a.masked_dense,
         ..Default::default()
     };
     let mut rep = Reporter::new(recipe.schedule.steps, &o.metrics, a.resume)?;
@@ -352,6 +360,7 @@ fn calibration(recipe: &lacuna_api::PruneRecipe, ck: &Checkpoint) -> Result<Vec<
 }
 
 fn finetune(a: TrainArgs) -> Result<()> {
+    lacuna_kernels::pages::keep_freed_memory();
     let recipe: FinetuneRecipe = read_recipe(&a.recipe)?;
     recipe.validate().with_context(|| format!("recipe {}", a.recipe.display()))?;
     let o = outputs(&a)?;
@@ -375,6 +384,7 @@ fn finetune(a: TrainArgs) -> Result<()> {
         stop: Some(&*stop),
         throttle_ms: a.throttle_ms,
         masks: a.mask.clone(),
+        masked_dense: a.masked_dense,
         ..Default::default()
     };
     let mut rep = Reporter::new(recipe.schedule.steps, &o.metrics, a.resume)?;

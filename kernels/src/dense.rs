@@ -933,6 +933,31 @@ impl Strided {
 /// `c = a · b` on strided views (overwrites `c`), single-threaded: callers run independent products
 /// (one per attention head) in parallel.
 pub fn gemm_strided(a: &[f32], al: Strided, b: &[f32], bl: Strided, c: &mut [f32], cl: Strided) -> Result<()> {
+    // The per-head attention products (64 deep) stay on the gemm crate whatever the path: faer's
+    // gain is in the large weight products, and one summation order here keeps the reference
+    // forward's attention identical to what the runtime's f16-cache comparison was measured with
+    // (tests/it/runtime.rs: faer here moved a 2-token prefill from 1.0e-3 to 4.1e-3).
+    gemm_checked(a, al, b, bl, c, cl, false, false)
+}
+
+/// `c = a · b` on strided views (overwrites `c`) for one large product over the whole thread pool,
+/// on the fastest path this CPU has (faer's AVX-512 kernels where present): the training
+/// linears' forward and both gradients.
+pub fn gemm_large(a: &[f32], al: Strided, b: &[f32], bl: Strided, c: &mut [f32], cl: Strided) -> Result<()> {
+    gemm_checked(a, al, b, bl, c, cl, on_faer(cpu::isa()), true)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn gemm_checked(
+    a: &[f32],
+    al: Strided,
+    b: &[f32],
+    bl: Strided,
+    c: &mut [f32],
+    cl: Strided,
+    use_faer: bool,
+    parallel: bool,
+) -> Result<()> {
     if al.cols != bl.rows || cl.rows != al.rows || cl.cols != bl.cols {
         return Err(KernelError::Shape(format!(
             "gemm: [{}, {}] · [{}, {}] -> [{}, {}]",
@@ -968,13 +993,9 @@ pub fn gemm_strided(a: &[f32], al: Strided, b: &[f32], bl: Strided, c: &mut [f32
     }
     // SAFETY: all three views were checked to lie inside their slices, dst is injective (checked
     // above) and `c` is a unique borrow distinct from `a` and `b`.
-    // The per-head attention products (64 deep) stay on the gemm crate whatever the path: faer's
-    // gain is in the large weight products, and one summation order here keeps the reference
-    // forward's attention identical to what the runtime's f16-cache comparison was measured with
-    // (tests/it/runtime.rs: faer here moved a 2-token prefill from 1.0e-3 to 4.1e-3).
     unsafe {
         gemm_raw(
-            false,
+            use_faer,
             m,
             n,
             k,
@@ -984,7 +1005,7 @@ pub fn gemm_strided(a: &[f32], al: Strided, b: &[f32], bl: Strided, c: &mut [f32
             (al.row_stride as isize, al.col_stride as isize),
             b.as_ptr(),
             (bl.row_stride as isize, bl.col_stride as isize),
-            false,
+            parallel,
         )
     }
     Ok(())
@@ -1131,5 +1152,33 @@ mod tests {
             )
             .is_err()
         );
+    }
+
+    #[test]
+    fn large_gemm_matches_naive_in_every_layout_training_uses() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
+        let (m, k, n) = (130, 70, 90);
+        let a = rand_vec(&mut rng, m * k);
+        let b = rand_vec(&mut rng, k * n);
+        let want: Vec<f32> = (0..m * n)
+            .map(|ij| (0..k).map(|p| a[ij / n * k + p] as f64 * b[p * n + ij % n] as f64).sum::<f64>() as f32)
+            .collect();
+        // a · b with b row-major, and with both operands stored transposed.
+        let at: Vec<f32> = (0..k * m).map(|i| a[(i % m) * k + i / m]).collect();
+        let bt: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
+        for (lhs, al, rhs, bl) in [
+            (&a, Strided::row_major(m, k), &b, Strided::row_major(k, n)),
+            (&at, Strided::row_major(k, m).t(), &bt, Strided::row_major(n, k).t()),
+        ] {
+            let mut c = vec![f32::NAN; m * n];
+            gemm_large(lhs, al, rhs, bl, &mut c, Strided::row_major(m, n)).unwrap();
+            for (x, y) in c.iter().zip(&want) {
+                assert!((x - y).abs() < 1e-4 * (1.0 + y.abs()), "{x} vs {y}");
+            }
+        }
+        let mut c = vec![0f32; m * n];
+        let e =
+            gemm_large(&a, Strided::row_major(m, k), &b, Strided::row_major(n, k), &mut c, Strided::row_major(m, n));
+        assert!(e.is_err());
     }
 }

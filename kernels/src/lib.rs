@@ -14,6 +14,7 @@ pub mod matrix;
 pub mod mmap;
 pub mod pages;
 mod prefill;
+pub mod sampled;
 pub mod team;
 
 /// Errors raised by kernels and format conversions: always a caller's shape or data problem.

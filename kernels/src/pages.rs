@@ -53,6 +53,26 @@ fn advise(start: usize, end: usize) -> usize {
     0
 }
 
+/// Asks the C allocator to keep freed memory for reuse instead of returning it to the system:
+/// buffers up to its largest heap size (32 MiB on glibc) come from the heap instead of a fresh
+/// mapping each, and freed heap memory is not trimmed. A training step allocates and frees
+/// gigabytes of activations and gradients; each fresh mapping was page-faulted in and zeroed by
+/// the kernel (a tenth of the step's time). Returns whether the allocator took the advice
+/// (glibc only; elsewhere nothing changes).
+pub fn keep_freed_memory() -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallopt only changes the allocator's thresholds for later calls; no pointer is
+        // passed and no allocation is touched. The values are within glibc's accepted ranges
+        // (the mmap threshold at most HEAP_MAX / 2 = 32 MiB on 64-bit).
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20) == 1 && libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX) == 1
+        }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -23,7 +23,7 @@ use crate::cpu::{self, Isa};
 use crate::dense;
 
 /// Columns per block: one 64-bit mask word of each row.
-const BLOCK: usize = 64;
+pub(crate) const BLOCK: usize = 64;
 
 /// Whether [`bitmask_product`] runs on `isa` (AVX-512 and AVX2; the scalar path expands).
 pub(crate) fn supported(isa: Isa) -> bool {
@@ -31,7 +31,7 @@ pub(crate) fn supported(isa: Isa) -> bool {
 }
 
 /// Activation rows per tile: 8 vectors of f32 lanes.
-fn tile_rows(isa: Isa) -> usize {
+pub(crate) fn tile_rows(isa: Isa) -> usize {
     if isa == Isa::Avx512 { 128 } else { 64 }
 }
 
@@ -102,7 +102,7 @@ fn product_with<T: BitmaskValue>(
 /// per 8 rows) of about equal cost, counting a row's non-zeros (one broadcast and a tile of FMAs
 /// each) plus its per-block overhead (a mask word, and loading and storing the row's
 /// accumulators: about two non-zeros' worth per 64-column block).
-fn balanced_rows<T: BitmaskValue>(w: &BitmaskView<'_, T>, tasks: usize) -> Vec<usize> {
+pub(crate) fn balanced_rows<T: BitmaskValue>(w: &BitmaskView<'_, T>, tasks: usize) -> Vec<usize> {
     let (rows, offsets) = (w.rows(), w.row_offsets());
     let per_row = 2 * w.cols().div_ceil(BLOCK);
     // Cost of rows 0..r (validated views: row r's values start at offsets[r], row 0's at 0).
@@ -131,14 +131,14 @@ thread_local! {
 }
 
 /// `len` values of `buf` starting at a 64-byte boundary (the buffer grows as needed).
-fn aligned(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
+pub(crate) fn aligned(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
     buf.resize(len + 16, 0.0);
     let skip = buf.as_ptr().align_offset(64).min(16);
     &mut buf[skip..skip + len]
 }
 
 /// `p[c · tile + i] = x[t · tile + i, c]`, zeros for rows past `n`.
-fn pack_tile(x: &[f32], n: usize, cols: usize, tile: usize, t: usize, p: &mut [f32]) {
+pub(crate) fn pack_tile(x: &[f32], n: usize, cols: usize, tile: usize, t: usize, p: &mut [f32]) {
     let i0 = t * tile;
     let lanes = (n - i0).min(tile);
     // Blocks of columns so that the strided writes stay within a few KiB of cache lines.

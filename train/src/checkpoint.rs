@@ -77,9 +77,10 @@ pub fn save(dir: &Path, state: &State, model: &TrainLlama, opt: &AdamW, masks: &
     std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     for (i, name) in model.names().iter().enumerate() {
-        tensors.insert(format!("param.{name}"), model.params()[i].as_tensor().clone());
-        tensors.insert(format!("adam_m.{name}"), opt.m[i].clone());
-        tensors.insert(format!("adam_v.{name}"), opt.v[i].clone());
+        // Dense, whatever the storage: a checkpoint reads the same with or without packing.
+        tensors.insert(format!("param.{name}"), model.dense_param(i)?);
+        tensors.insert(format!("adam_m.{name}"), model.dense_like(i, &opt.m[i])?);
+        tensors.insert(format!("adam_v.{name}"), model.dense_like(i, &opt.v[i])?);
     }
     for m in masks {
         tensors.insert(format!("mask.{}", m.name), m.keep.to_dtype(DType::U8)?);
@@ -159,9 +160,9 @@ pub fn restore(dir: &Path, device: &Device, model: &TrainLlama, opt: &mut AdamW,
     };
     for (i, name) in model.names().iter().enumerate() {
         let shape = &model.shapes()[i];
-        model.params()[i].set(&get(format!("param.{name}"), shape)?)?;
-        opt.m[i] = get(format!("adam_m.{name}"), shape)?;
-        opt.v[i] = get(format!("adam_v.{name}"), shape)?;
+        model.params()[i].set(&model.stored_like(i, &get(format!("param.{name}"), shape)?)?)?;
+        opt.m[i] = model.stored_like(i, &get(format!("adam_m.{name}"), shape)?)?;
+        opt.v[i] = model.stored_like(i, &get(format!("adam_v.{name}"), shape)?)?;
     }
     let mut restored = Vec::new();
     for i in model.prunable() {

@@ -28,6 +28,7 @@
 
 pub mod checkpoint;
 pub mod data;
+pub mod linear;
 pub mod llama;
 pub mod loss;
 pub mod optim;

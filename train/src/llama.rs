@@ -9,11 +9,13 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::{D, DType, Device, Tensor, Var};
 use lacuna_model::weights::Weight;
 use lacuna_model::{LinearKind, Llama, LlamaConfig};
 
+use crate::linear::{self, SparseLayout};
 use crate::{Error, Result};
 
 /// Indices into [`TrainLlama::params`] of one decoder block.
@@ -41,6 +43,9 @@ pub struct TrainLlama {
     names: Vec<String>,
     shapes: Vec<Vec<usize>>,
     params: Vec<Var>,
+    /// Per parameter: the frozen mask it is stored under, when it holds its kept values only
+    /// ([`TrainLlama::pack`]); `None` for a dense parameter.
+    packed: Vec<Option<Arc<SparseLayout>>>,
     embed: usize,
     blocks: Vec<BlockParams>,
     norm: usize,
@@ -89,6 +94,7 @@ impl TrainLlama {
             config,
             device: device.clone(),
             names,
+            packed: vec![None; params.len()],
             shapes,
             params,
             blocks,
@@ -126,8 +132,68 @@ impl TrainLlama {
     pub fn shapes(&self) -> &[Vec<usize>] {
         &self.shapes
     }
+    /// The trainable parameters: dense, or the kept values of a packed one (1-D).
     pub fn params(&self) -> &[Var] {
         &self.params
+    }
+
+    /// The layout parameter `i` is packed under, if it is.
+    pub fn layout(&self, i: usize) -> Option<&Arc<SparseLayout>> {
+        self.packed[i].as_ref()
+    }
+
+    /// Whether AdamW decays parameter `i` (matrices, packed or not; not norm gains).
+    pub fn is_matrix(&self, i: usize) -> bool {
+        self.shapes[i].len() >= 2
+    }
+
+    /// Parameter `i` as its dense tensor (a packed one expanded, zeros at pruned positions).
+    pub fn dense_param(&self, i: usize) -> Result<Tensor> {
+        self.dense_like(i, self.params[i].as_tensor())
+    }
+
+    /// A tensor shaped like parameter `i`'s storage (an Adam moment) as the dense tensor.
+    pub fn dense_like(&self, i: usize, t: &Tensor) -> Result<Tensor> {
+        match &self.packed[i] {
+            Some(l) => l.expand_tensor(t),
+            None => Ok(t.clone()),
+        }
+    }
+
+    /// A dense tensor of parameter `i`'s shape in its storage's form (packed: its kept values;
+    /// refused if a pruned entry is non-zero).
+    pub fn stored_like(&self, i: usize, dense: &Tensor) -> Result<Tensor> {
+        match &self.packed[i] {
+            Some(l) => l.pack_tensor(dense),
+            None => Ok(dense.clone()),
+        }
+    }
+
+    /// Stores parameter `i` as its kept values under `keep` (the dense 0/1 mask), on the CPU,
+    /// where the sparse linear runs (elsewhere it stays dense and the trainer masks it). Returns
+    /// whether it is packed now. The weight must already be zero where `keep` is.
+    pub fn pack(&mut self, i: usize, keep: &Tensor) -> Result<bool> {
+        self.unpack(i)?;
+        if !self.device.is_cpu() || !self.prunable().contains(&i) {
+            return Ok(false);
+        }
+        let (rows, cols) = keep.dims2()?;
+        let k = keep.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        let layout = Arc::new(SparseLayout::from_keep(&k, rows, cols)?);
+        let vals = layout.pack_tensor(self.params[i].as_tensor())?;
+        self.params[i] = Var::from_tensor(&vals)?;
+        self.packed[i] = Some(layout);
+        Ok(true)
+    }
+
+    /// Stores parameter `i` dense again.
+    pub fn unpack(&mut self, i: usize) -> Result<()> {
+        if self.packed[i].is_some() {
+            let dense = self.dense_param(i)?;
+            self.params[i] = Var::from_tensor(&dense)?;
+            self.packed[i] = None;
+        }
+        Ok(())
     }
     pub fn num_params(&self) -> usize {
         self.shapes.iter().map(|s| s.iter().product::<usize>()).sum()
@@ -188,48 +254,49 @@ impl TrainLlama {
         let scale = 1.0 / (hd as f64).sqrt();
         let mut hidden = Vec::new();
         for blk in &self.blocks {
-            let w = |k: usize| self.p(blk.linears[k], frozen);
+            let lin = |x: &Tensor, k: usize| -> Result<Tensor> {
+                let i = blk.linears[k];
+                match &self.packed[i] {
+                    Some(l) => linear::sparse(x, &self.p(i, frozen), l),
+                    None => linear::dense(x, &self.p(i, frozen)),
+                }
+            };
             let xn = rms_norm(&x, &self.p(blk.input_norm, frozen), eps)?;
             let heads = |y: Tensor, n: usize| -> Result<Tensor> {
                 Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
             };
-            let q = heads(linear(&xn, &w(0))?, nh)?;
-            let k = heads(linear(&xn, &w(1))?, nkv)?;
-            let v = heads(linear(&xn, &w(2))?, nkv)?;
+            let q = heads(lin(&xn, 0)?, nh)?;
+            let k = heads(lin(&xn, 1)?, nkv)?;
+            let v = heads(lin(&xn, 2)?, nkv)?;
             let q = apply_rope(&q, &cos, &sin)?;
             let k = apply_rope(&k, &cos, &sin)?;
             let (k, v) = (repeat_kv(&k, nh / nkv)?, repeat_kv(&v, nh / nkv)?);
             let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&mask)?;
             let probs = softmax_last(&scores)?;
             let o = probs.matmul(&v)?.transpose(1, 2)?.reshape((b * t, nh * hd))?;
-            x = (x + linear(&o, &w(3))?)?;
+            x = (x + lin(&o, 3)?)?;
             let xn = rms_norm(&x, &self.p(blk.post_norm, frozen), eps)?;
-            let act = (linear(&xn, &w(4))?.silu()? * linear(&xn, &w(5))?)?;
-            x = (x + linear(&act, &w(6))?)?;
+            let act = (lin(&xn, 4)?.silu()? * lin(&xn, 5)?)?;
+            x = (x + lin(&act, 6)?)?;
             if want_hidden {
                 hidden.push(x.clone());
             }
         }
         let xn = rms_norm(&x, &self.p(self.norm, frozen), eps)?;
         let head = self.p(self.lm_head.unwrap_or(self.embed), frozen);
-        let logits = linear(&xn, &head)?;
+        let logits = linear::dense(&xn, &head)?;
         Ok(ForwardOut { logits, hidden })
     }
 
     /// The current weights as a `lacuna_model::Llama` (f32), e.g. to save or to prune.
     pub fn to_model(&self, origin: &Path) -> Result<Llama> {
         let mut tensors = BTreeMap::new();
-        for ((name, shape), var) in self.names.iter().zip(&self.shapes).zip(&self.params) {
-            let v = var.as_tensor().flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        for (i, (name, shape)) in self.names.iter().zip(&self.shapes).enumerate() {
+            let v = self.dense_param(i)?.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
             tensors.insert(name.clone(), Weight::from_f32(shape.clone(), v)?);
         }
         Ok(Llama::load(self.config.clone(), tensors, origin)?)
     }
-}
-
-/// `x · wᵀ` for `x` `[n, in]` and `w` `[out, in]`.
-fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    Ok(x.matmul(&w.t()?)?)
 }
 
 fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {

@@ -5,6 +5,11 @@
 //! global-norm clip, AdamW, and **weights ⊙ M** (Algorithm 1). Masked gradients are exactly 0, so
 //! the moments of masked entries stay exactly 0 (checked at every checkpoint and at the end, with
 //! the per-layer sparsity).
+//!
+//! On the CPU a masked layer is stored as its kept values ([`crate::linear`]): its products
+//! multiply the kept weights only, its gradient and moments exist at kept positions only, and the
+//! two masking steps have nothing left to do. [`RunOptions::masked_dense`] keeps the dense,
+//! multiplied-by-the-mask reference.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -54,6 +59,14 @@ pub struct StepMetrics {
     pub seconds: f64,
     /// Time spent applying the masks (gradients and weights).
     pub mask_seconds: f64,
+    /// Where the step's time went: forward passes and losses, backward passes (gradients
+    /// summed), the optimizer update (masks, clipping, AdamW).
+    #[serde(default)]
+    pub forward_seconds: f64,
+    #[serde(default)]
+    pub backward_seconds: f64,
+    #[serde(default)]
+    pub update_seconds: f64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -80,11 +93,24 @@ pub struct RunOptions<'a> {
     /// Masks given explicitly (instead of the input's zeros): safetensors with one tensor per
     /// weight name, non-zero = kept.
     pub masks: Option<PathBuf>,
+    /// Run the masked layers as dense products with the gradients and weights multiplied by the
+    /// mask (the reference path, and the only one off the CPU) instead of the sparse linear over
+    /// their kept values ([`crate::linear`]). The two differ in f32 rounding only; a run resumes
+    /// bit-identically on the path it started on.
+    pub masked_dense: bool,
 }
 
 impl Default for RunOptions<'_> {
     fn default() -> Self {
-        Self { device: Device::Cpu, checkpoint_dir: None, resume: false, stop: None, throttle_ms: 0, masks: None }
+        Self {
+            device: Device::Cpu,
+            checkpoint_dir: None,
+            resume: false,
+            stop: None,
+            throttle_ms: 0,
+            masks: None,
+            masked_dense: false,
+        }
     }
 }
 
@@ -111,6 +137,12 @@ pub struct TrainSummary {
     /// Share of step time spent applying the masks.
     pub mask_share: f64,
     pub seconds: f64,
+    /// Masked layers stored as their kept values and run on the sparse kernels.
+    #[serde(default)]
+    pub packed_layers: usize,
+    /// Bytes of the AdamW moments as stored (packed layers: kept entries only).
+    #[serde(default)]
+    pub optimizer_bytes: u64,
 }
 
 /// Batches of one kind of data, with a serialisable cursor.
@@ -280,7 +312,14 @@ impl PrunePlan {
         Self { recipe: recipe.clone(), stages }
     }
 
-    fn apply(&self, step: u64, model: &TrainLlama, masks: &mut Vec<Mask>, opt: &mut AdamW) -> Result<Option<f64>> {
+    fn apply(
+        &self,
+        step: u64,
+        model: &mut TrainLlama,
+        masks: &mut Vec<Mask>,
+        opt: &mut AdamW,
+        sparse: bool,
+    ) -> Result<Option<f64>> {
         let Some(&(_, sparsity)) = self.stages.iter().find(|(s, _)| *s == step) else { return Ok(None) };
         let pattern = match self.recipe.structure {
             SparsityStructure::NM { n, m } => lacuna_prune::Pattern::NM { n, m },
@@ -293,6 +332,7 @@ impl PrunePlan {
             if !self.recipe.selects(name.strip_suffix(".weight").unwrap_or(name)) {
                 continue;
             }
+            unpack_layer(model, opt, i)?;
             let p = &model.params()[i];
             let (rows, cols) = p.as_tensor().dims2()?;
             let mut w = p.as_tensor().flatten_all()?.to_vec1::<f32>()?;
@@ -301,6 +341,9 @@ impl PrunePlan {
             let mk = optim::mask_of(model, i)?;
             opt.m[i] = (&opt.m[i] * &mk.keep)?;
             opt.v[i] = (&opt.v[i] * &mk.keep)?;
+            if sparse && mk.sparsity() >= PACK_MIN_SPARSITY {
+                pack_layer(model, opt, i, &mk.keep)?;
+            }
             zeros += mk.pruned;
             total += mk.numel;
             masks.retain(|m| m.param != i);
@@ -326,10 +369,37 @@ struct Job<'a> {
     prune: Option<PrunePlan>,
 }
 
+/// The sparsity from which a masked layer is stored as its kept values and multiplied by the
+/// sparse kernels. Below it the three sparse products together are no faster than the dense ones
+/// (`cargo bench -p lacuna-kernels --bench train`: about 1.1× at 50 %, 1.5× at 70 %), so the
+/// layer runs dense with the masks applied (a dequantized GGUF has a few percent of exact zeros
+/// in every layer: those stay dense).
+pub const PACK_MIN_SPARSITY: f64 = 0.45;
+
+/// Stores masked layer `i` (weights and both moments) as its kept values, where the sparse linear
+/// runs (the CPU).
+fn pack_layer(model: &mut TrainLlama, opt: &mut AdamW, i: usize, keep: &Tensor) -> Result<()> {
+    if model.pack(i, keep)? {
+        opt.m[i] = model.stored_like(i, &opt.m[i])?;
+        opt.v[i] = model.stored_like(i, &opt.v[i])?;
+    }
+    Ok(())
+}
+
+/// Stores layer `i` (weights and both moments) dense again.
+fn unpack_layer(model: &mut TrainLlama, opt: &mut AdamW, i: usize) -> Result<()> {
+    if model.layout(i).is_some() {
+        opt.m[i] = model.dense_like(i, &opt.m[i])?;
+        opt.v[i] = model.dense_like(i, &opt.v[i])?;
+        model.unpack(i)?;
+    }
+    Ok(())
+}
+
 #[allow(clippy::too_many_arguments)]
 fn run(
     job: Job<'_>,
-    model: &TrainLlama,
+    model: &mut TrainLlama,
     mut masks: Vec<Mask>,
     feed: &mut dyn Feed,
     eval: &dyn Fn(&TrainLlama, u64) -> Result<EvalReport>,
@@ -338,7 +408,7 @@ fn run(
 ) -> Result<TrainSummary> {
     let t_run = Instant::now();
     let s = job.schedule;
-    let mut opt = AdamW::new(job.optimizer, model.params())?;
+    let mut opt = AdamW::for_model(job.optimizer, model)?;
     let mut step = 0u64;
     let mut resumed_at = None;
     if let Some(dir) = &opts.checkpoint_dir {
@@ -350,7 +420,7 @@ fn run(
             step = state.step;
             resumed_at = Some(step);
             optim::verify_sparsity(model, &masks)?;
-            opt.verify_masked_moments(&masks)?;
+            opt.verify_masked_moments(model, &masks)?;
         } else if let Some(found) = checkpoint::locate(dir) {
             return Err(Error::Checkpoint {
                 path: found,
@@ -361,6 +431,12 @@ fn run(
         return Err(Error::Recipe("--resume needs a checkpoint directory".into()));
     }
     optim::check_masks(model, &masks)?;
+    let sparse = !opts.masked_dense;
+    if sparse {
+        for m in masks.iter().filter(|m| m.sparsity() >= PACK_MIN_SPARSITY) {
+            pack_layer(model, &mut opt, m.param, &m.keep)?;
+        }
+    }
     on_event(Event::Start {
         step,
         steps: s.steps,
@@ -380,33 +456,34 @@ fn run(
     let accum = s.gradient_accumulation;
     let (mut tokens_total, mut secs_total, mut mask_total) = (0usize, 0f64, 0f64);
     let mut interrupted = false;
-    let save = |step: u64, opt: &AdamW, masks: &[Mask], feed: &dyn Feed| -> Result<Option<PathBuf>> {
-        let Some(dir) = &opts.checkpoint_dir else { return Ok(None) };
-        optim::verify_sparsity(model, masks)?;
-        opt.verify_masked_moments(masks)?;
-        let state = State {
-            format: 1,
-            kind: job.kind.to_owned(),
-            step,
-            model_fingerprint: job.fingerprint.clone(),
-            recipe_sha256: job.recipe_sha.clone(),
-            adam_t: opt.t,
-            cursor: feed.cursor()?,
+    let save =
+        |model: &TrainLlama, step: u64, opt: &AdamW, masks: &[Mask], feed: &dyn Feed| -> Result<Option<PathBuf>> {
+            let Some(dir) = &opts.checkpoint_dir else { return Ok(None) };
+            optim::verify_sparsity(model, masks)?;
+            opt.verify_masked_moments(model, masks)?;
+            let state = State {
+                format: 1,
+                kind: job.kind.to_owned(),
+                step,
+                model_fingerprint: job.fingerprint.clone(),
+                recipe_sha256: job.recipe_sha.clone(),
+                adam_t: opt.t,
+                cursor: feed.cursor()?,
+            };
+            checkpoint::save(dir, &state, model, opt, masks)?;
+            Ok(Some(dir.clone()))
         };
-        checkpoint::save(dir, &state, model, opt, masks)?;
-        Ok(Some(dir.clone()))
-    };
 
     while step < s.steps {
         if opts.stop.is_some_and(|f| f.load(Ordering::SeqCst)) {
-            if let Some(p) = save(step, &opt, &masks, feed)? {
+            if let Some(p) = save(model, step, &opt, &masks, feed)? {
                 on_event(Event::Checkpoint { step, path: p });
             }
             interrupted = true;
             break;
         }
         if let Some(plan) = &job.prune
-            && let Some(sp) = plan.apply(step, model, &mut masks, &mut opt)?
+            && let Some(sp) = plan.apply(step, model, &mut masks, &mut opt, sparse)?
         {
             on_event(Event::Pruned { step, sparsity: sp });
         }
@@ -414,10 +491,12 @@ fn run(
         let mut grads: Vec<Option<Tensor>> = vec![None; model.params().len()];
         let (mut task_sum, mut sh_sum, mut kl_sum, mut loss_sum) = (0f64, 0f64, 0f64, 0f64);
         let mut tokens = 0usize;
+        let (mut forward_secs, mut backward_secs) = (0f64, 0f64);
         for _ in 0..accum {
             let b = feed.next_batch(s.batch_size, &device)?;
             tokens += b.ids.elem_count();
             let want_hidden = job.teacher.as_ref().is_some_and(|t| t.spec.squarehead_weight > 0.0);
+            let tf = Instant::now();
             let out = model.forward(&b.ids, want_hidden)?;
             let task = loss::cross_entropy(&out.logits, &b.targets, &b.weights)?;
             let total = match &job.teacher {
@@ -443,6 +522,8 @@ fn run(
             };
             task_sum += task.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
             loss_sum += total.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+            let tb = Instant::now();
+            forward_secs += (tb - tf).as_secs_f64();
             let gs = (total / accum as f64)?.backward()?;
             for (g, p) in grads.iter_mut().zip(model.params()) {
                 if let Some(new) = gs.get(p.as_tensor()) {
@@ -456,6 +537,7 @@ fn run(
                     });
                 }
             }
+            backward_secs += tb.elapsed().as_secs_f64();
         }
         let grads: Vec<Tensor> = grads
             .into_iter()
@@ -463,7 +545,9 @@ fn run(
             .map(|(g, p)| g.map_or_else(|| p.as_tensor().zeros_like(), Ok))
             .collect::<candle_core::Result<_>>()?;
         let lr = optim::learning_rate(job.optimizer, step, s.steps);
+        let tu = Instant::now();
         let up = masked_update(model, &masks, &mut opt, grads, lr)?;
+        let update_secs = tu.elapsed().as_secs_f64();
         let (grad_norm, mask_secs) = (up.grad_norm, up.mask_seconds);
         step += 1;
         let secs = t0.elapsed().as_secs_f64();
@@ -487,11 +571,14 @@ fn run(
             tokens_per_s: tokens as f64 / secs,
             seconds: secs,
             mask_seconds: mask_secs,
+            forward_seconds: forward_secs,
+            backward_seconds: backward_secs,
+            update_seconds: update_secs,
         }));
         if s.checkpoint_every > 0
             && step.is_multiple_of(s.checkpoint_every)
             && step < s.steps
-            && let Some(p) = save(step, &opt, &masks, feed)?
+            && let Some(p) = save(model, step, &opt, &masks, feed)?
         {
             on_event(Event::Checkpoint { step, path: p });
         }
@@ -503,7 +590,7 @@ fn run(
         }
     }
     optim::verify_sparsity(model, &masks)?;
-    opt.verify_masked_moments(&masks)?;
+    opt.verify_masked_moments(model, &masks)?;
     let eval_after = if interrupted {
         None
     } else {
@@ -524,15 +611,19 @@ fn run(
         tokens_per_s: tokens_total as f64 / secs_total.max(1e-9),
         mask_share: mask_total / secs_total.max(1e-9),
         seconds: t_run.elapsed().as_secs_f64(),
+        packed_layers: (0..model.params().len()).filter(|&i| model.layout(i).is_some()).count(),
+        optimizer_bytes: opt.m.iter().chain(&opt.v).map(|t| (t.elem_count() * t.dtype().size_in_bytes()) as u64).sum(),
     })
 }
 
 /// What [`masked_update`] did.
 pub struct Update {
-    /// The gradients as applied: masked, then clipped.
+    /// The gradients, masked (the clipping factor is applied inside the optimizer's update).
     pub grads: Vec<Tensor>,
     /// Global norm before clipping (after masking).
     pub grad_norm: f64,
+    /// The factor clipping scaled the gradients by (1: none).
+    pub clip: f64,
     /// Time spent applying the masks.
     pub mask_seconds: f64,
 }
@@ -547,24 +638,20 @@ pub fn masked_update(
     lr: f64,
 ) -> Result<Update> {
     let tm = Instant::now();
-    for m in masks {
+    // A packed layer's gradient exists at its kept positions only: nothing to mask.
+    for m in masks.iter().filter(|m| model.layout(m.param).is_none()) {
         grads[m.param] = (&grads[m.param] * &m.keep)?;
     }
     let mut mask_seconds = tm.elapsed().as_secs_f64();
     let (grad_norm, factor) = optim::clip_factor(&grads, opt.spec.grad_clip)?;
-    if factor != 1.0 {
-        for g in grads.iter_mut() {
-            *g = g.affine(factor, 0.0)?;
-        }
-    }
-    opt.step(model.params(), &grads, lr)?;
+    opt.step_scaled(model.params(), &grads, factor, lr)?;
     let tm = Instant::now();
-    for m in masks {
+    for m in masks.iter().filter(|m| model.layout(m.param).is_none()) {
         let p = &model.params()[m.param];
         p.set(&(p.as_tensor() * &m.keep)?)?;
     }
     mask_seconds += tm.elapsed().as_secs_f64();
-    Ok(Update { grads, grad_norm, mask_seconds })
+    Ok(Update { grads, grad_norm, clip: factor, mask_seconds })
 }
 
 /// 1 for real tokens, 0 for the padding of a right-padded batch: a position is padding when it
@@ -620,7 +707,7 @@ pub fn pretrain(
             .map(|(i, w)| (weighted[i].0.name.clone(), w))
             .collect();
     let mix = Mixture::new(&weighted, tok, seq, recipe.schedule.seed)?;
-    let model = TrainLlama::from_model(input, &opts.device)?;
+    let mut model = TrainLlama::from_model(input, &opts.device)?;
     let masks = initial_masks(&model, opts)?;
     let job = Job {
         kind: "pretrain",
@@ -633,7 +720,7 @@ pub fn pretrain(
     };
     let mut feed = MixtureFeed { mix, tok };
     let eval = |m: &TrainLlama, step: u64| perplexity(m, &windows, step);
-    let summary = run(job, &model, masks, &mut feed, &eval, opts, on_event)?;
+    let summary = run(job, &mut model, masks, &mut feed, &eval, opts, on_event)?;
     Ok((model, summary))
 }
 
@@ -656,7 +743,7 @@ pub fn finetune(
     }
     let (train, held) = examples.split_at(examples.len() - n_eval);
     let held = if held.is_empty() { train.to_vec() } else { held.to_vec() };
-    let model = TrainLlama::from_model(input, &opts.device)?;
+    let mut model = TrainLlama::from_model(input, &opts.device)?;
     let masks = match recipe.pathway {
         Pathway::FromOneShot | Pathway::FromSparsePretrained => {
             let m = initial_masks(&model, opts)?;
@@ -705,7 +792,7 @@ pub fn finetune(
     };
     let mut feed = InstructionStream::new(train.to_vec(), recipe.schedule.seed, pad);
     let eval = |m: &TrainLlama, step: u64| example_perplexity(m, &held, step);
-    let summary = run(job, &model, masks, &mut feed, &eval, opts, on_event)?;
+    let summary = run(job, &mut model, masks, &mut feed, &eval, opts, on_event)?;
     Ok((model, summary))
 }
 
