@@ -10,6 +10,7 @@
 //!
 //! `cargo bench -p lacuna-kernels --bench train`; `RAYON_NUM_THREADS` sets the thread count.
 
+#[allow(dead_code)] // `common::criterion`: this bench times its three products itself, for one table of ratios
 mod common;
 
 use std::time::Instant;

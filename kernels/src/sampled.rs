@@ -250,6 +250,7 @@ macro_rules! kernel {
             /// its set bits; `xt.len() == cols · len`, `gt.len() == offsets.len() · len` (rows
             /// `len` apart), `tokens <= len` a multiple of LANES.
             #[target_feature(enable = $features)]
+            #[allow(clippy::too_many_arguments)]
             pub(super) unsafe fn rows_task(
                 mask: &[u8],
                 offsets: &[usize],

@@ -26,6 +26,7 @@
 //! Training is deterministic: the same model, recipe and thread count give bit-identical weights,
 //! and a run resumed from a checkpoint ends bit-identical to an uninterrupted one.
 
+pub mod attention;
 pub mod checkpoint;
 pub mod data;
 pub mod linear;

@@ -15,6 +15,7 @@ use candle_core::{D, DType, Device, Tensor, Var};
 use lacuna_model::weights::Weight;
 use lacuna_model::{LinearKind, Llama, LlamaConfig};
 
+use crate::attention;
 use crate::linear::{self, SparseLayout};
 use crate::{Error, Result};
 
@@ -250,7 +251,6 @@ impl TrainLlama {
         let mut x = embed.index_select(&ids.flatten_all()?, 0)?; // [b·t, h]
         let (cos, sin) = self.rope(t)?;
         let (cos, sin) = (cos.to_dtype(dt)?, sin.to_dtype(dt)?);
-        let mask = causal_mask(t, &self.device)?.to_dtype(dt)?;
         let scale = 1.0 / (hd as f64).sqrt();
         let mut hidden = Vec::new();
         for blk in &self.blocks {
@@ -270,10 +270,7 @@ impl TrainLlama {
             let v = heads(lin(&xn, 2)?, nkv)?;
             let q = apply_rope(&q, &cos, &sin)?;
             let k = apply_rope(&k, &cos, &sin)?;
-            let (k, v) = (repeat_kv(&k, nh / nkv)?, repeat_kv(&v, nh / nkv)?);
-            let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&mask)?;
-            let probs = softmax_last(&scores)?;
-            let o = probs.matmul(&v)?.transpose(1, 2)?.reshape((b * t, nh * hd))?;
+            let o = attention::causal(&q, &k, &v, scale)?.transpose(1, 2)?.reshape((b * t, nh * hd))?;
             x = (x + lin(&o, 3)?)?;
             let xn = rms_norm(&x, &self.p(blk.post_norm, frozen), eps)?;
             let act = (lin(&xn, 4)?.silu()? * lin(&xn, 5)?)?;
@@ -311,21 +308,6 @@ fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let x2 = x.narrow(D::Minus1, hd / 2, hd / 2)?;
     let rot = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
     Ok((x.broadcast_mul(cos)? + rot.broadcast_mul(sin)?)?)
-}
-
-/// Each KV head repeated over its group of `n_rep` query heads: `[b, kv, t, hd]` → `[b, kv·n_rep, t, hd]`.
-fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
-    if n_rep == 1 {
-        return Ok(x.clone());
-    }
-    let (b, kv, t, hd) = x.dims4()?;
-    Ok(x.unsqueeze(2)?.broadcast_as((b, kv, n_rep, t, hd))?.contiguous()?.reshape((b, kv * n_rep, t, hd))?)
-}
-
-/// `[t, t]`: 0 on and below the diagonal, −∞ above.
-fn causal_mask(t: usize, device: &Device) -> Result<Tensor> {
-    let m: Vec<f32> = (0..t).flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY })).collect();
-    Ok(Tensor::from_vec(m, (t, t), device)?)
 }
 
 /// Softmax over the last dimension from differentiable primitives (max subtracted, detached).

@@ -238,6 +238,39 @@ fn slice<'a>(s: &'a candle_core::CpuStorage, l: &candle_core::Layout) -> candle_
     Ok(&s.as_slice::<f32>()?[a..b])
 }
 
+/// `t ← t ⊙ keep` in place for f32 CPU tensors of one shape (a mask applied without a full-size
+/// temporary); other tensors get `t ⊙ keep` as a new tensor.
+pub fn mask_in_place(t: &Tensor, keep: &Tensor) -> Result<Option<Tensor>> {
+    let f32_cpu = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu() && t.is_contiguous();
+    if f32_cpu(t) && f32_cpu(keep) && t.dims() == keep.dims() {
+        t.inplace_op2(keep, &MaskOp)?;
+        return Ok(None);
+    }
+    Ok(Some((t * keep)?))
+}
+
+struct MaskOp;
+
+impl candle_core::InplaceOp2 for MaskOp {
+    fn name(&self) -> &'static str {
+        "mask"
+    }
+    fn cpu_fwd(
+        &self,
+        dst: &mut candle_core::CpuStorage,
+        dst_l: &candle_core::Layout,
+        k: &candle_core::CpuStorage,
+        kl: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        use rayon::prelude::*;
+        let (t, k) = (slice_mut(dst, dst_l)?, slice(k, kl)?);
+        t.par_chunks_mut(CHUNK)
+            .zip(k.par_chunks(CHUNK))
+            .for_each(|(t, k)| t.iter_mut().zip(k).for_each(|(t, k)| *t *= k));
+        Ok(())
+    }
+}
+
 /// `m ← β·m + (1 − β)·(scale·g)` (or its square), in place.
 struct Moment {
     beta: f32,

@@ -640,7 +640,9 @@ pub fn masked_update(
     let tm = Instant::now();
     // A packed layer's gradient exists at its kept positions only: nothing to mask.
     for m in masks.iter().filter(|m| model.layout(m.param).is_none()) {
-        grads[m.param] = (&grads[m.param] * &m.keep)?;
+        if let Some(g) = optim::mask_in_place(&grads[m.param], &m.keep)? {
+            grads[m.param] = g;
+        }
     }
     let mut mask_seconds = tm.elapsed().as_secs_f64();
     let (grad_norm, factor) = optim::clip_factor(&grads, opt.spec.grad_clip)?;
@@ -648,7 +650,9 @@ pub fn masked_update(
     let tm = Instant::now();
     for m in masks.iter().filter(|m| model.layout(m.param).is_none()) {
         let p = &model.params()[m.param];
-        p.set(&(p.as_tensor() * &m.keep)?)?;
+        if let Some(w) = optim::mask_in_place(p.as_tensor(), &m.keep)? {
+            p.set(&w)?;
+        }
     }
     mask_seconds += tm.elapsed().as_secs_f64();
     Ok(Update { grads, grad_norm, clip: factor, mask_seconds })
