@@ -24,6 +24,7 @@ use lacuna_kernels::dense::{Strided, gemm_strided};
 use rayon::prelude::*;
 
 use crate::Result;
+use crate::linear::slice;
 
 /// `softmax(scale · Q Kᵀ + causal mask) · V` for `q` `[b, heads, t, hd]` and `k`, `v`
 /// `[b, kv_heads, t, hd]` (each KV head serving `heads / kv_heads` consecutive query heads);
@@ -69,19 +70,13 @@ struct Attention {
     probs: Mutex<Vec<f32>>,
 }
 
-/// The backward pass's op: `(dO, Q, K)` in, `V` and `P` held; returns `[dQ | dK | dV]` flat.
+/// The backward pass's op: `(dO, Q, K)` in, `V` and `P` held; returns `[dQ | dK | dV]` flat
+/// (one op computes all three from the same `dS`).
 struct AttentionGrad {
     scale: f32,
     v: Vec<f32>,
     probs: Vec<f32>,
     kv_heads: usize,
-}
-
-fn contiguous<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    let (a, b) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg(format!("attention: {what} is not contiguous")))?;
-    Ok(&s.as_slice::<f32>()?[a..b])
 }
 
 fn dims(l: &Layout, what: &str) -> candle_core::Result<[usize; 4]> {
@@ -120,7 +115,11 @@ impl CustomOp3 for Attention {
             )));
         }
         let nkv = kd[1];
-        let (q, k, v) = (contiguous(s1, l1, "q")?, contiguous(s2, l2, "k")?, contiguous(s3, l3, "v")?);
+        let (q, k, v) = (
+            slice::<f32>(s1, l1, "attention: q")?,
+            slice::<f32>(s2, l2, "attention: k")?,
+            slice::<f32>(s3, l3, "attention: v")?,
+        );
         let mut out = vec![0f32; b * nh * t * hd];
         let mut probs = vec![0f32; b * nh * t * t];
         let rm = Strided::row_major;
@@ -162,7 +161,7 @@ impl CustomOp3 for Attention {
         let (b, nh, t, hd) = q.dims4()?;
         let nkv = k.dim(1)?;
         let op = AttentionGrad { scale: self.scale, v: v.flatten_all()?.to_vec1::<f32>()?, probs, kv_heads: nkv };
-        let all = grad.contiguous()?.apply_op2_no_bwd(&Tensor::cat(&[q.flatten_all()?, k.flatten_all()?], 0)?, &op)?;
+        let all = grad.contiguous()?.apply_op3_no_bwd(&q.contiguous()?, &k.contiguous()?, &op)?;
         let (nq, nk) = (b * nh * t * hd, b * nkv * t * hd);
         let dq = all.narrow(0, 0, nq)?.reshape((b, nh, t, hd))?;
         let dk = all.narrow(0, nq, nk)?.reshape((b, nkv, t, hd))?;
@@ -171,27 +170,32 @@ impl CustomOp3 for Attention {
     }
 }
 
-impl candle_core::CustomOp2 for AttentionGrad {
+impl CustomOp3 for AttentionGrad {
     fn name(&self) -> &'static str {
         "causal-attention-grad"
     }
 
-    /// `s1` is `dO` `[b, heads, t, hd]`, `s2` is `Q` then `K` flattened.
+    /// `dO` and `Q` `[b, heads, t, hd]`, `K` `[b, kv_heads, t, hd]`.
     fn cpu_fwd(
         &self,
         s1: &CpuStorage,
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let [b, nh, t, hd] = dims(l1, "dO")?;
         let nkv = self.kv_heads;
         let (nq, nk) = (b * nh * t * hd, b * nkv * t * hd);
-        let (dout, qk) = (contiguous(s1, l1, "dO")?, contiguous(s2, l2, "q, k")?);
-        if qk.len() != nq + nk || self.v.len() != nk || self.probs.len() != b * nh * t * t {
+        let (dout, q, k) = (
+            slice::<f32>(s1, l1, "attention: dO")?,
+            slice::<f32>(s2, l2, "attention: q")?,
+            slice::<f32>(s3, l3, "attention: k")?,
+        );
+        if q.len() != nq || k.len() != nk || self.v.len() != nk || self.probs.len() != b * nh * t * t {
             return Err(candle_core::Error::Msg("attention: backward operands disagree with the forward pass".into()));
         }
-        let (q, k) = qk.split_at(nq);
         let rm = Strided::row_major;
         let rep = nh / nkv;
         // Per query head: dQ, and its contributions to its KV head's dK and dV.

@@ -37,7 +37,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use lacuna_kernels::bitmask::{self, BitmaskView};
 use lacuna_kernels::dense::{self as kd, Strided};
 use lacuna_kernels::sampled;
@@ -249,7 +249,7 @@ impl CustomOp2 for DenseForward {
             return Err(candle_core::Error::Msg(format!("dense linear: x [{n}, {k}] · w [{out}, {k2}]ᵀ")));
         }
         let (CpuStorage::F32(_), CpuStorage::F32(_)) = (s1, s2) else { return Err(f32_only()) };
-        let (x, w) = (slice::<f32>(s1, l1, "x")?, slice::<f32>(s2, l2, "w")?);
+        let (x, w) = (slice::<f32>(s1, l1, "linear: x")?, slice::<f32>(s2, l2, "linear: w")?);
         let mut y = vec![0f32; n * out];
         gemm(x, Strided::row_major(n, k), w, Strided::row_major(out, k).t(), &mut y, Strided::row_major(n, out))?;
         Ok((CpuStorage::F32(y), Shape::from((n, out))))
@@ -288,7 +288,7 @@ impl CustomOp2 for DenseGradInput {
             return Err(candle_core::Error::Msg(format!("dense linear: dy [{n}, {out}] · w [{out2}, {k}]")));
         }
         let (CpuStorage::F32(_), CpuStorage::F32(_)) = (s1, s2) else { return Err(f32_only()) };
-        let (dy, w) = (slice::<f32>(s1, l1, "dy")?, slice::<f32>(s2, l2, "w")?);
+        let (dy, w) = (slice::<f32>(s1, l1, "linear: dy")?, slice::<f32>(s2, l2, "linear: w")?);
         let mut dx = vec![0f32; n * k];
         gemm(dy, Strided::row_major(n, out), w, Strided::row_major(out, k), &mut dx, Strided::row_major(n, k))?;
         Ok((CpuStorage::F32(dx), Shape::from((n, k))))
@@ -313,7 +313,7 @@ impl CustomOp2 for DenseGradWeight {
             return Err(candle_core::Error::Msg(format!("dense linear: dy [{n}, {out}]ᵀ · x [{n2}, {k}]")));
         }
         let (CpuStorage::F32(_), CpuStorage::F32(_)) = (s1, s2) else { return Err(f32_only()) };
-        let (dy, x) = (slice::<f32>(s1, l1, "dy")?, slice::<f32>(s2, l2, "x")?);
+        let (dy, x) = (slice::<f32>(s1, l1, "linear: dy")?, slice::<f32>(s2, l2, "linear: x")?);
         let mut dw = vec![0f32; out * k];
         gemm(dy, Strided::row_major(n, out).t(), x, Strided::row_major(n, k), &mut dw, Strided::row_major(out, k))?;
         Ok((CpuStorage::F32(dw), Shape::from((out, k))))
@@ -324,15 +324,33 @@ impl CustomOp2 for DenseGradWeight {
 struct Forward(Arc<SparseLayout>);
 /// `dx = dy · W` (no backward).
 struct GradInput(Arc<SparseLayout>);
-/// `dW` at the kept positions (no backward).
+/// `dW` at the kept positions from `(dy, x)`; the values (third operand) are not read, they only
+/// complete the bitmask view the kernel takes (no backward).
 struct GradWeight(Arc<SparseLayout>);
 
-/// The contiguous slice of a CPU tensor's storage.
-fn slice<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [T]> {
-    let (a, b) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg(format!("sparse linear: {what} is not contiguous")))?;
+/// Whether `t` is a contiguous f32 tensor on the CPU: what the trainer's custom ops (here, in
+/// `attention` and `optim`) run on; other tensors take candle's composed ops.
+pub(crate) fn is_f32_cpu(t: &Tensor) -> bool {
+    t.dtype() == DType::F32 && t.device().is_cpu() && t.is_contiguous()
+}
+
+/// The contiguous slice of a CPU tensor's storage (`what` names it in the error).
+pub(crate) fn slice<'a, T: candle_core::WithDType>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    what: &str,
+) -> candle_core::Result<&'a [T]> {
+    let (a, b) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg(format!("{what} is not contiguous")))?;
     Ok(&s.as_slice::<T>()?[a..b])
+}
+
+/// The contiguous f32 slice of a CPU tensor's storage, to write in place.
+pub(crate) fn slice_mut<'a>(s: &'a mut CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a mut [f32]> {
+    let (a, b) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg(format!("{what} is not contiguous")))?;
+    match s {
+        CpuStorage::F32(v) => Ok(&mut v[a..b]),
+        _ => Err(candle_core::Error::Msg(format!("{what} is not f32"))),
+    }
 }
 
 /// `(n, k)` of a `[.., k]` operand whose last dimension must be `k`.
@@ -385,13 +403,13 @@ impl CustomOp2 for Forward {
         let shape = out_shape(l1, w.rows);
         match (s1, s2) {
             (CpuStorage::F32(_), CpuStorage::F32(_)) => {
-                let (x, vals) = (slice::<f32>(s1, l1, "x")?, slice::<f32>(s2, l2, "values")?);
+                let (x, vals) = (slice::<f32>(s1, l1, "linear: x")?, slice::<f32>(s2, l2, "linear: values")?);
                 let mut y = vec![0f32; n * w.rows];
                 bitmask::matmul(&w.view(vals)?, x, n, &mut y).map_err(kernel_err)?;
                 Ok((CpuStorage::F32(y), shape))
             }
             (CpuStorage::F64(_), CpuStorage::F64(_)) => {
-                let (x, vals) = (slice::<f64>(s1, l1, "x")?, slice::<f64>(s2, l2, "values")?);
+                let (x, vals) = (slice::<f64>(s1, l1, "linear: x")?, slice::<f64>(s2, l2, "linear: values")?);
                 let mut y = vec![0f64; n * w.rows];
                 for (k, (r, c)) in w.entries().enumerate() {
                     for t in 0..n {
@@ -413,7 +431,8 @@ impl CustomOp2 for Forward {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
         let dx = if x.track_op() { Some(grad.apply_op2_no_bwd(vals, &GradInput(self.0.clone()))?) } else { None };
-        let dw = if vals.track_op() { Some(grad.apply_op2_no_bwd(x, &GradWeight(self.0.clone()))?) } else { None };
+        let dw =
+            if vals.track_op() { Some(grad.apply_op3_no_bwd(x, vals, &GradWeight(self.0.clone()))?) } else { None };
         Ok((dx, dw))
     }
 }
@@ -436,7 +455,7 @@ impl CustomOp2 for GradInput {
         let shape = out_shape(l1, w.cols);
         match (s1, s2) {
             (CpuStorage::F32(_), CpuStorage::F32(_)) => {
-                let (dy, vals) = (slice::<f32>(s1, l1, "dy")?, slice::<f32>(s2, l2, "values")?);
+                let (dy, vals) = (slice::<f32>(s1, l1, "linear: dy")?, slice::<f32>(s2, l2, "linear: values")?);
                 // Wᵀ's values in its own row-major order.
                 let t_vals: Vec<f32> = w.perm.iter().map(|&k| vals[k as usize]).collect();
                 let wt =
@@ -446,7 +465,7 @@ impl CustomOp2 for GradInput {
                 Ok((CpuStorage::F32(dx), shape))
             }
             (CpuStorage::F64(_), CpuStorage::F64(_)) => {
-                let (dy, vals) = (slice::<f64>(s1, l1, "dy")?, slice::<f64>(s2, l2, "values")?);
+                let (dy, vals) = (slice::<f64>(s1, l1, "linear: dy")?, slice::<f64>(s2, l2, "linear: values")?);
                 let mut dx = vec![0f64; n * w.cols];
                 for (k, (r, c)) in w.entries().enumerate() {
                     for t in 0..n {
@@ -460,7 +479,7 @@ impl CustomOp2 for GradInput {
     }
 }
 
-impl CustomOp2 for GradWeight {
+impl CustomOp3 for GradWeight {
     fn name(&self) -> &'static str {
         "sparse-linear-grad-weight"
     }
@@ -471,6 +490,8 @@ impl CustomOp2 for GradWeight {
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let w = &*self.0;
         let n = rows_of(l1, w.rows, "dy")?;
@@ -484,14 +505,15 @@ impl CustomOp2 for GradWeight {
         let shape = Shape::from(w.nnz());
         match (s1, s2) {
             (CpuStorage::F32(_), CpuStorage::F32(_)) => {
-                let (dy, x) = (slice::<f32>(s1, l1, "dy")?, slice::<f32>(s2, l2, "x")?);
+                let (dy, x) = (slice::<f32>(s1, l1, "linear: dy")?, slice::<f32>(s2, l2, "linear: x")?);
+                check_vals(l3, w)?;
                 let mut dw = vec![0f32; w.nnz()];
-                // The values are not read: any slice of the right length validates the view.
-                sampled::sampled_matmul(&w.view(&dw.clone())?, x, dy, n, &mut dw).map_err(kernel_err)?;
+                sampled::sampled_matmul(&w.view(slice::<f32>(s3, l3, "linear: values")?)?, x, dy, n, &mut dw)
+                    .map_err(kernel_err)?;
                 Ok((CpuStorage::F32(dw), shape))
             }
             (CpuStorage::F64(_), CpuStorage::F64(_)) => {
-                let (dy, x) = (slice::<f64>(s1, l1, "dy")?, slice::<f64>(s2, l2, "x")?);
+                let (dy, x) = (slice::<f64>(s1, l1, "linear: dy")?, slice::<f64>(s2, l2, "linear: x")?);
                 let dw =
                     w.entries().map(|(r, c)| (0..n).map(|t| dy[t * w.rows + r] * x[t * w.cols + c]).sum()).collect();
                 Ok((CpuStorage::F64(dw), shape))

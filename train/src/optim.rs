@@ -4,6 +4,7 @@
 use candle_core::{DType, Tensor, Var};
 use lacuna_api::OptimizerSpec;
 
+use crate::linear::{is_f32_cpu, slice, slice_mut};
 use crate::llama::TrainLlama;
 use crate::{Error, Result};
 
@@ -185,11 +186,13 @@ impl AdamW {
 /// others through tensor ops.
 fn sum_squares(t: &Tensor) -> Result<f64> {
     use rayon::prelude::*;
-    if t.dtype() == DType::F32 && t.device().is_cpu() && t.is_contiguous() {
+    if is_f32_cpu(t) {
         let (st, l) = t.storage_and_layout();
         if let candle_core::Storage::Cpu(c) = &*st {
-            let parts: Vec<f64> =
-                slice(c, l)?.par_chunks(CHUNK).map(|c| c.iter().map(|&x| x as f64 * x as f64).sum()).collect();
+            let parts: Vec<f64> = slice::<f32>(c, l, "gradient")?
+                .par_chunks(CHUNK)
+                .map(|c| c.iter().map(|&x| x as f64 * x as f64).sum())
+                .collect();
             return Ok(parts.iter().sum());
         }
     }
@@ -203,8 +206,7 @@ fn sum_squares(t: &Tensor) -> Result<f64> {
 /// took a tenth of a training step. Returns false (nothing done) for other dtypes and devices,
 /// which take the tensor-op path.
 fn fused_step(p: &Tensor, m: &Tensor, v: &Tensor, g: &Tensor, k: [f64; 8]) -> Result<bool> {
-    let f32_cpu = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu() && t.is_contiguous();
-    if ![p, m, v, g].into_iter().all(f32_cpu) || [m, v, g].iter().any(|t| t.dims() != p.dims()) {
+    if ![p, m, v, g].into_iter().all(is_f32_cpu) || [m, v, g].iter().any(|t| t.dims() != p.dims()) {
         return Ok(false);
     }
     let [b1, b2, c1, c2, eps, lr, decay, scale] = k;
@@ -225,24 +227,10 @@ fn fused_step(p: &Tensor, m: &Tensor, v: &Tensor, g: &Tensor, k: [f64; 8]) -> Re
 /// Elements per parallel task of the fused update.
 const CHUNK: usize = 1 << 16;
 
-fn slice_mut<'a>(s: &'a mut candle_core::CpuStorage, l: &candle_core::Layout) -> candle_core::Result<&'a mut [f32]> {
-    let (a, b) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("AdamW: not contiguous".into()))?;
-    match s {
-        candle_core::CpuStorage::F32(v) => Ok(&mut v[a..b]),
-        _ => Err(candle_core::Error::Msg("AdamW: not f32".into())),
-    }
-}
-
-fn slice<'a>(s: &'a candle_core::CpuStorage, l: &candle_core::Layout) -> candle_core::Result<&'a [f32]> {
-    let (a, b) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("AdamW: not contiguous".into()))?;
-    Ok(&s.as_slice::<f32>()?[a..b])
-}
-
 /// `t ← t ⊙ keep` in place for f32 CPU tensors of one shape (a mask applied without a full-size
 /// temporary); other tensors get `t ⊙ keep` as a new tensor.
 pub fn mask_in_place(t: &Tensor, keep: &Tensor) -> Result<Option<Tensor>> {
-    let f32_cpu = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu() && t.is_contiguous();
-    if f32_cpu(t) && f32_cpu(keep) && t.dims() == keep.dims() {
+    if is_f32_cpu(t) && is_f32_cpu(keep) && t.dims() == keep.dims() {
         t.inplace_op2(keep, &MaskOp)?;
         return Ok(None);
     }
@@ -263,7 +251,7 @@ impl candle_core::InplaceOp2 for MaskOp {
         kl: &candle_core::Layout,
     ) -> candle_core::Result<()> {
         use rayon::prelude::*;
-        let (t, k) = (slice_mut(dst, dst_l)?, slice(k, kl)?);
+        let (t, k) = (slice_mut(dst, dst_l, "masked tensor")?, slice::<f32>(k, kl, "mask")?);
         t.par_chunks_mut(CHUNK)
             .zip(k.par_chunks(CHUNK))
             .for_each(|(t, k)| t.iter_mut().zip(k).for_each(|(t, k)| *t *= k));
@@ -290,7 +278,7 @@ impl candle_core::InplaceOp2 for Moment {
         gl: &candle_core::Layout,
     ) -> candle_core::Result<()> {
         use rayon::prelude::*;
-        let (m, g) = (slice_mut(dst, dst_l)?, slice(g, gl)?);
+        let (m, g) = (slice_mut(dst, dst_l, "AdamW moment")?, slice::<f32>(g, gl, "gradient")?);
         let (b, a, k) = (self.beta, 1.0 - self.beta, self.scale);
         m.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK)).for_each(|(m, g)| {
             if self.square {
@@ -326,7 +314,11 @@ impl candle_core::InplaceOp3 for Apply {
         vl: &candle_core::Layout,
     ) -> candle_core::Result<()> {
         use rayon::prelude::*;
-        let (w, m, v) = (slice_mut(dst, dst_l)?, slice(m, ml)?, slice(v, vl)?);
+        let (w, m, v) = (
+            slice_mut(dst, dst_l, "weight")?,
+            slice::<f32>(m, ml, "AdamW moment")?,
+            slice::<f32>(v, vl, "AdamW moment")?,
+        );
         w.par_chunks_mut(CHUNK).zip(m.par_chunks(CHUNK)).zip(v.par_chunks(CHUNK)).for_each(|((w, m), v)| {
             for ((w, m), v) in w.iter_mut().zip(m).zip(v) {
                 let upd = (m * self.inv_c1) / ((v * self.inv_c2).sqrt() + self.eps);

@@ -341,8 +341,8 @@ impl PrunePlan {
             let mk = optim::mask_of(model, i)?;
             opt.m[i] = (&opt.m[i] * &mk.keep)?;
             opt.v[i] = (&opt.v[i] * &mk.keep)?;
-            if sparse && mk.sparsity() >= PACK_MIN_SPARSITY {
-                pack_layer(model, opt, i, &mk.keep)?;
+            if sparse {
+                pack_layer(model, opt, &mk)?;
             }
             zeros += mk.pruned;
             total += mk.numel;
@@ -376,10 +376,11 @@ struct Job<'a> {
 /// in every layer: those stay dense).
 pub const PACK_MIN_SPARSITY: f64 = 0.45;
 
-/// Stores masked layer `i` (weights and both moments) as its kept values, where the sparse linear
-/// runs (the CPU).
-fn pack_layer(model: &mut TrainLlama, opt: &mut AdamW, i: usize, keep: &Tensor) -> Result<()> {
-    if model.pack(i, keep)? {
+/// Stores the layer of `mask` (weights and both moments) as its kept values when it is sparse
+/// enough ([`PACK_MIN_SPARSITY`]) and the sparse linear runs where it is (the CPU).
+fn pack_layer(model: &mut TrainLlama, opt: &mut AdamW, mask: &Mask) -> Result<()> {
+    let i = mask.param;
+    if mask.sparsity() >= PACK_MIN_SPARSITY && model.pack(i, &mask.keep)? {
         opt.m[i] = model.stored_like(i, &opt.m[i])?;
         opt.v[i] = model.stored_like(i, &opt.v[i])?;
     }
@@ -433,8 +434,8 @@ fn run(
     optim::check_masks(model, &masks)?;
     let sparse = !opts.masked_dense;
     if sparse {
-        for m in masks.iter().filter(|m| m.sparsity() >= PACK_MIN_SPARSITY) {
-            pack_layer(model, &mut opt, m.param, &m.keep)?;
+        for m in &masks {
+            pack_layer(model, &mut opt, m)?;
         }
     }
     on_event(Event::Start {
