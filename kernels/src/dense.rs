@@ -761,18 +761,11 @@ pub(crate) fn check_product(isa: Isa, rows: usize, cols: usize, n: usize, x: &[f
 }
 
 /// Writes `yt` (`[rows, stride]`, what row-parallel tasks produce) into `y` (`[n, rows]`,
-/// `n = y.len() / rows <= stride`): `y[i, r] = yt[r · stride + i]`. Rows go in blocks of 16 so
-/// that a block's reads and writes stay within a few cache lines each.
+/// `n = y.len() / rows <= stride`): `y[i, r] = yt[r · stride + i]`, in register-held blocks
+/// (`crate::transpose`).
 pub(crate) fn scatter_transposed(yt: &[f32], stride: usize, rows: usize, y: &mut [f32]) {
     let n = y.len() / rows.max(1);
-    for r0 in (0..rows).step_by(16) {
-        let r1 = (r0 + 16).min(rows);
-        for i in 0..n {
-            for (d, r) in y[i * rows + r0..i * rows + r1].iter_mut().zip(r0..r1) {
-                *d = yt[r * stride + i];
-            }
-        }
-    }
+    crate::transpose::transpose(crate::cpu::isa(), yt, rows, n, stride, y, rows, rows);
 }
 
 /// Runs `f` on this thread's reusable f32 scratch buffer, sized to `len` (a GEMM panel).

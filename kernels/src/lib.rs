@@ -16,6 +16,7 @@ pub mod pages;
 mod prefill;
 pub mod sampled;
 pub mod team;
+mod transpose;
 
 /// Errors raised by kernels and format conversions: always a caller's shape or data problem.
 #[derive(Debug, thiserror::Error)]

@@ -141,22 +141,7 @@ pub(crate) fn aligned(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
 pub(crate) fn pack_tile(x: &[f32], n: usize, cols: usize, tile: usize, t: usize, p: &mut [f32]) {
     let i0 = t * tile;
     let lanes = (n - i0).min(tile);
-    // Blocks of columns so that the strided writes stay within a few KiB of cache lines.
-    for c0 in (0..cols).step_by(32) {
-        let c1 = (c0 + 32).min(cols);
-        for i in 0..tile {
-            if i < lanes {
-                let row = &x[(i0 + i) * cols..(i0 + i + 1) * cols];
-                for c in c0..c1 {
-                    p[c * tile + i] = row[c];
-                }
-            } else {
-                for c in c0..c1 {
-                    p[c * tile + i] = 0.0;
-                }
-            }
-        }
-    }
+    crate::transpose::transpose(cpu::isa(), &x[i0 * cols..], lanes, cols, cols, p, tile, tile);
 }
 
 /// Rows `r0 .. r0 + o.len() / tile` of one tile into `o` (`[rows, tile]`), the first `lanes`

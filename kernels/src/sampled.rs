@@ -7,19 +7,18 @@
 //! never computed, so the work is `2 · nnz · n` flops, `1 − s` of the dense `dyᵀ · x`.
 //!
 //! Layout and loop order: `x` and `dy` are transposed (`xᵀ[c]`, `dyᵀ[r]`: one row of tokens
-//! each, zero-padded to whole vectors, rows one cache line more than that apart so that they do
-//! not fall into the same L1 sets), so each stored weight is a dot product of two contiguous
-//! rows. Tokens go in spans of 256 and columns in blocks of 16, so that a block of `xᵀ` (16 rows
-//! of 256 tokens, 16 KiB) can stay in L1 while every row of the task passes over it. A row's set
-//! bits in a block go eight or four at a time (the rest, up to three, together with two
-//! accumulators each): per vector of tokens one load of `dyᵀ[r]` shared by the group, one load
-//! of each `xᵀ[c_j]` and one FMA into its own accumulator; per stored weight and span one
-//! horizontal sum.
+//! each, zero-padded to whole vectors, rows one cache line more than that apart), so each stored
+//! weight is a dot product of two contiguous rows. Tokens go in passes of 512 and columns in
+//! blocks of 32 (one mask word per row); every row of the task passes over a block. A row's set
+//! bits in a block go eight at a time: per vector of tokens one load of `dyᵀ[r]` shared by the
+//! eight, one load of each `xᵀ[c_j]` and one FMA into its own accumulator; the eight
+//! accumulators end in one transposed reduction (24 shuffles and adds) and one vector add to
+//! the eight outputs, which are adjacent. The rest of the block's bits (up to seven) take one
+//! call with eight or more chains and a horizontal sum each.
 //!
-//! Measured (`cargo bench -p lacuna-kernels --bench train`, Zen 4): at 70% this runs at about the
-//! speed of the dense GEMM of the same shape instead of 3.3× faster. The FMAs wait on their
-//! loads: the kernel is bound by bringing rows of `xᵀ` into L1, not by arithmetic (see
-//! docs/training.md for what is next).
+//! Where the time goes (Emerald Rapids, `perf`): the inner loop is nine loads and eight FMAs per
+//! vector of tokens, bound by the two loads a cycle; the transposes take about a sixth (vector
+//! 16 × 16 blocks, `crate::transpose`). Measured speed-ups are in docs/training.md.
 //!
 //! Each output is one task's sum in a fixed order: the result does not depend on the number of
 //! threads.
@@ -74,11 +73,40 @@ pub fn sampled_matmul_on(
     // Row stride: one cache line past the tokens, so that rows are not a power of two of bytes
     // apart (at n = 512 the 16 rows of a block fell into the same L1 sets and evicted each other).
     let len = tokens + 16;
-    let (mut xbuf, mut gbuf) = (Vec::new(), Vec::new());
-    let xt = prefill::aligned(&mut xbuf, cols * len);
-    let gt = prefill::aligned(&mut gbuf, rows * len);
-    transpose(x, n, cols, len, xt);
-    transpose(dy, n, rows, len, gt);
+    // The transposed operands live in this thread's buffers between calls (fresh megabytes per
+    // call were page-faulted in every time); a nested call on this thread gets fresh ones.
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut b) => {
+            let (xbuf, gbuf) = &mut *b;
+            product(isa, w, x, dy, n, tokens, len, out, xbuf, gbuf)
+        }
+        Err(_) => product(isa, w, x, dy, n, tokens, len, out, &mut Vec::new(), &mut Vec::new()),
+    });
+    Ok(())
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
+#[allow(clippy::too_many_arguments)]
+fn product(
+    isa: Isa,
+    w: &BitmaskView<'_, f32>,
+    x: &[f32],
+    dy: &[f32],
+    n: usize,
+    tokens: usize,
+    len: usize,
+    out: &mut [f32],
+    xbuf: &mut Vec<f32>,
+    gbuf: &mut Vec<f32>,
+) {
+    let (rows, cols) = (w.rows(), w.cols());
+    let xt = prefill::aligned(xbuf, cols * len);
+    let gt = prefill::aligned(gbuf, rows * len);
+    transpose(isa, x, n, cols, len, xt);
+    transpose(isa, dy, n, rows, len, gt);
     let (xt, gt) = (&*xt, &*gt);
     let bounds = prefill::balanced_rows(w, 4 * cpu::threads());
     // Each task owns the outputs of its rows: values offsets[r0] .. offsets[r1].
@@ -94,27 +122,16 @@ pub fn sampled_matmul_on(
     parts
         .into_par_iter()
         .for_each(|(r0, r1, o)| rows_task(isa, w, r0, r1, xt, &gt[r0 * len..r1 * len], tokens, len, o));
-    Ok(())
 }
 
-/// `t[c · len + i] = a[i, c]` for `a` `[n, cols]`, zeros for `i` in `n..len`; over the pool.
-fn transpose(a: &[f32], n: usize, cols: usize, len: usize, t: &mut [f32]) {
+/// `t[c · len + i] = a[i, c]` for `a` `[n, cols]`, zeros for `i` in `n..len`; over the pool,
+/// 16 rows of `t` per task.
+fn transpose(isa: Isa, a: &[f32], n: usize, cols: usize, len: usize, t: &mut [f32]) {
     const COLS: usize = 16;
     t.par_chunks_mut(COLS * len).enumerate().for_each(|(k, dst)| {
         let c0 = k * COLS;
         let w = dst.len() / len;
-        // Blocks of tokens so that the strided reads stay within a few KiB of lines.
-        for i0 in (0..n).step_by(64) {
-            for i in i0..(i0 + 64).min(n) {
-                let row = &a[i * cols + c0..i * cols + c0 + w];
-                for (j, v) in row.iter().enumerate() {
-                    dst[j * len + i] = *v;
-                }
-            }
-        }
-        for j in 0..w {
-            dst[j * len + n..(j + 1) * len].fill(0.0);
-        }
+        crate::transpose::transpose(isa, &a[c0.min(a.len())..], n, w, cols, dst, len, len);
     });
 }
 
@@ -177,24 +194,57 @@ fn rows_task(
 }
 
 macro_rules! kernel {
-    ($isa:ident, $features:literal, $lanes:literal, $zero:ident, $load:ident, $fma:ident, $reduce:path) => {
+    ($isa:ident, $features:literal, $lanes:literal, $zero:ident, $load:ident, $fma:ident, $reduce:path, $reduce8:path) => {
         #[cfg(target_arch = "x86_64")]
         mod $isa {
             #[allow(unused_imports)]
             use std::arch::x86_64::*;
 
             const LANES: usize = $lanes;
-            /// Tokens per pass and columns per block: a block of `xᵀ` (16 rows of 256 tokens,
-            /// 16 KiB) is meant to stay in L1 while the rows of `dyᵀ` stream past it.
-            const SPAN: usize = 256;
-            const COLS: usize = 16;
+            /// Tokens per pass and columns per block (one 32-bit mask word of each row), the
+            /// best of passes of 128–512 and blocks of 8–64 on Emerald Rapids at n = 512: longer
+            /// passes and wider blocks mean fewer reductions and fuller groups of eight. A
+            /// block of `xᵀ` (64 KiB) is more than L1 holds, yet forcing every group onto the
+            /// same eight rows, certain to be in L1, did not change the time.
+            const SPAN: usize = 512;
+            const COLS: usize = 32;
 
-            /// `J` dot products of `g` with the `xt` rows `c` (rows `len` apart), over `span` tokens,
-            /// added to `out`.
+            /// Eight dot products of `g` with the `xt` rows `c` over `span` tokens, added to
+            /// `out[0..8]`: one load of `g` per eight FMAs, eight independent chains, and one
+            /// transposed reduction of the eight accumulators into a vector of eight sums.
             ///
             /// # Safety
             /// The instruction set is available; `g` and each `xt` row `c[j]` hold `span` values,
-            /// `span` a multiple of LANES; `out` holds `J` values.
+            /// `span` a multiple of LANES; `out` holds 8 values.
+            #[inline]
+            #[target_feature(enable = $features)]
+            unsafe fn dots8(g: *const f32, xt: *const f32, c: &[usize; 8], len: usize, span: usize, out: *mut f32) {
+                let mut acc = [$zero(); 8];
+                // SAFETY: rows c[j] of xt (contract).
+                let xp: [*const f32; 8] = std::array::from_fn(|j| unsafe { xt.add(c[j] * len) });
+                let mut t = 0;
+                while t < span {
+                    // SAFETY: t + LANES <= span within g and each row.
+                    unsafe {
+                        let gv = $load(g.add(t));
+                        for j in 0..8 {
+                            acc[j] = $fma(gv, $load(xp[j].add(t)), acc[j]);
+                        }
+                    }
+                    t += LANES;
+                }
+                // SAFETY: out holds 8 values (contract).
+                unsafe {
+                    let sums = $reduce8(acc);
+                    _mm256_storeu_ps(out, _mm256_add_ps(_mm256_loadu_ps(out), sums));
+                }
+            }
+
+            /// `J` dot products of `g` with the `xt` rows `c` (rows `len` apart), over `span`
+            /// tokens, added to `out`: the rest of a row's block after its groups of eight.
+            ///
+            /// # Safety
+            /// As [`dots8`], `out` holding `J` values.
             #[inline]
             #[target_feature(enable = $features)]
             #[allow(clippy::needless_range_loop)] // accumulators indexed by entry
@@ -208,11 +258,8 @@ macro_rules! kernel {
             ) {
                 // S sets of accumulators taking alternate vectors: J · S independent chains.
                 let mut acc = [[$zero(); J]; S];
-                let mut xp = [xt; J];
-                for j in 0..J {
-                    // SAFETY: row c[j] of xt (contract).
-                    xp[j] = unsafe { xt.add(c[j] * len) };
-                }
+                // SAFETY: rows c[j] of xt (contract).
+                let xp: [*const f32; J] = std::array::from_fn(|j| unsafe { xt.add(c[j] * len) });
                 let mut t = 0;
                 while t + S * LANES <= span {
                     for s in 0..S {
@@ -246,6 +293,37 @@ macro_rules! kernel {
                 }
             }
 
+            /// The last `k < 8` columns `p` of a row, as [`dots`].
+            ///
+            /// # Safety
+            /// As [`dots`], `out` holding `k` values.
+            #[inline]
+            #[target_feature(enable = $features)]
+            unsafe fn rest(
+                g: *const f32,
+                x0: *const f32,
+                p: &[usize; 8],
+                k: u8,
+                len: usize,
+                span: usize,
+                out: *mut f32,
+            ) {
+                let c = |j: usize| p[j];
+                // SAFETY: the contract, passed on.
+                unsafe {
+                    match k {
+                        7 => dots::<7, 1>(g, x0, &std::array::from_fn(c), len, span, out),
+                        6 => dots::<6, 1>(g, x0, &std::array::from_fn(c), len, span, out),
+                        5 => dots::<5, 2>(g, x0, &std::array::from_fn(c), len, span, out),
+                        4 => dots::<4, 2>(g, x0, &std::array::from_fn(c), len, span, out),
+                        3 => dots::<3, 2>(g, x0, &std::array::from_fn(c), len, span, out),
+                        2 => dots::<2, 4>(g, x0, &std::array::from_fn(c), len, span, out),
+                        1 => dots::<1, 4>(g, x0, &[p[0]], len, span, out),
+                        _ => {}
+                    }
+                }
+            }
+
             /// The outputs of `offsets.len()` rows.
             ///
             /// # Safety
@@ -268,64 +346,48 @@ macro_rules! kernel {
                 o.fill(0.0);
                 let mb = cols.div_ceil(8);
                 let (mp, op, xp) = (mask.as_ptr(), o.as_mut_ptr(), xt.as_ptr());
+                let mut cursor: Vec<usize> = offsets.to_vec();
                 for t0 in (0..tokens).step_by(SPAN) {
                     let span = (tokens - t0).min(SPAN);
-                    let mut cursor: Vec<usize> = offsets.to_vec();
+                    cursor.copy_from_slice(offsets);
+                    // SAFETY: t0 < tokens <= len: within every row of xt.
+                    let x0 = unsafe { xp.add(t0) };
                     for c0 in (0..cols).step_by(COLS) {
                         let width = (cols - c0).min(COLS);
                         for (r, cur) in cursor.iter_mut().enumerate() {
                             // SAFETY: the block's mask bytes lie within row r's mb bytes.
-                            let m = unsafe {
+                            let mut bits = unsafe {
                                 let at = mp.add(r * mb + c0 / 8);
-                                let mut m = 0u32;
+                                let mut m = 0u64;
                                 for b in 0..width.div_ceil(8) {
-                                    m |= (*at.add(b) as u32) << (8 * b);
+                                    m |= (*at.add(b) as u64) << (8 * b);
                                 }
                                 m
                             };
-                            if m == 0 {
+                            if bits == 0 {
                                 continue;
                             }
-                            // SAFETY: row r of gt has len values, t0 < len; the row's outputs from its
-                            // cursor on are within o (contract).
-                            let (g, mut out) = unsafe { (gt.as_ptr().add(r * len + t0), op.add(*cur)) };
-                            *cur += m.count_ones() as usize;
-                            let mut bits = m;
+                            // SAFETY: row r of gt has len values, t0 < len; the row's outputs
+                            // from its cursor on are within o (contract).
+                            let (g, out) = unsafe { (gt.as_ptr().add(r * len + t0), op.add(*cur)) };
+                            let mut left = bits.count_ones() as usize;
                             let mut next = || {
                                 let c = c0 + bits.trailing_zeros() as usize;
                                 bits &= bits - 1;
                                 c
                             };
-                            let mut left = m.count_ones();
+                            let mut done = 0;
                             while left >= 8 {
                                 let c: [usize; 8] = std::array::from_fn(|_| next());
-                                // SAFETY: columns c < cols (set bits of the row's block); eight outputs
-                                // of the row remain at `out`.
-                                unsafe {
-                                    dots::<8, 1>(g, xp.add(t0), &c, len, span, out);
-                                    out = out.add(8);
-                                }
-                                left -= 8;
+                                // SAFETY: columns c < cols (set bits of row r's block); eight of
+                                // the row's outputs remain at `out + done`.
+                                unsafe { dots8(g, x0, &c, len, span, out.add(done)) };
+                                (done, left) = (done + 8, left - 8);
                             }
-                            while left >= 4 {
-                                let c: [usize; 4] = std::array::from_fn(|_| next());
-                                // SAFETY: as above, four outputs remain.
-                                unsafe {
-                                    dots::<4, 1>(g, xp.add(t0), &c, len, span, out);
-                                    out = out.add(4);
-                                }
-                                left -= 4;
-                            }
-                            // The rest (up to three) in one call, two chains each.
+                            let p: [usize; 8] = std::array::from_fn(|j| if j < left { next() } else { 0 });
                             // SAFETY: as above, `left` outputs remain.
-                            unsafe {
-                                match left {
-                                    3 => dots::<3, 2>(g, xp.add(t0), &std::array::from_fn(|_| next()), len, span, out),
-                                    2 => dots::<2, 2>(g, xp.add(t0), &std::array::from_fn(|_| next()), len, span, out),
-                                    1 => dots::<1, 2>(g, xp.add(t0), &[next()], len, span, out),
-                                    _ => {}
-                                }
-                            }
+                            unsafe { rest(g, x0, &p, left as u8, len, span, out.add(done)) };
+                            *cur += done + left;
                         }
                     }
                 }
@@ -352,6 +414,33 @@ mod reduce {
         let s = _mm_add_ss(s, _mm_shuffle_ps::<0b01>(s, s));
         _mm_cvtss_f32(s)
     }
+
+    /// The sums of eight vectors, as one vector: 24 shuffles and adds for the eight.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn sums8_512(a: [__m512; 8]) -> __m256 {
+        // Pairs: [a(l0 + l2), a(l1 + l3), b(l0 + l2), b(l1 + l3)] (128-bit lanes l).
+        let pair = |a, b| _mm512_add_ps(_mm512_shuffle_f32x4::<0x44>(a, b), _mm512_shuffle_f32x4::<0xEE>(a, b));
+        let (s0, s1, s2, s3) = (pair(a[0], a[1]), pair(a[2], a[3]), pair(a[4], a[5]), pair(a[6], a[7]));
+        // Lane k: four partial sums of vector k (c0: vectors 0..4, c1: 4..8).
+        let quad = |s, t| _mm512_add_ps(_mm512_shuffle_f32x4::<0x88>(s, t), _mm512_shuffle_f32x4::<0xDD>(s, t));
+        let (c0, c1) = (quad(s0, s1), quad(s2, s3));
+        // Lane k: [p0 + p1, p2 + p3, q0 + q1, q2 + q3], then [P, P, Q, Q] (P vector k, Q 4 + k).
+        let e = _mm512_add_ps(_mm512_shuffle_ps::<0x88>(c0, c1), _mm512_shuffle_ps::<0xDD>(c0, c1));
+        let f = _mm512_add_ps(e, _mm512_permute_ps::<0xB1>(e));
+        let idx = _mm512_setr_epi32(0, 4, 8, 12, 2, 6, 10, 14, 0, 0, 0, 0, 0, 0, 0, 0);
+        _mm512_castps512_ps256(_mm512_permutexvar_ps(idx, f))
+    }
+
+    /// The sums of eight vectors, as one vector (a tree of horizontal adds).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    pub(super) fn sums8_256(a: [__m256; 8]) -> __m256 {
+        let (h01, h23) = (_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+        let (h45, h67) = (_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+        let (lo, hi) = (_mm256_hadd_ps(h01, h23), _mm256_hadd_ps(h45, h67));
+        _mm256_add_ps(_mm256_permute2f128_ps::<0x20>(lo, hi), _mm256_permute2f128_ps::<0x31>(lo, hi))
+    }
 }
 
 kernel!(
@@ -361,9 +450,19 @@ kernel!(
     _mm512_setzero_ps,
     _mm512_loadu_ps,
     _mm512_fmadd_ps,
-    super::reduce::sum512
+    super::reduce::sum512,
+    super::reduce::sums8_512
 );
-kernel!(avx2, "avx2,fma,popcnt,bmi1", 8, _mm256_setzero_ps, _mm256_loadu_ps, _mm256_fmadd_ps, super::reduce::sum256);
+kernel!(
+    avx2,
+    "avx2,fma,popcnt,bmi1",
+    8,
+    _mm256_setzero_ps,
+    _mm256_loadu_ps,
+    _mm256_fmadd_ps,
+    super::reduce::sum256,
+    super::reduce::sums8_256
+);
 
 #[cfg(test)]
 mod tests {
@@ -426,6 +525,8 @@ mod tests {
             (40, 130, 200, 0.9),
             (33, 200, 300, 0.0),
             (9, 576, 129, 0.7),
+            (20, 100, 600, 0.5),
+            (12, 64, 1030, 0.2),
         ]
         .iter()
         .enumerate()
