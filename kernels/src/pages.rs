@@ -54,11 +54,14 @@ fn advise(start: usize, end: usize) -> usize {
 }
 
 /// Asks the C allocator to keep freed memory for reuse instead of returning it to the system:
-/// buffers up to its largest heap size (32 MiB on glibc) come from the heap instead of a fresh
-/// mapping each, and freed heap memory is not trimmed. A training step allocates and frees
-/// gigabytes of activations and gradients; each fresh mapping was page-faulted in and zeroed by
-/// the kernel (a tenth of the step's time). Returns whether the allocator took the advice
-/// (glibc only; elsewhere nothing changes).
+/// every buffer comes from the heap instead of a fresh mapping of its own (glibc maps buffers
+/// over its threshold, at most 32 MiB, one by one and unmaps them on free), and freed heap memory
+/// is not trimmed. A training step allocates and frees gigabytes of activations and gradients,
+/// SmolLM2's logits and embedding gradient about 100 MiB each; each fresh mapping was
+/// page-faulted in and zeroed by the kernel. The heap settles after the first step: peak
+/// memory stays the same (5.13 vs 5.18 GB for a 70% SmolLM2 step, Emerald Rapids), the steps
+/// take about 7% less time. Returns whether the allocator took the advice (glibc only;
+/// elsewhere nothing changes).
 pub fn keep_freed_memory() -> bool {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
@@ -66,7 +69,9 @@ pub fn keep_freed_memory() -> bool {
         // passed and no allocation is touched. The values are within glibc's accepted ranges
         // (the mmap threshold at most HEAP_MAX / 2 = 32 MiB on 64-bit).
         unsafe {
-            libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20) == 1 && libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX) == 1
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20) == 1
+                && libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX) == 1
+                && libc::mallopt(libc::M_MMAP_MAX, 0) == 1
         }
     }
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
