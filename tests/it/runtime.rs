@@ -12,9 +12,12 @@ use lacuna_model::{KvCache, KvDtype, LinearKind, Llama};
 /// bits, so two computations that agree to 1e-7 before the cache (the runtime's GEMV and the
 /// reference's GEMM, bitmask and dense weights) can round a key to neighbouring f16 values
 /// (4.9e-4 apart, relative); measured: 1.0e-3 between runtime and reference on f16 caches (70%
-/// bitmask vs dense, prefill), 5.0e-4 between f16 and f32 caches over 260 positions. A wrong
-/// offset or widening in the f16 attention path moves logits by far more.
-const F16_TOL: f32 = 3e-3;
+/// bitmask vs dense, prefill) on AMD Zen 4, 3.2e-3 on Intel Emerald Rapids (the same
+/// comparison, decode step 2 of the 2-token prompt; most likely faer sizing its GEMM blocks by the CPU's
+/// caches, so the reference's summation order differs between the two; the value was the same
+/// with the previous commit's kernels), 5.0e-4 between f16 and f32 caches over 260 positions. A
+/// wrong offset or widening in the f16 attention path moves logits by far more.
+const F16_TOL: f32 = 5e-3;
 
 /// Tolerance for runtime vs reference on caches of `kv`: f32 ones must agree to summation order.
 fn tol(kv: KvDtype) -> f32 {
