@@ -69,7 +69,7 @@ fn product_with<T: BitmaskValue>(
     // Vectors aligned to cache lines: a 64-byte load across two lines costs two.
     let (panel, out) = (aligned(panel, tiles * cols * tile), aligned(out, tiles * rows * tile));
     if cols > 0 {
-        panel.par_chunks_mut(cols * tile).enumerate().for_each(|(t, p)| pack_tile(x, n, cols, tile, t, p));
+        panel.par_chunks_mut(cols * tile).enumerate().for_each(|(t, p)| pack_tile(isa, x, n, cols, tile, t, p));
     }
     // Tasks: a tile's rows in ranges, enough of them that both (all) cores stay busy when a
     // prompt is a single tile; ranges of whole rows are independent. The ranges hold equal work,
@@ -138,10 +138,10 @@ pub(crate) fn aligned(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
 }
 
 /// `p[c · tile + i] = x[t · tile + i, c]`, zeros for rows past `n`.
-pub(crate) fn pack_tile(x: &[f32], n: usize, cols: usize, tile: usize, t: usize, p: &mut [f32]) {
+pub(crate) fn pack_tile(isa: Isa, x: &[f32], n: usize, cols: usize, tile: usize, t: usize, p: &mut [f32]) {
     let i0 = t * tile;
     let lanes = (n - i0).min(tile);
-    crate::transpose::transpose(cpu::isa(), &x[i0 * cols..], lanes, cols, cols, p, tile, tile);
+    crate::transpose::transpose(isa, &x[i0 * cols..], lanes, cols, cols, p, tile, tile);
 }
 
 /// Rows `r0 .. r0 + o.len() / tile` of one tile into `o` (`[rows, tile]`), the first `lanes`

@@ -346,7 +346,7 @@ macro_rules! kernel {
                 o.fill(0.0);
                 let mb = cols.div_ceil(8);
                 let (mp, op, xp) = (mask.as_ptr(), o.as_mut_ptr(), xt.as_ptr());
-                let mut cursor: Vec<usize> = offsets.to_vec();
+                let mut cursor = vec![0; offsets.len()];
                 for t0 in (0..tokens).step_by(SPAN) {
                     let span = (tokens - t0).min(SPAN);
                     cursor.copy_from_slice(offsets);
