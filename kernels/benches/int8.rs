@@ -52,7 +52,7 @@ fn float_isa(p: Int8Isa) -> Isa {
     match p {
         Int8Isa::Scalar => Isa::Scalar,
         Int8Isa::Avx2 | Int8Isa::AvxVnni => Isa::Avx2,
-        Int8Isa::Avx512Vnni => Isa::Avx512,
+        Int8Isa::Avx512Vnni | Int8Isa::Amx => Isa::Avx512,
     }
 }
 

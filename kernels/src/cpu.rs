@@ -1,7 +1,8 @@
 //! CPU capability detection and the single dispatch point for every kernel.
 //!
-//! Features are probed once and cached; `LACUNA_KERNEL=scalar|avx2|avxvnni|avx512` forces a path (tests and
-//! benches use it to exercise each one; `avxvnni` runs the float kernels on AVX2 and the INT8 ones on AVX-VNNI). Forcing a path the CPU lacks falls back to the best available one
+//! Features are probed once and cached; `LACUNA_KERNEL=scalar|avx2|avxvnni|avx512|avx512vnni` forces a path (tests and
+//! benches use it to exercise each one; `avxvnni` runs the float kernels on AVX2 and the INT8 ones on AVX-VNNI;
+//! `avx512vnni` keeps the INT8 products off AMX tiles on a CPU that has them). Forcing a path the CPU lacks falls back to the best available one
 //! with a warning on stderr, never to an illegal instruction.
 
 use std::sync::OnceLock;
@@ -72,7 +73,7 @@ pub fn isa() -> Isa {
             Some("scalar") => Isa::Scalar,
             Some("avx2") if best >= Isa::Avx2 => Isa::Avx2,
             Some("avxvnni") if best >= Isa::Avx2 && has_avx_vnni() => Isa::Avx2,
-            Some("avx512") if best >= Isa::Avx512 => Isa::Avx512,
+            Some("avx512") | Some("avx512vnni") if best >= Isa::Avx512 => Isa::Avx512,
             Some(other) => {
                 eprintln!(
                     "warning: LACUNA_KERNEL={other} is unknown or unsupported on this CPU; using {}",
@@ -97,6 +98,9 @@ pub enum Int8Isa {
     AvxVnni,
     /// AVX-512 VNNI `vpdpbusd` with VBMI2 `vpexpandb` and BMI2 (Ice Lake, Zen 4 and later).
     Avx512Vnni,
+    /// `Avx512Vnni`, with the products of many activation rows (prefill) on AMX-INT8 tiles
+    /// (`tdpbssd`: Sapphire Rapids and later Xeons), where the OS grants the tile state.
+    Amx,
 }
 
 impl Int8Isa {
@@ -106,6 +110,7 @@ impl Int8Isa {
             Int8Isa::Avx2 => "avx2",
             Int8Isa::AvxVnni => "avxvnni",
             Int8Isa::Avx512Vnni => "avx512vnni",
+            Int8Isa::Amx => "amx",
         }
     }
 
@@ -116,12 +121,13 @@ impl Int8Isa {
             Int8Isa::Avx2 => supports(Isa::Avx2),
             Int8Isa::AvxVnni => supports(Isa::Avx2) && has_avx_vnni(),
             Int8Isa::Avx512Vnni => supports(Isa::Avx512) && has_avx512_vnni(),
+            Int8Isa::Amx => Int8Isa::Avx512Vnni.supported() && has_amx_int8(),
         }
     }
 
     /// Every INT8 path this CPU can run, for tests that sweep them all.
     pub fn available() -> Vec<Int8Isa> {
-        [Int8Isa::Scalar, Int8Isa::Avx2, Int8Isa::AvxVnni, Int8Isa::Avx512Vnni]
+        [Int8Isa::Scalar, Int8Isa::Avx2, Int8Isa::AvxVnni, Int8Isa::Avx512Vnni, Int8Isa::Amx]
             .into_iter()
             .filter(|p| p.supported())
             .collect()
@@ -132,6 +138,7 @@ impl Int8Isa {
         match isa {
             Isa::Scalar => Int8Isa::Scalar,
             Isa::Avx2 => Int8Isa::Avx2,
+            Isa::Avx512 if Int8Isa::Amx.supported() => Int8Isa::Amx,
             Isa::Avx512 if Int8Isa::Avx512Vnni.supported() => Int8Isa::Avx512Vnni,
             Isa::Avx512 if Int8Isa::AvxVnni.supported() => Int8Isa::AvxVnni,
             Isa::Avx512 => Int8Isa::Avx2,
@@ -159,8 +166,34 @@ fn has_avx512_vnni() -> bool {
     false
 }
 
+/// AMX-INT8 tiles usable by this process: the CPU has them (CPUID leaf 7: AMX-TILE and AMX-INT8)
+/// and Linux grants the tile data state on request (`arch_prctl(ARCH_REQ_XCOMP_PERM)`, once, for
+/// the whole process). Elsewhere, and where the request fails (an old kernel, a seccomp filter),
+/// false: the products stay on AVX-512 VNNI.
+fn has_amx_int8() -> bool {
+    static AMX: OnceLock<bool> = OnceLock::new();
+    *AMX.get_or_init(|| {
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        {
+            let leaf7 = std::arch::x86_64::__cpuid_count(7, 0);
+            let (tile, int8) = ((leaf7.edx >> 24) & 1 == 1, (leaf7.edx >> 25) & 1 == 1);
+            if !(tile && int8) {
+                return false;
+            }
+            const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+            const XFEATURE_XTILEDATA: libc::c_long = 18;
+            // SAFETY: a plain system call with integer arguments; it changes only which state
+            // components this process may use.
+            unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 }
+        }
+        #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+        false
+    })
+}
+
 /// The INT8 path this process takes: the best the CPU has, unless `LACUNA_KERNEL` says otherwise
-/// (`avxvnni` forces AVX-VNNI; `avx2` plain AVX2; `avx512` the best INT8 path on AVX-512).
+/// (`avxvnni` forces AVX-VNNI; `avx2` plain AVX2; `avx512` the best INT8 path on AVX-512, AMX
+/// included; `avx512vnni` AVX-512 VNNI without AMX).
 pub fn int8_isa() -> Int8Isa {
     static INT8: OnceLock<Int8Isa> = OnceLock::new();
     *INT8.get_or_init(|| {
@@ -168,6 +201,7 @@ pub fn int8_isa() -> Int8Isa {
         let forced = std::env::var("LACUNA_KERNEL").ok();
         match forced.as_deref() {
             Some("avxvnni") if Int8Isa::AvxVnni.supported() => Int8Isa::AvxVnni,
+            Some("avx512vnni") if Int8Isa::Avx512Vnni.supported() => Int8Isa::Avx512Vnni,
             None | Some("") | Some("auto") => {
                 // Below AVX-512 a CPU may still have AVX-VNNI (Alder Lake).
                 let best = Int8Isa::best_within(isa);

@@ -21,7 +21,8 @@
 //!
 //! Paths ([`Int8Isa`]): the scalar reference; AVX2 (`vpmaddubsw` + `vpmaddwd`, sign trick);
 //! AVX-VNNI (256-bit `vpdpbusd`); AVX-512 VNNI (`vpdpbusd`, bitmask expansion with VBMI2
-//! `vpexpandb`, and a prefill kernel for bitmask weights that skips the zero 4-column groups).
+//! `vpexpandb`, and a prefill kernel for bitmask weights that skips the zero 4-column groups);
+//! AMX (AVX-512 VNNI, with prefill products of either layout on AMX-INT8 tiles, [`amx`]).
 
 use std::cell::RefCell;
 
@@ -32,6 +33,8 @@ use crate::cpu::{self, Int8Isa};
 use crate::dense;
 use crate::{KernelError, Result};
 
+#[cfg(target_arch = "x86_64")]
+mod amx;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
@@ -46,6 +49,10 @@ pub const SMALL_BATCH_MAX_N: usize = 32;
 /// Activation codes are padded to a multiple of this many columns (one AVX-512 vector), with
 /// zero codes, so that kernels read whole vectors.
 const ACT_ALIGN: usize = 64;
+/// ... and to a multiple of this many rows of zero codes: the AMX kernel reads 32 rows a block.
+const ACT_ROW_ALIGN: usize = 32;
+/// Activation rows from which [`QuantizedActs::quantize`] runs on every thread (prefill).
+const PARALLEL_ROWS: usize = 64;
 
 fn shape_err(msg: String) -> KernelError {
     KernelError::Shape(msg)
@@ -190,7 +197,7 @@ pub struct QuantizedActs {
 
 /// `1.5 · 2²³`: adding and subtracting it rounds an f32 of magnitude below 2²² to an integer,
 /// ties to even (the sum's last place is 1).
-const ROUND: f32 = 12_582_912.0;
+pub(crate) const ROUND: f32 = 12_582_912.0;
 
 impl QuantizedActs {
     pub fn new() -> Self {
@@ -210,18 +217,44 @@ impl QuantizedActs {
         self.cols = cols;
         self.stride = stride;
         self.codes.clear();
-        self.codes.resize(n * stride, 0);
+        self.codes.resize(n.next_multiple_of(ACT_ROW_ALIGN) * stride, 0);
         self.scales.clear();
+        self.scales.resize(n, 0.0);
         self.sums.clear();
-        for i in 0..n {
-            let row = &x[i * cols..(i + 1) * cols];
-            let dst = &mut self.codes[i * stride..i * stride + cols];
-            let (scale, sum) = quantize_row(row, dst)
-                .ok_or_else(|| shape_err(format!("activations: row {i} holds a NaN or infinite value")))?;
-            self.scales.push(scale);
-            self.sums.push(sum);
+        self.sums.resize(n, 0);
+        if cols == 0 {
+            return Ok(());
         }
-        Ok(())
+        let one = |((dst, row), (scale, sum)): ((&mut [i8], &[f32]), (&mut f32, &mut i32))| match quantize_row(
+            row,
+            &mut dst[..cols],
+        ) {
+            Some((s, q)) => {
+                (*scale, *sum) = (s, q);
+                true
+            }
+            None => false,
+        };
+        let codes = &mut self.codes[..n * stride];
+        // Prefill rows in parallel; a decode step's few rows on the calling thread.
+        let bad = if n >= PARALLEL_ROWS {
+            (codes.par_chunks_mut(stride).zip(x.par_chunks(cols)))
+                .zip(self.scales.par_iter_mut().zip(self.sums.par_iter_mut()))
+                .with_min_len(PARALLEL_ROWS / 2)
+                .map(one)
+                .collect::<Vec<bool>>()
+                .iter()
+                .position(|&ok| !ok)
+        } else {
+            (codes.chunks_mut(stride).zip(x.chunks(cols)))
+                .zip(self.scales.iter_mut().zip(self.sums.iter_mut()))
+                .map(one)
+                .position(|ok| !ok)
+        };
+        match bad {
+            Some(i) => Err(shape_err(format!("activations: row {i} holds a NaN or infinite value"))),
+            None => Ok(()),
+        }
     }
 
     pub fn rows(&self) -> usize {
@@ -243,6 +276,25 @@ impl QuantizedActs {
 /// One row's codes into `dst` (same length); returns its scale and the sum of its codes, or
 /// `None` if the row holds a NaN or an infinity.
 fn quantize_row(x: &[f32], dst: &mut [i8]) -> Option<(f32, i32)> {
+    quantize_row_on(cpu::isa(), x, dst)
+}
+
+/// [`quantize_row`] on an explicit path: AVX-512 in vectors (the same operations, so the same
+/// bits), else the scalar reference.
+fn quantize_row_on(isa: crate::cpu::Isa, x: &[f32], dst: &mut [i8]) -> Option<(f32, i32)> {
+    #[cfg(target_arch = "x86_64")]
+    if isa == crate::cpu::Isa::Avx512 && cpu::supports(isa) {
+        // SAFETY: AVX-512 F/BW/VL present (checked).
+        let amax = unsafe { x86::quant::amax_512(x) }?;
+        if amax == 0.0 {
+            dst.fill(0);
+            return Some((0.0, 0));
+        }
+        // SAFETY: as above; dst and x have the same length (callers).
+        let sum = unsafe { x86::quant::codes_512(x, 127.0 / amax, dst) };
+        return Some((amax / 127.0, sum));
+    }
+    let _ = isa;
     let mut amax = 0f32;
     let mut finite = true;
     for &v in x {
@@ -318,12 +370,17 @@ pub fn matmul_quantized_on(isa: Int8Isa, w: &Int8Matrix<'_>, acts: &QuantizedAct
         return Ok(());
     }
     #[cfg(target_arch = "x86_64")]
-    if n > SMALL_BATCH_MAX_N
-        && isa == Int8Isa::Avx512Vnni
-        && let Int8Matrix::Bitmask(b) = w
-    {
-        x86::prefill(b, acts, y);
-        return Ok(());
+    if n > SMALL_BATCH_MAX_N {
+        if isa == Int8Isa::Amx {
+            amx::prefill(w, acts, y);
+            return Ok(());
+        }
+        if isa == Int8Isa::Avx512Vnni
+            && let Int8Matrix::Bitmask(b) = w
+        {
+            x86::prefill(b, acts, y);
+            return Ok(());
+        }
     }
     let per = dense::rows_per_task(rows);
     if n == 1 {
@@ -391,7 +448,7 @@ fn dots(isa: Int8Isa, w: &Int8Matrix<'_>, acts: &QuantizedActs, r0: usize, r1: u
         #[cfg(target_arch = "x86_64")]
         // SAFETY: callers run only supported paths (`matmul_quantized_on` checks); the weight was
         // validated at construction and the shapes are asserted above.
-        Int8Isa::Avx512Vnni => unsafe { x86::avx512::dots(w, acts, r0, r1, acc) },
+        Int8Isa::Avx512Vnni | Int8Isa::Amx => unsafe { x86::avx512::dots(w, acts, r0, r1, acc) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
         Int8Isa::AvxVnni => unsafe { x86::avxvnni::dots(w, acts, r0, r1, acc) },

@@ -136,31 +136,34 @@ fn extreme_codes_at_full_width_do_not_saturate_or_overflow() {
     let mut w = vec![-128i8; rows * cols];
     w[cols..2 * cols].fill(127);
     let scales = vec![1.0f32; rows];
-    let x: Vec<f32> = (0..2 * cols)
-        .map(|k| {
-            if k < cols {
-                -1.0
-            } else if k % 2 == 0 {
-                1.0
-            } else {
-                -1.0
+    // Two rows for the decode kernels, 40 (the two repeated) for the prefill ones.
+    for n in [2usize, 40] {
+        let x: Vec<f32> = (0..n * cols)
+            .map(|k| {
+                if (k / cols) % 2 == 0 {
+                    -1.0
+                } else if k % 2 == 0 {
+                    1.0
+                } else {
+                    -1.0
+                }
+            })
+            .collect();
+        let mut q = QuantizedActs::new();
+        q.quantize(&x, n, cols).unwrap();
+        assert!(q.codes(0).iter().all(|&c| c == -127));
+        let want = reference(&w, &scales, rows, cols, &q);
+        assert_eq!(want[0], (128 * 127 * cols) as f32 * q.scale(0));
+        let bm = BitmaskMatrix::from_dense(&w, rows, cols).unwrap();
+        for isa in Int8Isa::available() {
+            for m in [
+                Int8Matrix::Dense(Int8Dense::new(&w, &scales, rows, cols).unwrap()),
+                Int8Matrix::Bitmask(Int8Bitmask::new(bm.view(), &scales).unwrap()),
+            ] {
+                let mut y = vec![0f32; n * rows];
+                matmul_on(isa, &m, &x, n, &mut y).unwrap();
+                assert_eq!(bits(&y), bits(&want), "{isa:?} n={n}");
             }
-        })
-        .collect();
-    let mut q = QuantizedActs::new();
-    q.quantize(&x, 2, cols).unwrap();
-    assert!(q.codes(0).iter().all(|&c| c == -127));
-    let want = reference(&w, &scales, rows, cols, &q);
-    assert_eq!(want[0], (128 * 127 * cols) as f32 * q.scale(0));
-    let bm = BitmaskMatrix::from_dense(&w, rows, cols).unwrap();
-    for isa in Int8Isa::available() {
-        for m in [
-            Int8Matrix::Dense(Int8Dense::new(&w, &scales, rows, cols).unwrap()),
-            Int8Matrix::Bitmask(Int8Bitmask::new(bm.view(), &scales).unwrap()),
-        ] {
-            let mut y = vec![0f32; 2 * rows];
-            matmul_on(isa, &m, &x, 2, &mut y).unwrap();
-            assert_eq!(bits(&y), bits(&want), "{isa:?}");
         }
     }
 }
@@ -218,4 +221,36 @@ fn the_bitmask_layout_is_shared_with_the_float_formats() {
     let mut y = [0f32];
     crate::bitmask::matmul(&m.view(), &[1.0; 9], 1, &mut y).unwrap();
     assert_eq!(y, [-124.0]);
+}
+
+#[test]
+fn activation_quantization_is_the_same_on_every_path() {
+    let mut rng = Rng8::seed_from_u64(5);
+    for &len in &[1usize, 15, 16, 17, 576, 1000, 1536] {
+        for trial in 0..20 {
+            let mut x: Vec<f32> = (0..len).map(|_| rng.random_range(-3.0f32..3.0)).collect();
+            match trial {
+                0 => x.fill(0.0),
+                1 => x[len / 2] = -1e30,
+                2 => x[len - 1] = f32::NAN,
+                3 => x[0] = f32::NEG_INFINITY,
+                4 => x.iter_mut().for_each(|v| *v = (*v * 4.0).round() / 4.0), // ties
+                _ => {}
+            }
+            let mut want = vec![0i8; len];
+            let r = quantize_row_on(crate::cpu::Isa::Scalar, &x, &mut want);
+            for isa in crate::cpu::Isa::available() {
+                let mut got = vec![0i8; len];
+                let g = quantize_row_on(isa, &x, &mut got);
+                assert_eq!(
+                    g.map(|(s, q)| (s.to_bits(), q)),
+                    r.map(|(s, q)| (s.to_bits(), q)),
+                    "{isa:?} len {len} trial {trial}"
+                );
+                if r.is_some() {
+                    assert_eq!(got, want, "{isa:?} len {len} trial {trial}");
+                }
+            }
+        }
+    }
 }

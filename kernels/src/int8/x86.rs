@@ -463,6 +463,30 @@ pub(super) mod avx512 {
         }
     }
 
+    /// Row `r` of a bitmask weight expanded to dense codes: `dst` gets `cols.div_ceil(64)`
+    /// whole 64-byte words (zeros at clear bits and past `cols`), one masked load and one
+    /// `vpexpandb` per word. (The AMX prefill stages its weight panels with it.)
+    ///
+    /// # Safety
+    /// AVX-512 VBMI2 and BMI2; the view was validated; `r < rows`; `dst.len() >= 64 ·
+    /// cols.div_ceil(64)`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi2,bmi2,avx2,fma,popcnt")]
+    pub(in crate::int8) unsafe fn expand_row(w: &Int8Bitmask<'_>, r: usize, dst: &mut [u8]) {
+        let v = w.codes();
+        let mb = v.cols().div_ceil(8);
+        let words = mb.div_ceil(8);
+        debug_assert!(r < v.rows() && dst.len() >= 64 * words);
+        let mut p = v.values()[v.row_offsets()[r] as usize..].as_ptr();
+        for wd in 0..words {
+            // SAFETY: the row's mask bytes 8 wd .. and, the view being validated, as many codes
+            // from `p` on as they have set bits; the store writes word wd of `dst` (caller).
+            unsafe {
+                let e = load_sparse(v.bitmask().as_ptr().add(r * mb + 8 * wd), mb - 8 * wd, &mut p);
+                _mm512_storeu_si512(dst.as_mut_ptr().add(64 * wd) as *mut __m512i, e);
+            }
+        }
+    }
+
     /// [`prefill_rows`] for `lanes` meaningful activation rows (the vectors past them skipped).
     ///
     /// # Safety
@@ -739,4 +763,57 @@ pub(super) fn prefill(w: &Int8Bitmask<'_>, acts: &QuantizedActs, y: &mut [f32]) 
     y.par_chunks_mut(TILE * rows).enumerate().for_each(|(t, yc)| {
         dense::scatter_transposed(&yt[t * rows * TILE..(t + 1) * rows * TILE], TILE, rows, yc);
     });
+}
+
+/// Per-token activation quantization ([`super::quantize_row`]) in vectors: the same f32
+/// operations in the same order per value (`|x|` maximum, `v · inv + ROUND − ROUND`, clamp),
+/// so the codes, scale and sum equal the scalar reference's bit for bit.
+pub(super) mod quant {
+    use super::*;
+    use crate::int8::ROUND;
+
+    /// Largest `|x|`, or `None` if a value is NaN or infinite.
+    ///
+    /// # Safety
+    /// AVX-512F and BW.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub(in crate::int8) unsafe fn amax_512(x: &[f32]) -> Option<f32> {
+        let (abs, big) = (_mm512_set1_epi32(0x7fff_ffff), _mm512_set1_ps(f32::MAX));
+        let (mut m, mut finite) = (_mm512_setzero_ps(), 0xffffu16);
+        for c in x.chunks(16) {
+            let k = ((1u32 << c.len()) - 1) as u16;
+            // SAFETY: the masked load reads the chunk's `c.len()` values only.
+            let a = _mm512_castsi512_ps(_mm512_and_si512(
+                _mm512_castps_si512(unsafe { _mm512_maskz_loadu_ps(k, c.as_ptr()) }),
+                abs,
+            ));
+            // NaN compares false (ordered), +∞ is above f32::MAX.
+            finite &= _mm512_cmp_ps_mask::<_CMP_LE_OQ>(a, big) | !k;
+            m = _mm512_max_ps(m, a);
+        }
+        (finite == 0xffff).then(|| _mm512_reduce_max_ps(m))
+    }
+
+    /// Codes of `x` times `inv` into `dst` (same length); returns their sum.
+    ///
+    /// # Safety
+    /// AVX-512F and BW; `dst.len() == x.len()`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub(in crate::int8) unsafe fn codes_512(x: &[f32], inv: f32, dst: &mut [i8]) -> i32 {
+        let (iv, r) = (_mm512_set1_ps(inv), _mm512_set1_ps(ROUND));
+        let (lo, hi) = (_mm512_set1_epi32(-127), _mm512_set1_epi32(127));
+        let mut sum = _mm512_setzero_si512();
+        for (c, d) in x.chunks(16).zip(dst.chunks_mut(16)) {
+            let k = ((1u32 << c.len()) - 1) as u16;
+            // SAFETY: masked load and store of the chunk's values and codes only.
+            unsafe {
+                let v = _mm512_maskz_loadu_ps(k, c.as_ptr());
+                let q = _mm512_sub_ps(_mm512_add_ps(_mm512_mul_ps(v, iv), r), r);
+                let q = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(q), lo), hi);
+                _mm512_mask_cvtepi32_storeu_epi8(d.as_mut_ptr() as *mut _, k, q);
+                sum = _mm512_add_epi32(sum, q);
+            }
+        }
+        _mm512_reduce_add_epi32(sum)
+    }
 }
