@@ -115,6 +115,10 @@ fn main() -> ExitCode {
     if !matches!(cli.command, Command::Serve(_)) {
         init_logging(cli.verbose);
     }
+    // Every command allocates buffers over glibc's mmap threshold per layer or per step
+    // (attention scores, logits, gradients): kept on the heap, they are not mapped and zeroed
+    // afresh by the kernel each time (a third of a 512-token prefill went to page zeroing).
+    lacuna_kernels::pages::keep_freed_memory();
     if let Some(n) = cli.threads
         && let Err(e) = rayon::ThreadPoolBuilder::new().num_threads(n.max(1)).build_global()
     {

@@ -306,7 +306,6 @@ fn interrupted(o: &Outputs, s: &TrainSummary) -> anyhow::Error {
 }
 
 fn pretrain(a: TrainArgs) -> Result<()> {
-    lacuna_kernels::pages::keep_freed_memory();
     let recipe: PretrainRecipe = read_recipe(&a.recipe)?;
     recipe.validate().with_context(|| format!("recipe {}", a.recipe.display()))?;
     let o = outputs(&a)?;
@@ -360,7 +359,6 @@ fn calibration(recipe: &lacuna_api::PruneRecipe, ck: &Checkpoint) -> Result<Vec<
 }
 
 fn finetune(a: TrainArgs) -> Result<()> {
-    lacuna_kernels::pages::keep_freed_memory();
     let recipe: FinetuneRecipe = read_recipe(&a.recipe)?;
     recipe.validate().with_context(|| format!("recipe {}", a.recipe.display()))?;
     let o = outputs(&a)?;

@@ -261,7 +261,7 @@ macro_rules! simd_shapes {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx512 {
+pub(crate) mod avx512 {
     use super::{AHEAD, CacheValue, HeadCache};
     use std::arch::x86_64::*;
 
@@ -281,7 +281,7 @@ mod avx512 {
     /// very negative inputs to 0 instead of producing garbage exponents).
     #[target_feature(enable = "avx512f")]
     #[inline]
-    fn exp16(x: __m512) -> __m512 {
+    pub(crate) fn exp16(x: __m512) -> __m512 {
         let y = _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E));
         let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(y);
         let f = _mm512_sub_ps(y, n);
@@ -429,7 +429,7 @@ mod avx512 {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+pub(crate) mod avx2 {
     //! 8 lanes, 16 registers: the queries are read from L1 rather than held, and the value pass
     //! runs one head at a time over the range's rows (which stay in L1/L2 between heads).
     use super::{AHEAD, CacheValue, HeadCache};
@@ -446,13 +446,13 @@ mod avx2 {
         unsafe { if T::HALF { _mm256_cvtph_ps(_mm_loadu_si128(p.cast())) } else { _mm256_loadu_ps(p.cast()) } }
     }
 
-    /// e^x for 8 lanes with x <= 0 (scores minus their maximum): as the AVX-512 body's `exp16`,
-    /// with 2^n built in the exponent field (x clamped at −87, where e^x is below f32's normal
-    /// range and the result is 0 to within 1e-38).
+    /// e^x for 8 lanes: as the AVX-512 body's `exp16`, with 2^n built in the exponent field (x
+    /// clamped to −87 ..= 88: below, e^x is under f32's normal range and the result is 0 to
+    /// within 1e-38; above, it would overflow the exponent field, and e^88 = 1.65e38 stands in).
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    fn exp8(x: __m256) -> __m256 {
-        let x = _mm256_max_ps(x, _mm256_set1_ps(-87.0));
+    pub(crate) fn exp8(x: __m256) -> __m256 {
+        let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0)), _mm256_set1_ps(88.0));
         let y = _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E));
         let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(y);
         let f = _mm256_sub_ps(y, n);

@@ -4,6 +4,7 @@
 //! kernel's internals. `unsafe` lives only inside this crate, each block with a `// SAFETY:` line.
 //! CPU features are detected once ([`cpu::isa`]) and every kernel dispatches on that one value.
 
+pub mod activation;
 pub mod attention;
 pub mod bitmask;
 pub mod cpu;

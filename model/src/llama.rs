@@ -596,7 +596,7 @@ impl Llama {
             ];
             matmul_many(group, &s.h, n, &mut s.products)?;
         }
-        silu_mul(&mut s.gate, &s.up);
+        lacuna_kernels::activation::silu_mul(&mut s.gate, &s.up)?;
         observe(LinearInput::MlpActivation, &s.gate);
         if !down {
             return Ok(());
@@ -646,48 +646,66 @@ impl Llama {
     }
 
     /// Causal GQA attention of `n` new queries over `pos0 + n` cached positions, `[n, q_dim]`.
+    ///
+    /// One task per (head, block of [`QUERY_BLOCK`] queries): a block's queries see only the
+    /// positions up to its last one, so the products stop there (half the multiply-adds of a
+    /// full square at `pos0 = 0`), and the tasks are many and small enough for every thread.
     fn attention(&self, q: &[f32], kc: &[f32], vc: &[f32], pos0: usize, n: usize) -> Result<Vec<f32>> {
         let c = &self.config;
-        let (hd, nh, kvd) = (c.head_dim, c.num_attention_heads, c.kv_dim());
+        let (hd, nh, kvd, qd) = (c.head_dim, c.num_attention_heads, c.kv_dim(), c.q_dim());
         let group = nh / c.num_key_value_heads;
-        let total = pos0 + n;
         let scale = 1.0 / (hd as f32).sqrt();
-        let heads: Vec<Result<Vec<f32>>> = (0..nh)
+        let blocks = n.div_ceil(QUERY_BLOCK);
+        let outs: Vec<Result<Vec<f32>>> = (0..nh * blocks)
             .into_par_iter()
-            .map(|head| {
+            .map(|task| {
+                let (head, b) = (task / blocks, task % blocks);
+                let (i0, i1) = (b * QUERY_BLOCK, ((b + 1) * QUERY_BLOCK).min(n));
+                let (rows, seen) = (i1 - i0, pos0 + i1);
                 let g = head / group;
-                let qh = Strided { rows: n, cols: hd, row_stride: c.q_dim(), col_stride: 1 };
-                let kh = Strided { rows: total, cols: hd, row_stride: kvd, col_stride: 1 };
-                let mut scores = vec![0f32; n * total];
-                gemm_strided(&q[head * hd..], qh, &kc[g * hd..], kh.t(), &mut scores, Strided::row_major(n, total))?;
-                for (i, row) in scores.chunks_mut(total).enumerate() {
-                    let visible = pos0 + i + 1;
-                    softmax_scaled(&mut row[..visible], scale);
+                let qh = Strided { rows, cols: hd, row_stride: qd, col_stride: 1 };
+                let kh = Strided { rows: seen, cols: hd, row_stride: kvd, col_stride: 1 };
+                let mut scores = vec![0f32; rows * seen];
+                gemm_strided(
+                    &q[i0 * qd + head * hd..],
+                    qh,
+                    &kc[g * hd..],
+                    kh.t(),
+                    &mut scores,
+                    Strided::row_major(rows, seen),
+                )?;
+                for (i, row) in scores.chunks_mut(seen).enumerate() {
+                    let visible = pos0 + i0 + i + 1;
+                    lacuna_kernels::activation::softmax_scaled(&mut row[..visible], scale);
                     row[visible..].fill(0.0);
                 }
-                let mut out = vec![0f32; n * hd];
+                let mut out = vec![0f32; rows * hd];
                 gemm_strided(
                     &scores,
-                    Strided::row_major(n, total),
+                    Strided::row_major(rows, seen),
                     &vc[g * hd..],
                     kh,
                     &mut out,
-                    Strided::row_major(n, hd),
+                    Strided::row_major(rows, hd),
                 )?;
                 Ok(out)
             })
             .collect();
-        let mut attn = vec![0f32; n * c.q_dim()];
-        for (head, r) in heads.into_iter().enumerate() {
+        let mut attn = vec![0f32; n * qd];
+        for (task, r) in outs.into_iter().enumerate() {
+            let (head, b) = (task / blocks, task % blocks);
             let out = r?;
-            for i in 0..n {
-                attn[i * c.q_dim() + head * hd..i * c.q_dim() + (head + 1) * hd]
-                    .copy_from_slice(&out[i * hd..(i + 1) * hd]);
+            for (i, o) in out.chunks_exact(hd).enumerate() {
+                let row = b * QUERY_BLOCK + i;
+                attn[row * qd + head * hd..row * qd + (head + 1) * hd].copy_from_slice(o);
             }
         }
         Ok(attn)
     }
 }
+
+/// Queries per task of the prefill attention.
+const QUERY_BLOCK: usize = 64;
 
 /// `out = x / sqrt(mean(x²) + eps) · w`, row by row.
 pub(crate) fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
@@ -714,25 +732,6 @@ pub(crate) fn apply_rope(x: &mut [f32], n_head: usize, hd: usize, cos: &[f32], s
                 b[i] = x1 * c[i] + x0 * s[i];
             }
         }
-    }
-}
-
-pub(crate) fn softmax_scaled(row: &mut [f32], scale: f32) {
-    let max = row.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v)) * scale;
-    let mut sum = 0f32;
-    for v in row.iter_mut() {
-        *v = (*v * scale - max).exp();
-        sum += *v;
-    }
-    let inv = 1.0 / sum;
-    for v in row.iter_mut() {
-        *v *= inv;
-    }
-}
-
-pub(crate) fn silu_mul(gate: &mut [f32], up: &[f32]) {
-    for (g, u) in gate.iter_mut().zip(up) {
-        *g = *g / (1.0 + (-*g).exp()) * u;
     }
 }
 
@@ -776,7 +775,7 @@ mod tests {
     #[test]
     fn softmax_rows_sum_to_one() {
         let mut r = vec![1.0, 2.0, 3.0, 1000.0];
-        softmax_scaled(&mut r, 0.5);
+        lacuna_kernels::activation::softmax_scaled(&mut r, 0.5);
         assert!((r.iter().sum::<f32>() - 1.0).abs() < 1e-6);
         assert!(r[3] > 0.99);
     }

@@ -30,7 +30,7 @@ use lacuna_kernels::team::Team;
 
 use crate::config::LlamaConfig;
 use crate::kv::{KvCache, KvDtype, LayerView};
-use crate::llama::{Llama, add_into, apply_rope, rms_norm, silu_mul};
+use crate::llama::{Llama, add_into, apply_rope, rms_norm};
 use crate::{Error, Result};
 
 /// Positions a new sequence's cache holds before it first grows.
@@ -284,7 +284,7 @@ impl Runtime {
                 n,
                 &mut b.scratch,
             )?;
-            silu_mul(gate, up);
+            lacuna_kernels::activation::silu_mul(gate, up)?;
             matmul_many(&mut [Product { w: layer.down_proj.matrix()?, y: o }], gate, n, &mut b.scratch)?;
             add_into(x, o);
         }
