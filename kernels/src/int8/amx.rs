@@ -11,24 +11,25 @@
 //!   rows `stride` apart; [`QuantizedActs`] pads the rows to a multiple of [`ROWS`]).
 //! - `B` is a weight panel of 16 output rows in the VNNI layout, `panel[k][o]` = the four codes
 //!   of row `o` at columns `4k .. 4k + 4`: a 16 × 16 transpose of 32-bit groups per 64 columns.
-//!   Each task stages 32 weight rows as dense codes (copied, or expanded from the bitmask with
-//!   `vpexpandb`), transposes them into two panels with [`crate::transpose`], and runs every
-//!   token block against them while they sit in L1.
+//!   The weight blocks of 32 rows are staged as dense codes (copied, or expanded from the
+//!   bitmask with `vpexpandb`) and transposed into two panels each with [`crate::transpose`],
+//!   once per product; then each block of 32 tokens runs against every weight block.
 //! - Per step of 64 columns: two `A` tiles (32 tokens), two `B` tiles (32 outputs), four
 //!   `tdpbssd` into four accumulator tiles (32 × 32 outputs). The sums leave through one tile
-//!   store per accumulator and are dequantized into `y` (`[n, rows]`) directly, rows of
-//!   consecutive outputs, no transposed copy.
+//!   store per accumulator; once every token block has run they are dequantized in 16-lane
+//!   vectors into `y` (`[n, rows]`) directly, rows of consecutive outputs, no transposed copy.
 //!
 //! Sparse weights take the dense tile product after their expansion: at AMX's rate the
 //! multiply-adds of the zeros cost less than any skipping would.
 
 use std::arch::asm;
+use std::arch::x86_64::*;
 use std::cell::RefCell;
 
 use rayon::prelude::*;
 
 use super::{Int8Matrix, QuantizedActs, x86};
-use crate::cpu::{self, Isa};
+use crate::cpu::Isa;
 
 /// Activation rows of a token block (two `A` tiles), and output rows of a weight block (two `B`
 /// panels): the quantized activations are padded to a multiple of it.
@@ -52,32 +53,42 @@ const CONFIG: TileConfig = TileConfig {
     rows: [16, 16, 16, 16, 16, 16, 16, 16, 0, 0, 0, 0, 0, 0, 0, 0],
 };
 
-/// What a task keeps between weight blocks: the staged rows and their two panels.
-#[derive(Default)]
-struct Scratch {
-    /// 32 rows of dense codes, `stride` bytes each (u32 storage: the transpose reads groups).
-    staged: Vec<u32>,
-    /// Two panels of `stride / 4` rows × 16 groups.
-    panels: Vec<u32>,
-    /// Four accumulator tiles stored as `[32 tokens][32 outputs]`.
-    sums: Vec<i32>,
-}
-
 thread_local! {
-    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+    /// A thread's 32 staged weight rows (dense codes, `stride` bytes each; u32 storage, since
+    /// the transpose moves 4-byte groups), reused between blocks and calls.
+    static STAGED: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+    /// The calling thread's packed weight panels, reused between calls.
+    static PACKED: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// The output pointer shared by the tasks.
-#[derive(Clone, Copy)]
-struct Out(*mut f32);
-// SAFETY: each task writes only the output columns of its own weight rows (see `prefill`).
-unsafe impl Sync for Out {}
-// SAFETY: as above.
-unsafe impl Send for Out {}
+/// Runs `f` on this thread's buffer of `cell`, grown to `len`, or on a fresh one if the buffer
+/// is in use further up this thread's stack.
+fn with_buffer<R>(
+    cell: &'static std::thread::LocalKey<RefCell<Vec<u32>>>,
+    len: usize,
+    f: impl FnOnce(&mut [u32]) -> R,
+) -> R {
+    cell.with(|c| match c.try_borrow_mut() {
+        Ok(mut b) => {
+            if b.len() < len {
+                b.resize(len, 0);
+            }
+            f(&mut b[..len])
+        }
+        Err(_) => f(&mut vec![0u32; len]),
+    })
+}
 
 /// `y[n, rows] = x · Wᵀ` for activations quantized in `acts` (`n = acts.rows()`), on AMX tiles.
 /// The caller checked the shapes (`acts` quantized for `w`'s columns, `y` of `n · rows`) and
-/// that the [`cpu::Int8Isa::Amx`] path runs here (which requested the tile state).
+/// that the [`crate::cpu::Int8Isa::Amx`] path runs here (which requested the tile state).
+///
+/// Two parallel phases: every block of 32 weight rows is staged and packed into two panels
+/// (the whole weight, `rows · stride` bytes, read once); then one task per block of 32 tokens
+/// runs every weight block against its two activation tiles, which stay in L1, and writes its
+/// own rows of `y`, whole cache lines of consecutive outputs. (With weight blocks outermost,
+/// each block's 32 outputs landed on a different page for every token: the dequantize took as
+/// long as the tile products.)
 pub(super) fn prefill(w: &Int8Matrix<'_>, acts: &QuantizedActs, y: &mut [f32]) {
     let (rows, n, stride) = (w.rows(), acts.n, acts.stride);
     assert!(
@@ -88,26 +99,34 @@ pub(super) fn prefill(w: &Int8Matrix<'_>, acts: &QuantizedActs, y: &mut [f32]) {
         "amx prefill: shapes"
     );
     let blocks = rows.div_ceil(ROWS);
-    // Enough tasks for the threads to balance, each a run of whole weight blocks.
-    let per = blocks.div_ceil(4 * cpu::threads()).max(1);
-    let out = Out(y.as_mut_ptr());
-    (0..blocks.div_ceil(per)).into_par_iter().for_each(|task| {
-        let b1 = ((task + 1) * per).min(blocks);
-        SCRATCH.with(|cell| {
-            let mut fresh = Scratch::default();
-            let mut guard = cell.try_borrow_mut();
-            let s = match guard.as_mut() {
-                Ok(s) => &mut **s,
-                Err(_) => &mut fresh,
-            };
-            s.staged.resize(ROWS * stride / 4, 0);
-            s.panels.resize(2 * 16 * stride / 4, 0);
-            s.sums.resize(ROWS * ROWS, 0);
+    // Two panels of `stride / 4` rows × 16 groups per weight block.
+    let block_len = 2 * 16 * (stride / 4);
+    with_buffer(&PACKED, blocks * block_len, |packed| {
+        packed.par_chunks_mut(block_len).enumerate().for_each(|(b, dst)| pack(w, stride, b, dst));
+        let packed = &*packed;
+        y.par_chunks_mut(ROWS * rows).enumerate().for_each(|(tb, yc)| {
+            let t0 = tb * ROWS;
+            let tv = yc.len() / rows;
+            let mut sums = [0i32; ROWS * ROWS];
             // SAFETY: the Amx path runs here (caller), so the tile state is granted and AVX-512
             // is present; `ldtilecfg` reads the 64-byte configuration.
             unsafe { asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly)) };
-            for b in task * per..b1 {
-                block(w, acts, b, s, out);
+            for b in 0..blocks {
+                let (r0, r1) = (b * ROWS, (b * ROWS + ROWS).min(rows));
+                let p = &packed[b * block_len..(b + 1) * block_len];
+                // SAFETY: the tile state is configured (above); tokens t0 .. t0 + 32 are readable
+                // rows of `stride` codes (the activations are padded to 32 rows); each panel holds
+                // `stride / 4` rows of 16 groups, so step k reads its rows 16 k .. 16 k + 16; the
+                // stores write the 32 × 32 sums.
+                unsafe {
+                    let a = acts.codes.as_ptr().add(t0 * stride);
+                    tiles(a, stride, p.as_ptr(), p[block_len / 2..].as_ptr(), stride / 64, sums.as_mut_ptr());
+                }
+                // SAFETY: AVX-512F (the Amx path implies it); `sums` holds tv <= 32 rows of 32;
+                // row t of this task's chunk has `rows` outputs, of which r0 .. r1 are written.
+                unsafe {
+                    dequantize(&sums, &acts.scales[t0..t0 + tv], &w.scales()[r0..r1], yc.as_mut_ptr().add(r0), rows)
+                };
             }
             // SAFETY: as above; releases this thread's tile state (no live tile values remain).
             unsafe { asm!("tilerelease", options(nostack, nomem)) };
@@ -115,54 +134,59 @@ pub(super) fn prefill(w: &Int8Matrix<'_>, acts: &QuantizedActs, y: &mut [f32]) {
     });
 }
 
-/// Weight block `b` (rows `32 b ..`) against every token block: stage, pack, multiply, store.
-fn block(w: &Int8Matrix<'_>, acts: &QuantizedActs, b: usize, s: &mut Scratch, out: Out) {
-    let (rows, cols, n, stride) = (w.rows(), w.cols(), acts.n, acts.stride);
+/// Weight block `b` (rows `32 b ..`) into `dst`: its rows staged as dense codes (copied, or
+/// expanded from the bitmask), then transposed in 4-byte groups into two panels of 16 rows
+/// (rows past the weight are zeros).
+fn pack(w: &Int8Matrix<'_>, stride: usize, b: usize, dst: &mut [u32]) {
+    let (rows, cols) = (w.rows(), w.cols());
     let (r0, r1) = (b * ROWS, (b * ROWS + ROWS).min(rows));
     let groups = stride / 4;
-    {
-        let staged: &mut [u8] = bytemuck::cast_slice_mut(&mut s.staged);
+    with_buffer(&STAGED, ROWS * groups, |staged_u32| {
+        let staged: &mut [u8] = bytemuck::cast_slice_mut(staged_u32);
         for r in r0..r1 {
-            let dst = &mut staged[(r - r0) * stride..(r - r0 + 1) * stride];
+            let row = &mut staged[(r - r0) * stride..(r - r0 + 1) * stride];
             match w {
                 Int8Matrix::Dense(d) => {
-                    dst[..cols].copy_from_slice(bytemuck::cast_slice(&d.codes()[r * cols..(r + 1) * cols]));
-                    dst[cols..].fill(0);
+                    row[..cols].copy_from_slice(bytemuck::cast_slice(&d.codes()[r * cols..(r + 1) * cols]));
+                    row[cols..].fill(0);
                 }
                 // SAFETY: the Amx path implies AVX-512 VBMI2 and BMI2; the view was validated;
-                // r < rows; dst holds stride = 64 · cols.div_ceil(64) bytes.
-                Int8Matrix::Bitmask(m) => unsafe { x86::avx512::expand_row(m, r, dst) },
+                // r < rows; the row holds stride = 64 · cols.div_ceil(64) bytes.
+                Int8Matrix::Bitmask(m) => unsafe { x86::avx512::expand_row(m, r, row) },
             }
         }
-    }
-    // Two panels of 16 rows each (rows past the weight are zeros).
-    let staged: &[f32] = bytemuck::cast_slice(&s.staged);
-    let panels: &mut [f32] = bytemuck::cast_slice_mut(&mut s.panels);
-    for half in 0..2 {
-        let valid = (r1 - r0).saturating_sub(16 * half).min(16);
-        let src = &staged[16 * half * groups..];
-        let dst = &mut panels[half * 16 * groups..(half + 1) * 16 * groups];
-        crate::transpose::transpose(Isa::Avx512, src, valid, groups, groups, dst, 16, 16);
-    }
-    let (scales, act_scales) = (w.scales(), &acts.scales);
-    let a = acts.codes.as_ptr();
-    let (p0, p1) = (s.panels.as_ptr(), s.panels[16 * groups..].as_ptr());
-    for t0 in (0..n).step_by(ROWS) {
-        // SAFETY: the tile state is configured (the task did); tokens t0 .. t0 + 32 are
-        // readable rows of `stride` codes (the activations are padded to 32 rows); each panel
-        // holds `groups` rows of 16 groups, so step k reads its rows 16 k .. 16 k + 16; the
-        // stores write the 32 × 32 sums buffer.
-        unsafe { tiles(a.add(t0 * stride), stride, p0, p1, stride / 64, s.sums.as_mut_ptr()) };
-        let tv = (n - t0).min(ROWS);
-        for t in 0..tv {
-            let sa = act_scales[t0 + t];
-            let sums = &s.sums[t * ROWS..t * ROWS + (r1 - r0)];
-            // SAFETY: row t0 + t of `y` has `rows` outputs; this task alone writes outputs
-            // r0 .. r1 of any row (tasks own disjoint weight blocks), and `y` outlives the tasks.
-            let dst = unsafe { std::slice::from_raw_parts_mut(out.0.add((t0 + t) * rows + r0), r1 - r0) };
-            for ((d, &acc), &sw) in dst.iter_mut().zip(sums).zip(&scales[r0..r1]) {
-                // The dequantize of every path (`super::dequantize`): the two scales first.
-                *d = acc as f32 * (sa * sw);
+        let staged: &[f32] = bytemuck::cast_slice(staged_u32);
+        let panels: &mut [f32] = bytemuck::cast_slice_mut(dst);
+        for half in 0..2 {
+            let valid = (r1 - r0).saturating_sub(16 * half).min(16);
+            let d = &mut panels[half * 16 * groups..(half + 1) * 16 * groups];
+            crate::transpose::transpose(Isa::Avx512, &staged[16 * half * groups..], valid, groups, groups, d, 16, 16);
+        }
+    });
+}
+
+/// `y[t][o] = sums[t][o] as f32 · (act_scales[t] · w_scales[o])` for `o < w_scales.len() <= 32`
+/// (the dequantize of every path, `super::dequantize`, in 16-lane vectors), `y` row `t` at
+/// `y + t · rows`.
+///
+/// # Safety
+/// AVX-512F; `sums.len() >= 32 · act_scales.len()`; `w_scales.len() <= 32` outputs writable at
+/// `y + t · rows` for every row `t`.
+#[target_feature(enable = "avx512f")]
+unsafe fn dequantize(sums: &[i32], act_scales: &[f32], w_scales: &[f32], y: *mut f32, rows: usize) {
+    let valid = w_scales.len();
+    let masks = [((1u32 << valid.min(16)) - 1) as u16, ((1u32 << valid.saturating_sub(16)) - 1) as u16];
+    // SAFETY: masked loads of the valid scales only.
+    let sw = [0, 1].map(|h| unsafe { _mm512_maskz_loadu_ps(masks[h], w_scales.as_ptr().wrapping_add(16 * h)) });
+    for (t, &sa) in act_scales.iter().enumerate() {
+        let sa = _mm512_set1_ps(sa);
+        for h in 0..2 {
+            // SAFETY: row t of the sums holds 32 values; the masked store writes the valid
+            // outputs of row t (caller).
+            unsafe {
+                let acc = _mm512_cvtepi32_ps(_mm512_loadu_si512(sums.as_ptr().add(t * ROWS + 16 * h) as *const _));
+                let v = _mm512_mul_ps(acc, _mm512_mul_ps(sa, sw[h]));
+                _mm512_mask_storeu_ps(y.wrapping_add(t * rows + 16 * h), masks[h], v);
             }
         }
     }

@@ -225,10 +225,9 @@ impl QuantizedActs {
         if cols == 0 {
             return Ok(());
         }
-        let one = |((dst, row), (scale, sum)): ((&mut [i8], &[f32]), (&mut f32, &mut i32))| match quantize_row(
-            row,
-            &mut dst[..cols],
-        ) {
+        // One row: its codes (the padded row's first `cols`), its input, its scale and sum.
+        type Row<'r> = ((&'r mut [i8], &'r [f32]), (&'r mut f32, &'r mut i32));
+        let one = |((dst, row), (scale, sum)): Row<'_>| match quantize_row(row, &mut dst[..cols]) {
             Some((s, q)) => {
                 (*scale, *sum) = (s, q);
                 true
