@@ -19,19 +19,20 @@ pub fn softmax_scaled_on(isa: Isa, row: &mut [f32], scale: f32) {
     if row.is_empty() {
         return;
     }
-    let max = row.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v)) * scale;
-    let sum = match isa {
+    match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: AVX-512F is present (checked); the body reads and writes `row` only.
-        Isa::Avx512 if cpu::supports(isa) => unsafe { x86::exp_shifted_512(row, scale, max) },
+        Isa::Avx512 if cpu::supports(isa) => unsafe { x86::softmax_512(row, scale) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: AVX2 and FMA are present (checked).
-        Isa::Avx2 | Isa::Avx512 if cpu::supports(Isa::Avx2) => unsafe { x86::exp_shifted_256(row, scale, max) },
-        _ => exp_shifted_scalar(row, scale, max),
-    };
-    let inv = 1.0 / sum;
-    for v in row.iter_mut() {
-        *v *= inv;
+        Isa::Avx2 | Isa::Avx512 if cpu::supports(Isa::Avx2) => unsafe { x86::softmax_256(row, scale) },
+        _ => {
+            let max = row.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v)) * scale;
+            let inv = 1.0 / exp_shifted_scalar(row, scale, max);
+            for v in row.iter_mut() {
+                *v *= inv;
+            }
+        }
     }
 }
 
@@ -79,6 +80,62 @@ mod x86 {
 
     use crate::attention::avx2::exp8;
     use crate::attention::avx512::exp16;
+
+    /// The softmax of `row · scale` in place: the maximum, the shifted exponentials and their
+    /// sum, the normalisation, each pass in vectors.
+    ///
+    /// # Safety
+    /// AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn softmax_512(row: &mut [f32], scale: f32) {
+        let mut m = _mm512_set1_ps(f32::NEG_INFINITY);
+        let mut chunks = row.chunks_exact(16);
+        for c in &mut chunks {
+            // SAFETY: 16 values in the chunk.
+            m = _mm512_max_ps(m, unsafe { _mm512_loadu_ps(c.as_ptr()) });
+        }
+        let max = chunks.remainder().iter().fold(_mm512_reduce_max_ps(m), |m, v| m.max(*v)) * scale;
+        // SAFETY: AVX-512F (caller).
+        let inv = _mm512_set1_ps(1.0 / unsafe { exp_shifted_512(row, scale, max) });
+        let mut chunks = row.chunks_exact_mut(16);
+        for c in &mut chunks {
+            // SAFETY: 16 values in the chunk.
+            unsafe { _mm512_storeu_ps(c.as_mut_ptr(), _mm512_mul_ps(_mm512_loadu_ps(c.as_ptr()), inv)) };
+        }
+        let inv = _mm512_cvtss_f32(inv);
+        for v in chunks.into_remainder() {
+            *v *= inv;
+        }
+    }
+
+    /// [`softmax_512`] on 8 lanes.
+    ///
+    /// # Safety
+    /// AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn softmax_256(row: &mut [f32], scale: f32) {
+        let mut m = _mm256_set1_ps(f32::NEG_INFINITY);
+        let mut chunks = row.chunks_exact(8);
+        for c in &mut chunks {
+            // SAFETY: 8 values in the chunk.
+            m = _mm256_max_ps(m, unsafe { _mm256_loadu_ps(c.as_ptr()) });
+        }
+        let mut lanes = [0f32; 8];
+        // SAFETY: 8 floats of storage.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), m) };
+        let max = chunks.remainder().iter().chain(&lanes).fold(f32::NEG_INFINITY, |m, v| m.max(*v)) * scale;
+        // SAFETY: AVX2 and FMA (caller).
+        let inv = 1.0 / unsafe { exp_shifted_256(row, scale, max) };
+        let iv = _mm256_set1_ps(inv);
+        let mut chunks = row.chunks_exact_mut(8);
+        for c in &mut chunks {
+            // SAFETY: 8 values in the chunk.
+            unsafe { _mm256_storeu_ps(c.as_mut_ptr(), _mm256_mul_ps(_mm256_loadu_ps(c.as_ptr()), iv)) };
+        }
+        for v in chunks.into_remainder() {
+            *v *= inv;
+        }
+    }
 
     /// # Safety
     /// AVX-512F.

@@ -62,7 +62,7 @@ pub struct HeadCache<'a, T = f32> {
 }
 
 impl<T: CacheValue> HeadCache<'_, T> {
-    fn check(&self, hd: usize, what: &str) -> Result<()> {
+    pub(crate) fn check(&self, hd: usize, what: &str) -> Result<()> {
         let need = if self.len == 0 { 0 } else { (self.len - 1) * self.stride + self.offset + hd };
         if self.data.len() < need || (self.len > 1 && self.stride < self.offset + hd) {
             return Err(KernelError::Shape(format!(
@@ -75,7 +75,7 @@ impl<T: CacheValue> HeadCache<'_, T> {
         }
         Ok(())
     }
-    fn row(&self, t: usize, hd: usize) -> &[T] {
+    pub(crate) fn row(&self, t: usize, hd: usize) -> &[T] {
         &self.data[t * self.stride + self.offset..][..hd]
     }
 }

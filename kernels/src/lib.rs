@@ -7,6 +7,7 @@
 pub mod activation;
 pub mod attention;
 pub mod bitmask;
+pub mod causal;
 pub mod cpu;
 pub mod dense;
 pub mod ggml;

@@ -6,6 +6,7 @@
 //! reference one in [`crate::llama`] and the batched runtime, see the same rounded values.
 
 use half::f16;
+use half::slice::HalfFloatSliceExt;
 
 use crate::config::LlamaConfig;
 use crate::{Error, Result};
@@ -87,19 +88,26 @@ impl Layer {
     }
 }
 
+// The slice conversions of `half` take F16C's 4- and 8-lane instructions where the CPU has them
+// (one value at a time, the conversions of a 512-token prefill took 5% of it).
 fn to_f16(dst: &mut [f16], src: &[f32]) {
-    dst.iter_mut().zip(src).for_each(|(d, s)| *d = f16::from_f32(*s));
+    dst.convert_from_f32_slice(src);
 }
 
 fn to_f32(dst: &mut [f32], src: &[f16]) {
-    dst.iter_mut().zip(src).for_each(|(d, s)| *d = s.to_f32());
+    src.convert_to_f32_slice(dst);
 }
 
 /// Rounds `x` to what a cache of `dtype` returns for it, so that the reference path's attention
 /// over the positions it has just written sees what a later decode step reads back.
 pub(crate) fn round_through(dtype: KvDtype, x: &mut [f32]) {
     if dtype == KvDtype::F16 {
-        x.iter_mut().for_each(|v| *v = f16::from_f32(*v).to_f32());
+        let mut h = [f16::ZERO; 256];
+        for c in x.chunks_mut(256) {
+            let h = &mut h[..c.len()];
+            to_f16(h, c);
+            to_f32(c, h);
+        }
     }
 }
 

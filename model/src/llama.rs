@@ -7,6 +7,8 @@ use std::path::Path;
 
 use rayon::prelude::*;
 
+use lacuna_kernels::attention::HeadCache;
+use lacuna_kernels::causal;
 use lacuna_kernels::dense::{Strided, gemm_strided};
 use lacuna_kernels::matrix::{Product, Scratch, matmul_many};
 
@@ -149,6 +151,9 @@ struct LayerScratch {
     up: Vec<f32>,
     /// The products' own scratch (see [`matmul_many`]).
     products: Scratch,
+    /// RoPE tables of positions `rope.0 ..` (`cos`, `sin`, `[n, head_dim / 2]`), computed once
+    /// for every layer of a forward.
+    rope: Option<(usize, Vec<f32>, Vec<f32>)>,
 }
 
 impl LayerScratch {
@@ -162,6 +167,7 @@ impl LayerScratch {
             gate: vec![0f32; n * c.intermediate_size],
             up: vec![0f32; n * c.intermediate_size],
             products: Scratch::new(),
+            rope: None,
         }
     }
 }
@@ -556,7 +562,12 @@ impl Llama {
         let c = &self.config;
         let layer = &self.layers[li];
         let eps = c.rms_norm_eps as f32;
-        let (cos, sin) = self.rope_tables(pos0, n);
+        let half = c.head_dim / 2;
+        if !matches!(&s.rope, Some((p, cos, _)) if *p == pos0 && cos.len() == n * half) {
+            let (cos, sin) = self.rope_tables(pos0, n);
+            s.rope = Some((pos0, cos, sin));
+        }
+        let Some((_, cos, sin)) = s.rope.take() else { unreachable!("set above") };
         rms_norm(x, &layer.input_layernorm.w, eps, &mut s.h);
         observe(LinearInput::Attention, &s.h);
         if self.int8_reference {
@@ -574,6 +585,7 @@ impl Llama {
         }
         apply_rope(&mut s.q, c.num_attention_heads, c.head_dim, &cos, &sin);
         apply_rope(&mut s.k, c.num_key_value_heads, c.head_dim, &cos, &sin);
+        s.rope = Some((pos0, cos, sin));
         round_through(kv, &mut s.k);
         round_through(kv, &mut s.v);
         let kvd = c.kv_dim();
@@ -659,12 +671,30 @@ impl Llama {
         let outs: Vec<Result<Vec<f32>>> = (0..nh * blocks)
             .into_par_iter()
             .map(|task| {
-                let (head, b) = (task / blocks, task % blocks);
+                // The longest blocks (the last queries, which see the most keys) first, so that
+                // the threads do not end on one long task each.
+                let (head, b) = (task / blocks, blocks - 1 - task % blocks);
                 let (i0, i1) = (b * QUERY_BLOCK, ((b + 1) * QUERY_BLOCK).min(n));
                 let (rows, seen) = (i1 - i0, pos0 + i1);
                 let g = head / group;
                 let qh = Strided { rows, cols: hd, row_stride: qd, col_stride: 1 };
                 let kh = Strided { rows: seen, cols: hd, row_stride: kvd, col_stride: 1 };
+                let mut out = vec![0f32; rows * hd];
+                let cache = |data| HeadCache { data, stride: kvd, offset: g * hd, len: seen };
+                if hd == causal::HEAD_DIM
+                    && causal::causal_block(
+                        &q[i0 * qd + head * hd..],
+                        qd,
+                        rows,
+                        pos0 + i0,
+                        cache(kc),
+                        cache(vc),
+                        scale,
+                        &mut out,
+                    )?
+                {
+                    return Ok(out);
+                }
                 let mut scores = vec![0f32; rows * seen];
                 gemm_strided(
                     &q[i0 * qd + head * hd..],
@@ -679,7 +709,6 @@ impl Llama {
                     lacuna_kernels::activation::softmax_scaled(&mut row[..visible], scale);
                     row[visible..].fill(0.0);
                 }
-                let mut out = vec![0f32; rows * hd];
                 gemm_strided(
                     &scores,
                     Strided::row_major(rows, seen),
@@ -693,7 +722,7 @@ impl Llama {
             .collect();
         let mut attn = vec![0f32; n * qd];
         for (task, r) in outs.into_iter().enumerate() {
-            let (head, b) = (task / blocks, task % blocks);
+            let (head, b) = (task / blocks, blocks - 1 - task % blocks);
             let out = r?;
             for (i, o) in out.chunks_exact(hd).enumerate() {
                 let row = b * QUERY_BLOCK + i;
@@ -707,22 +736,38 @@ impl Llama {
 /// Queries per task of the prefill attention.
 const QUERY_BLOCK: usize = 64;
 
-/// `out = x / sqrt(mean(x²) + eps) · w`, row by row.
+/// `out = x / sqrt(mean(x²) + eps) · w`, row by row (rows in parallel for a prefill).
 pub(crate) fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let d = w.len();
-    for (xr, or) in x.chunks(d).zip(out.chunks_mut(d)) {
-        let ms = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
+    let row = |(xr, or): (&[f32], &mut [f32])| {
+        // Sixteen partial sums (vectorised), then their sum.
+        let mut acc = [0f32; 16];
+        let mut chunks = xr.chunks_exact(16);
+        for c in &mut chunks {
+            for (a, v) in acc.iter_mut().zip(c) {
+                *a += v * v;
+            }
+        }
+        let ms = (acc.iter().sum::<f32>() + chunks.remainder().iter().map(|v| v * v).sum::<f32>()) / d as f32;
         let inv = 1.0 / (ms + eps).sqrt();
         for ((o, v), g) in or.iter_mut().zip(xr).zip(w) {
             *o = v * inv * g;
         }
+    };
+    if x.len() >= PARALLEL_ROWS * d {
+        x.par_chunks(d).zip(out.par_chunks_mut(d)).with_min_len(PARALLEL_ROWS / 2).for_each(row);
+    } else {
+        x.chunks(d).zip(out.chunks_mut(d)).for_each(row);
     }
 }
+
+/// Rows from which the element-wise steps of a layer run on every thread (a prefill).
+const PARALLEL_ROWS: usize = 64;
 
 /// Rotates the two halves of every head (Hugging Face's `rotate_half` convention).
 pub(crate) fn apply_rope(x: &mut [f32], n_head: usize, hd: usize, cos: &[f32], sin: &[f32]) {
     let half = hd / 2;
-    for (t, row) in x.chunks_mut(n_head * hd).enumerate() {
+    let row = |(t, row): (usize, &mut [f32])| {
         let (c, s) = (&cos[t * half..(t + 1) * half], &sin[t * half..(t + 1) * half]);
         for head in row.chunks_mut(hd) {
             let (a, b) = head.split_at_mut(half);
@@ -732,6 +777,12 @@ pub(crate) fn apply_rope(x: &mut [f32], n_head: usize, hd: usize, cos: &[f32], s
                 b[i] = x1 * c[i] + x0 * s[i];
             }
         }
+    };
+    let width = n_head * hd;
+    if x.len() >= PARALLEL_ROWS * width {
+        x.par_chunks_mut(width).enumerate().with_min_len(PARALLEL_ROWS / 2).for_each(row);
+    } else {
+        x.chunks_mut(width).enumerate().for_each(row);
     }
 }
 
