@@ -740,15 +740,8 @@ const QUERY_BLOCK: usize = 64;
 pub(crate) fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let d = w.len();
     let row = |(xr, or): (&[f32], &mut [f32])| {
-        // Sixteen partial sums (vectorised), then their sum.
-        let mut acc = [0f32; 16];
-        let mut chunks = xr.chunks_exact(16);
-        for c in &mut chunks {
-            for (a, v) in acc.iter_mut().zip(c) {
-                *a += v * v;
-            }
-        }
-        let ms = (acc.iter().sum::<f32>() + chunks.remainder().iter().map(|v| v * v).sum::<f32>()) / d as f32;
+        // One sequential sum: the summation order every reference of this norm uses.
+        let ms = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
         let inv = 1.0 / (ms + eps).sqrt();
         for ((o, v), g) in or.iter_mut().zip(xr).zip(w) {
             *o = v * inv * g;
