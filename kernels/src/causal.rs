@@ -19,37 +19,30 @@ use crate::{KernelError, Result};
 /// The head size the AVX-512 body is compiled for.
 pub const HEAD_DIM: usize = 64;
 
-/// `out[i] = softmax(scale · K q_i over positions 0..=first + i) · V` for the `rows` queries
-/// `q_i = q[i · q_stride ..][..64]`; `k` and `v` hold (at least) `first + rows` positions;
-/// `out` is `[rows, 64]`. Returns `Ok(false)`, touching nothing, where this CPU or head size
-/// has no kernel here (the caller runs its own product).
-#[allow(clippy::too_many_arguments)]
-pub fn causal_block(
-    q: &[f32],
-    q_stride: usize,
-    rows: usize,
-    first: usize,
-    k: HeadCache<'_, f32>,
-    v: HeadCache<'_, f32>,
-    scale: f32,
-    out: &mut [f32],
-) -> Result<bool> {
-    causal_block_on(cpu::isa(), q, q_stride, rows, first, k, v, scale, out)
+/// One head's block of queries and the cached positions they attend to: query `i` is
+/// `q[i · q_stride ..][..64]` for `i < rows` and sees positions `0..=first + i` of `k` and `v`
+/// (which hold at least `first + rows`); scores are scaled by `scale`.
+#[derive(Clone, Copy, Debug)]
+pub struct Block<'a> {
+    pub q: &'a [f32],
+    pub q_stride: usize,
+    pub rows: usize,
+    pub first: usize,
+    pub k: HeadCache<'a, f32>,
+    pub v: HeadCache<'a, f32>,
+    pub scale: f32,
+}
+
+/// `out[i] = softmax(scale · K q_i over the positions query i sees) · V` for the block's
+/// queries, `out` `[rows, 64]`. Returns `Ok(false)`, touching nothing, where this CPU or head
+/// size has no kernel here (the caller runs its own product).
+pub fn causal_block(b: &Block<'_>, out: &mut [f32]) -> Result<bool> {
+    causal_block_on(cpu::isa(), b, out)
 }
 
 /// [`causal_block`] on an explicit path (tests compare it with the scalar reference).
-#[allow(clippy::too_many_arguments)]
-pub fn causal_block_on(
-    isa: Isa,
-    q: &[f32],
-    q_stride: usize,
-    rows: usize,
-    first: usize,
-    k: HeadCache<'_, f32>,
-    v: HeadCache<'_, f32>,
-    scale: f32,
-    out: &mut [f32],
-) -> Result<bool> {
+pub fn causal_block_on(isa: Isa, b: &Block<'_>, out: &mut [f32]) -> Result<bool> {
+    let &Block { q, q_stride, rows, first, k, v, .. } = b;
     let hd = HEAD_DIM;
     let seen = first + rows;
     if rows == 0 {
@@ -69,20 +62,12 @@ pub fn causal_block_on(
     match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 if cpu::supports(isa) => {
-            SCRATCH.with(|cell| {
-                let mut fresh = Scratch::default();
-                let mut guard = cell.try_borrow_mut();
-                let s = match guard.as_mut() {
-                    Ok(s) => &mut **s,
-                    Err(_) => &mut fresh,
-                };
-                // SAFETY: AVX-512F is present (checked); the shapes were checked above.
-                unsafe { x86::block(s, q, q_stride, rows, first, k, v, scale, out) };
-            });
+            // SAFETY: AVX-512F is present (checked); the shapes were checked above.
+            crate::scratch::with_local(&SCRATCH, |s| unsafe { x86::block(s, b, out) });
             Ok(true)
         }
         Isa::Scalar => {
-            reference(q, q_stride, rows, first, k, v, scale, out);
+            reference(b, out);
             Ok(true)
         }
         _ => Ok(false),
@@ -90,17 +75,8 @@ pub fn causal_block_on(
 }
 
 /// The reference: one query at a time, scores, softmax, weighted sum.
-#[allow(clippy::too_many_arguments)]
-fn reference(
-    q: &[f32],
-    q_stride: usize,
-    rows: usize,
-    first: usize,
-    k: HeadCache<'_, f32>,
-    v: HeadCache<'_, f32>,
-    scale: f32,
-    out: &mut [f32],
-) {
+fn reference(b: &Block<'_>, out: &mut [f32]) {
+    let &Block { q, q_stride, rows, first, k, v, scale } = b;
     let hd = HEAD_DIM;
     for i in 0..rows {
         let qi = &q[i * q_stride..i * q_stride + hd];
@@ -138,19 +114,9 @@ mod x86 {
 
     /// # Safety
     /// AVX-512F; the shapes checked by `causal_block_on`.
-    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn block(
-        s: &mut Scratch,
-        q: &[f32],
-        q_stride: usize,
-        rows: usize,
-        first: usize,
-        k: HeadCache<'_, f32>,
-        v: HeadCache<'_, f32>,
-        scale: f32,
-        out: &mut [f32],
-    ) {
+    pub(super) unsafe fn block(s: &mut Scratch, b: &Block<'_>, out: &mut [f32]) {
+        let &Block { q, q_stride, rows, first, k, v, scale } = b;
         let hd = HEAD_DIM;
         let seen = first + rows;
         let (sp, rp) = (seen.next_multiple_of(32), rows.next_multiple_of(8));
@@ -287,35 +253,19 @@ mod tests {
             }
             let qh = &q[2 * HEAD_DIM..];
             let mut want = vec![0f32; rows * HEAD_DIM];
-            assert!(
-                causal_block_on(
-                    Isa::Scalar,
-                    qh,
-                    qd,
-                    rows,
-                    first,
-                    cache(&kc, kvd, seen),
-                    cache(&vc, kvd, seen),
-                    0.125,
-                    &mut want
-                )
-                .unwrap()
-            );
+            let b = Block {
+                q: qh,
+                q_stride: qd,
+                rows,
+                first,
+                k: cache(&kc, kvd, seen),
+                v: cache(&vc, kvd, seen),
+                scale: 0.125,
+            };
+            assert!(causal_block_on(Isa::Scalar, &b, &mut want).unwrap());
             for isa in Isa::available() {
                 let mut got = vec![f32::NAN; rows * HEAD_DIM];
-                if !causal_block_on(
-                    isa,
-                    qh,
-                    qd,
-                    rows,
-                    first,
-                    cache(&kc, kvd, seen),
-                    cache(&vc, kvd, seen),
-                    0.125,
-                    &mut got,
-                )
-                .unwrap()
-                {
+                if !causal_block_on(isa, &b, &mut got).unwrap() {
                     eprintln!("causal attention: no {isa:?} body (the caller's GEMM runs)");
                     continue;
                 }
@@ -335,9 +285,10 @@ mod tests {
         let cache = HeadCache { data: &kc, stride: HEAD_DIM, offset: 0, len: 10 };
         let q = vec![0f32; 4 * HEAD_DIM];
         let mut out = vec![0f32; 4 * HEAD_DIM];
-        let e = causal_block(&q, HEAD_DIM, 4, 7, cache, cache, 1.0, &mut out).unwrap_err().to_string();
+        let b = |first| Block { q: &q, q_stride: HEAD_DIM, rows: 4, first, k: cache, v: cache, scale: 1.0 };
+        let e = causal_block(&b(7), &mut out).unwrap_err().to_string();
         assert!(e.contains("11 positions"), "{e}");
-        let e = causal_block(&q, HEAD_DIM, 4, 2, cache, cache, 1.0, &mut out[..10]).unwrap_err().to_string();
+        let e = causal_block(&b(2), &mut out[..10]).unwrap_err().to_string();
         assert!(e.contains("output 10"), "{e}");
     }
 }

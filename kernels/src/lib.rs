@@ -17,6 +17,7 @@ pub mod mmap;
 pub mod pages;
 mod prefill;
 pub mod sampled;
+mod scratch;
 pub mod team;
 mod transpose;
 

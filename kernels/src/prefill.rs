@@ -45,13 +45,7 @@ pub(crate) fn bitmask_product<T: BitmaskValue>(isa: Isa, w: &BitmaskView<'_, T>,
         return;
     }
     // A nested call on this thread (not made by the model) gets fresh buffers.
-    BUFFERS.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut b) => {
-            let (panel, out) = &mut *b;
-            product_with(isa, w, x, n, y, panel, out)
-        }
-        Err(_) => product_with(isa, w, x, n, y, &mut Vec::new(), &mut Vec::new()),
-    });
+    crate::scratch::with_local(&BUFFERS, |(panel, out)| product_with(isa, w, x, n, y, panel, out));
 }
 
 fn product_with<T: BitmaskValue>(

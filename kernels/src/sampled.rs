@@ -75,13 +75,7 @@ pub fn sampled_matmul_on(
     let len = tokens + 16;
     // The transposed operands live in this thread's buffers between calls (fresh megabytes per
     // call were page-faulted in every time); a nested call on this thread gets fresh ones.
-    SCRATCH.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut b) => {
-            let (xbuf, gbuf) = &mut *b;
-            product(isa, w, x, dy, n, tokens, len, out, xbuf, gbuf)
-        }
-        Err(_) => product(isa, w, x, dy, n, tokens, len, out, &mut Vec::new(), &mut Vec::new()),
-    });
+    crate::scratch::with_local(&SCRATCH, |(xbuf, gbuf)| product(isa, w, x, dy, n, tokens, len, out, xbuf, gbuf));
     Ok(())
 }
 

@@ -61,21 +61,17 @@ thread_local! {
     static PACKED: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Runs `f` on this thread's buffer of `cell`, grown to `len`, or on a fresh one if the buffer
-/// is in use further up this thread's stack.
+/// Runs `f` on this thread's buffer of `cell`, grown to `len` (see [`crate::scratch`]).
 fn with_buffer<R>(
     cell: &'static std::thread::LocalKey<RefCell<Vec<u32>>>,
     len: usize,
     f: impl FnOnce(&mut [u32]) -> R,
 ) -> R {
-    cell.with(|c| match c.try_borrow_mut() {
-        Ok(mut b) => {
-            if b.len() < len {
-                b.resize(len, 0);
-            }
-            f(&mut b[..len])
+    crate::scratch::with_local(cell, |b| {
+        if b.len() < len {
+            b.resize(len, 0);
         }
-        Err(_) => f(&mut vec![0u32; len]),
+        f(&mut b[..len])
     })
 }
 

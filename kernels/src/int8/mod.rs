@@ -49,7 +49,8 @@ pub const SMALL_BATCH_MAX_N: usize = 32;
 /// Activation codes are padded to a multiple of this many columns (one AVX-512 vector), with
 /// zero codes, so that kernels read whole vectors.
 const ACT_ALIGN: usize = 64;
-/// ... and to a multiple of this many rows of zero codes: the AMX kernel reads 32 rows a block.
+/// ... and, for more than [`SMALL_BATCH_MAX_N`] rows (the AMX kernel's products, which read 32
+/// rows a block), to a multiple of this many rows of zero codes. Decode rows are not padded.
 const ACT_ROW_ALIGN: usize = 32;
 /// Activation rows from which [`QuantizedActs::quantize`] runs on every thread (prefill).
 const PARALLEL_ROWS: usize = 64;
@@ -217,7 +218,8 @@ impl QuantizedActs {
         self.cols = cols;
         self.stride = stride;
         self.codes.clear();
-        self.codes.resize(n.next_multiple_of(ACT_ROW_ALIGN) * stride, 0);
+        let padded = if n > SMALL_BATCH_MAX_N { n.next_multiple_of(ACT_ROW_ALIGN) } else { n };
+        self.codes.resize(padded * stride, 0);
         self.scales.clear();
         self.scales.resize(n, 0.0);
         self.sums.clear();
@@ -327,16 +329,9 @@ pub fn matmul(w: &Int8Matrix<'_>, x: &[f32], n: usize, y: &mut [f32]) -> Result<
 
 /// [`matmul`] on an explicit path (tests and benches compare the paths).
 pub fn matmul_on(isa: Int8Isa, w: &Int8Matrix<'_>, x: &[f32], n: usize, y: &mut [f32]) -> Result<()> {
-    ACTS.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut acts) => {
-            acts.quantize(x, n, w.cols())?;
-            matmul_quantized_on(isa, w, &acts, y)
-        }
-        Err(_) => {
-            let mut acts = QuantizedActs::new();
-            acts.quantize(x, n, w.cols())?;
-            matmul_quantized_on(isa, w, &acts, y)
-        }
+    crate::scratch::with_local(&ACTS, |acts| {
+        acts.quantize(x, n, w.cols())?;
+        matmul_quantized_on(isa, w, acts, y)
     })
 }
 
@@ -408,13 +403,7 @@ pub(crate) fn rows_into(isa: Int8Isa, w: &Int8Matrix<'_>, acts: &QuantizedActs, 
     }
     let r1 = r0 + out.len() / n;
     let scales = w.scales();
-    SUMS.with(|cell| {
-        let mut fresh = Vec::new();
-        let mut guard = cell.try_borrow_mut();
-        let sums = match guard.as_mut() {
-            Ok(b) => &mut **b,
-            Err(_) => &mut fresh,
-        };
+    crate::scratch::with_local(&SUMS, |sums| {
         sums.resize(CHUNK_ROWS * n, 0);
         for c0 in (r0..r1).step_by(CHUNK_ROWS) {
             let c1 = (c0 + CHUNK_ROWS).min(r1);
