@@ -151,9 +151,11 @@ struct LayerScratch {
     up: Vec<f32>,
     /// The products' own scratch (see [`matmul_many`]).
     products: Scratch,
-    /// RoPE tables of positions `rope.0 ..` (`cos`, `sin`, `[n, head_dim / 2]`), computed once
-    /// for every layer of a forward.
-    rope: Option<(usize, Vec<f32>, Vec<f32>)>,
+    /// RoPE tables (`[n, head_dim / 2]`) of positions `rope_from ..`, computed once for every
+    /// layer of a forward (`None` until then).
+    rope_from: Option<usize>,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
 }
 
 impl LayerScratch {
@@ -167,7 +169,9 @@ impl LayerScratch {
             gate: vec![0f32; n * c.intermediate_size],
             up: vec![0f32; n * c.intermediate_size],
             products: Scratch::new(),
-            rope: None,
+            rope_from: None,
+            cos: Vec::new(),
+            sin: Vec::new(),
         }
     }
 }
@@ -562,12 +566,10 @@ impl Llama {
         let c = &self.config;
         let layer = &self.layers[li];
         let eps = c.rms_norm_eps as f32;
-        let half = c.head_dim / 2;
-        if !matches!(&s.rope, Some((p, cos, _)) if *p == pos0 && cos.len() == n * half) {
-            let (cos, sin) = self.rope_tables(pos0, n);
-            s.rope = Some((pos0, cos, sin));
+        if s.rope_from != Some(pos0) || s.cos.len() != n * (c.head_dim / 2) {
+            (s.cos, s.sin) = self.rope_tables(pos0, n);
+            s.rope_from = Some(pos0);
         }
-        let Some((_, cos, sin)) = s.rope.take() else { unreachable!("set above") };
         rms_norm(x, &layer.input_layernorm.w, eps, &mut s.h);
         observe(LinearInput::Attention, &s.h);
         if self.int8_reference {
@@ -583,9 +585,8 @@ impl Llama {
             ];
             matmul_many(group, &s.h, n, &mut s.products)?;
         }
-        apply_rope(&mut s.q, c.num_attention_heads, c.head_dim, &cos, &sin);
-        apply_rope(&mut s.k, c.num_key_value_heads, c.head_dim, &cos, &sin);
-        s.rope = Some((pos0, cos, sin));
+        apply_rope(&mut s.q, c.num_attention_heads, c.head_dim, &s.cos, &s.sin);
+        apply_rope(&mut s.k, c.num_key_value_heads, c.head_dim, &s.cos, &s.sin);
         round_through(kv, &mut s.k);
         round_through(kv, &mut s.v);
         let kvd = c.kv_dim();
@@ -681,18 +682,16 @@ impl Llama {
                 let kh = Strided { rows: seen, cols: hd, row_stride: kvd, col_stride: 1 };
                 let mut out = vec![0f32; rows * hd];
                 let cache = |data| HeadCache { data, stride: kvd, offset: g * hd, len: seen };
-                if hd == causal::HEAD_DIM
-                    && causal::causal_block(
-                        &q[i0 * qd + head * hd..],
-                        qd,
-                        rows,
-                        pos0 + i0,
-                        cache(kc),
-                        cache(vc),
-                        scale,
-                        &mut out,
-                    )?
-                {
+                let block = causal::Block {
+                    q: &q[i0 * qd + head * hd..],
+                    q_stride: qd,
+                    rows,
+                    first: pos0 + i0,
+                    k: cache(kc),
+                    v: cache(vc),
+                    scale,
+                };
+                if hd == causal::HEAD_DIM && causal::causal_block(&block, &mut out)? {
                     return Ok(out);
                 }
                 let mut scores = vec![0f32; rows * seen];
