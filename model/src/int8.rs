@@ -168,10 +168,14 @@ impl Int8Matrix {
     /// The INT8 kernels' view: the bitmask form when set, the dense codes otherwise.
     pub fn kernel_matrix(&self) -> Result<kernels::Int8Matrix<'_>> {
         Ok(match &self.bitmask {
-            Some(b) => kernels::Int8Matrix::Bitmask(kernels::Int8Bitmask::new(b.view(), &self.scales)?),
-            None => {
-                kernels::Int8Matrix::Dense(kernels::Int8Dense::new(self.codes(), &self.scales, self.rows, self.cols)?)
-            }
+            // `new` checked every scale finite and positive.
+            Some(b) => kernels::Int8Matrix::Bitmask(kernels::Int8Bitmask::with_checked_scales(b.view(), &self.scales)?),
+            None => kernels::Int8Matrix::Dense(kernels::Int8Dense::with_checked_scales(
+                self.codes(),
+                &self.scales,
+                self.rows,
+                self.cols,
+            )?),
         })
     }
 

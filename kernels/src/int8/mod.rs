@@ -66,10 +66,15 @@ fn check_cols(cols: usize) -> Result<()> {
     Ok(())
 }
 
-fn check_scales(scales: &[f32], rows: usize) -> Result<()> {
+fn check_scale_count(scales: &[f32], rows: usize) -> Result<()> {
     if scales.len() != rows {
         return Err(shape_err(format!("weight scales: expected {rows} (one per row), got {}", scales.len())));
     }
+    Ok(())
+}
+
+fn check_scales(scales: &[f32], rows: usize) -> Result<()> {
+    check_scale_count(scales, rows)?;
     if let Some(r) = scales.iter().position(|s| !s.is_finite()) {
         return Err(KernelError::Format {
             format: "int-quantized",
@@ -97,6 +102,20 @@ impl<'a> Int8Dense<'a> {
             return Err(shape_err(format!("INT8 weight [{rows}, {cols}] needs {total} codes, got {}", codes.len())));
         }
         check_scales(scales, rows)?;
+        Ok(Self { rows, cols, codes, scales })
+    }
+
+    /// As [`Int8Dense::new`] for scales the caller has already checked to be finite (a model
+    /// checks them once at load, not on every product of a decode step, where reading every
+    /// scale again cost more than some products): only the shapes are checked here. A
+    /// non-finite scale would give non-finite outputs in its row, nothing worse.
+    pub fn with_checked_scales(codes: &'a [i8], scales: &'a [f32], rows: usize, cols: usize) -> Result<Self> {
+        check_cols(cols)?;
+        let total = rows.checked_mul(cols).ok_or_else(|| shape_err(format!("[{rows}, {cols}] overflows")))?;
+        if codes.len() != total {
+            return Err(shape_err(format!("INT8 weight [{rows}, {cols}] needs {total} codes, got {}", codes.len())));
+        }
+        check_scale_count(scales, rows)?;
         Ok(Self { rows, cols, codes, scales })
     }
     pub fn rows(&self) -> usize {
@@ -129,6 +148,14 @@ impl<'a> Int8Bitmask<'a> {
     pub fn new(codes: BitmaskView<'a, i8>, scales: &'a [f32]) -> Result<Self> {
         check_cols(codes.cols())?;
         check_scales(scales, codes.rows())?;
+        Ok(Self { codes, scales })
+    }
+
+    /// As [`Int8Bitmask::new`] for scales the caller has already checked to be finite (see
+    /// [`Int8Dense::with_checked_scales`]).
+    pub fn with_checked_scales(codes: BitmaskView<'a, i8>, scales: &'a [f32]) -> Result<Self> {
+        check_cols(codes.cols())?;
+        check_scale_count(scales, codes.rows())?;
         Ok(Self { codes, scales })
     }
     pub fn rows(&self) -> usize {

@@ -204,6 +204,11 @@ fn bad_shapes_and_scales_are_errors_naming_them() {
     assert!(e.contains("output"), "{e}");
     let bm = BitmaskMatrix::from_dense(&w, 2, 3).unwrap();
     assert!(Int8Bitmask::new(bm.view(), &[1.0]).unwrap_err().to_string().contains("scales"));
+    // The constructors for scales checked elsewhere still check every shape.
+    assert!(msg(Int8Dense::with_checked_scales(&w, &[1.0; 2], 2, 4)).contains("codes"));
+    assert!(msg(Int8Dense::with_checked_scales(&w, &[1.0; 3], 2, 3)).contains("scales"));
+    assert!(msg(Int8Dense::with_checked_scales(&wide, &[1.0], 1, MAX_COLS + 1)).contains("columns"));
+    assert!(Int8Bitmask::with_checked_scales(bm.view(), &[1.0]).unwrap_err().to_string().contains("scales"));
     let mut y = [0f32; 2];
     matmul(&m, &[1.0, 1.0, 1.0], 1, &mut y).unwrap();
     // Codes 127 each; 6 · 127 · (1/127) = 6 and 15.

@@ -274,7 +274,8 @@ impl<'a> Vals<'a> {
         Vals::Matrix { vals, offsets, copy, base, slack: if needs_copy { slack } else { 0 } }
     }
 
-    /// Row `r`'s first packed code.
+    /// Row `r`'s first packed code (called per row and tile: inlined into the kernels).
+    #[inline(always)]
     fn row(&self, b: &Int8Bitmask<'_>, r: usize) -> *const i8 {
         match self {
             Vals::None => std::ptr::null(),
