@@ -4,6 +4,7 @@
 # the server with SIGTERM (it drains). One JSON line per run on stdout.
 #
 #   LACUNA=target/release/lacuna scripts/load-bench.sh smollm2-135m runs/smollm2-70-bitmask
+#   SERVE_ARGS=--int8-lm-head scripts/load-bench.sh runs/m70-w8a8-bitmask   # flags for every server
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LACUNA=${LACUNA:-target/release/lacuna}
@@ -11,8 +12,9 @@ CLIENTS=${CLIENTS:-32}
 DURATION=${DURATION:-60}
 MAX_TOKENS=${MAX_TOKENS:-64}
 PORT=${PORT:-8391}
+read -r -a serve_args <<<"${SERVE_ARGS:-}"
 for model in "$@"; do
-  "$LACUNA" serve --model "$model" --port "$PORT" --max-batch "$CLIENTS" --served-model-name bench >&2 &
+  "$LACUNA" serve --model "$model" --port "$PORT" --max-batch "$CLIENTS" --served-model-name bench "${serve_args[@]}" >&2 &
   server=$!
   for _ in $(seq 300); do
     curl -fs "http://127.0.0.1:$PORT/ready" >/dev/null 2>&1 && break
