@@ -134,6 +134,10 @@ impl Int8Matrix {
         self.input = input;
         self
     }
+    /// Copies mapped codes into process memory; returns the bytes copied.
+    pub(crate) fn copy_codes_into_memory(&mut self) -> usize {
+        self.codes.copy_into_memory()
+    }
     pub fn is_mapped(&self) -> bool {
         self.codes.is_mapped()
     }

@@ -621,6 +621,29 @@ impl Llama {
 
     /// The output projection logits run on: the W8A8 head of [`Llama::quantize_lm_head`], else
     /// `lm_head`, else the (tied) embedding.
+    /// Copies every weight a decode step streams (the decoder linears and the LM head) out of
+    /// the checkpoint's file mapping into process memory; returns the bytes copied.
+    ///
+    /// Mapped weights live in the page cache on 4 KiB pages, which the kernel will not back with
+    /// huge pages: a decode step over them takes a TLB miss every 4 KiB and the hardware
+    /// prefetchers stop at each page boundary. In process memory they go on 2 MiB pages (see
+    /// `lacuna_kernels::pages`). Measured on a dense W8A8 SmolLM2, whose int8 codes are mapped
+    /// (docs/benchmarks.md). Costs one copy at load, and the page cache's copy stays until the
+    /// system reclaims it.
+    pub fn copy_mapped_weights(&mut self) -> usize {
+        let mut bytes = 0;
+        for layer in &mut self.layers {
+            for w in layer.linears_mut() {
+                bytes += w.copy_mapped_into_memory();
+            }
+        }
+        match (&mut self.int8_head, &mut self.lm_head) {
+            (Some(h), _) | (None, Some(h)) => bytes += h.copy_mapped_into_memory(),
+            (None, None) => bytes += self.embed_tokens.copy_mapped_into_memory(),
+        }
+        bytes
+    }
+
     pub(crate) fn lm_head(&self) -> &Weight {
         self.int8_head.as_ref().or(self.lm_head.as_ref()).unwrap_or(&self.embed_tokens)
     }

@@ -77,7 +77,19 @@ pub struct Runtime {
 impl Runtime {
     /// A runtime decoding up to `max_batch` sequences per step, each up to `max_context`
     /// positions (at most the model's own context), caching keys and values as `kv`.
-    pub fn new(model: Arc<Llama>, max_batch: usize, max_context: usize, kv: KvDtype) -> Result<Self> {
+    pub fn new(mut model: Arc<Llama>, max_batch: usize, max_context: usize, kv: KvDtype) -> Result<Self> {
+        // A decode step streams every weight, best from 2 MiB pages (below), which a file
+        // mapping cannot have: weights still mapped are copied into memory first, when the model
+        // is not shared yet (as when a server or `lacuna bench` starts).
+        match Arc::get_mut(&mut model) {
+            Some(m) => {
+                let copied = m.copy_mapped_weights();
+                if copied > 0 {
+                    tracing::debug!("{} MiB of mapped weights copied into memory", copied >> 20);
+                }
+            }
+            None => tracing::debug!("the model is shared: its mapped weights stay mapped"),
+        }
         let c = model.config();
         if max_batch == 0 {
             return Err(Error::Invalid("max_batch must be at least 1".into()));

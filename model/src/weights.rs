@@ -98,6 +98,18 @@ impl<T: bytemuck::Pod> Storage<T> {
     pub fn is_mapped(&self) -> bool {
         matches!(self, Storage::Mapped { .. })
     }
+
+    /// Copies mapped elements into memory of this process (nothing for owned ones); returns the
+    /// bytes copied.
+    pub fn copy_into_memory(&mut self) -> usize {
+        if !self.is_mapped() {
+            return 0;
+        }
+        let v = self.as_slice().to_vec();
+        let bytes = std::mem::size_of_val(&v[..]);
+        *self = Storage::Owned(v);
+        bytes
+    }
 }
 
 #[derive(Clone)]
@@ -377,6 +389,26 @@ impl Weight {
             },
             _ if self.is_bitmask() => self.to_dtype(self.dtype()),
             _ => self.clone(),
+        }
+    }
+
+    /// Copies what this weight's products read from a file mapping into process memory (see
+    /// [`Llama::copy_mapped_weights`](crate::Llama::copy_mapped_weights)); returns the bytes
+    /// copied. Int8 codes are copied only where W8A8 products read them: not under bitmask codes
+    /// (decoded into memory at load), not for W8A16 (products read its dequantized form), not
+    /// when the matrix is shared with another owner.
+    pub fn copy_mapped_into_memory(&mut self) -> usize {
+        match &mut self.data {
+            Data::F32(s) => s.copy_into_memory(),
+            Data::F16(s) => s.copy_into_memory(),
+            Data::BF16(s) => s.copy_into_memory(),
+            Data::BitmaskF32(_) | Data::BitmaskBF16(_) => 0,
+            Data::I8(m)
+                if m.input_quant() == InputQuant::Int8PerToken && m.bitmask_codes().is_none() && m.is_mapped() =>
+            {
+                Arc::get_mut(m).map_or(0, |m| m.copy_codes_into_memory())
+            }
+            Data::I8(_) => 0,
         }
     }
 

@@ -442,10 +442,23 @@ fn int8_interop(scheme: QuantScheme, sparse: bool) {
             None => assert!(b.bytes() == w.bytes() && a.bytes() == w.bytes(), "{name}"),
         }
     }
-    let (c_ours, c_theirs) = (Checkpoint::open(&int8).unwrap(), Checkpoint::open(&library).unwrap());
+    let (mut c_ours, c_theirs) = (Checkpoint::open(&int8).unwrap(), Checkpoint::open(&library).unwrap());
     let ids = c_ours.tokenizer.encode(PROMPT, true).unwrap();
     let (lo, lt) = (last_logits(&c_ours, &ids), last_logits(&c_theirs, &ids));
     assert!(lo.iter().zip(&lt).all(|(x, y)| x.to_bits() == y.to_bits()), "logits must be bit-identical");
+
+    // What the runtime does before decoding: the codes W8A8 products read leave the file map
+    // (dense codes; bitmask codes are decoded into memory at load anyway), with the same logits.
+    let mapped_int8 =
+        |ck: &Checkpoint| ck.model.tensors().iter().filter(|(_, w)| w.int8().is_some_and(|m| m.is_mapped())).count();
+    let before = mapped_int8(&c_ours);
+    c_ours.model.copy_mapped_weights();
+    if scheme == QuantScheme::W8a8 && !sparse {
+        assert!(before > 0, "the dense W8A8 codes load mapped");
+        assert_eq!(mapped_int8(&c_ours), 0, "every W8A8 code matrix is copied");
+    }
+    let lc = last_logits(&c_ours, &ids);
+    assert!(lc.iter().zip(&lt).all(|(x, y)| x.to_bits() == y.to_bits()), "logits after the copy");
 }
 
 #[test]

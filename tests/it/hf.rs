@@ -29,7 +29,7 @@ fn gguf_to_hf_round_trip_gives_identical_logits() {
     assert!(dir.join(hf::INDEX_FILE).is_file(), "expected a sharded checkpoint");
     let shards = hf::shard_files(&dir).unwrap();
     assert!(shards.len() >= 2, "{shards:?}");
-    let back = Checkpoint::open(&dir).unwrap();
+    let mut back = Checkpoint::open(&dir).unwrap();
     let mut cfg = back.model.config().clone();
     assert_eq!(cfg.torch_dtype.take().as_deref(), Some("float32"));
     assert_eq!(&cfg, src.model.config());
@@ -38,6 +38,16 @@ fn gguf_to_hf_round_trip_gives_identical_logits() {
     assert_eq!(last_logits(&back, &ids), last_logits(src, &ids), "logits must be bit-identical");
     // Tensors are served from the file maps, not copied.
     assert!(back.model.tensors().iter().all(|(_, w)| w.is_mapped()));
+    // What a decode step streams (the linears and the tied LM head) can be copied out of the
+    // maps, for huge pages: the same bytes, the same logits; the norms stay mapped.
+    let streamed = |name: &str| name.ends_with("proj.weight") || name == "model.embed_tokens.weight";
+    let expected: usize = back.model.tensors().iter().filter(|(n, _)| streamed(n)).map(|(_, w)| w.nbytes()).sum();
+    assert_eq!(back.model.copy_mapped_weights(), expected);
+    for (name, w) in back.model.tensors() {
+        assert_eq!(w.is_mapped(), !streamed(&name), "{name}");
+    }
+    assert_eq!(back.model.copy_mapped_weights(), 0, "a second call copies nothing");
+    assert_eq!(last_logits(&back, &ids), last_logits(src, &ids), "logits must be bit-identical after the copy");
     // No temporary directory is left beside the output.
     let leftovers: Vec<_> =
         std::fs::read_dir(tmp.path()).unwrap().flatten().filter(|e| e.file_name() != "smollm2-hf").collect();
