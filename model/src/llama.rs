@@ -619,8 +619,6 @@ impl Llama {
         Ok(())
     }
 
-    /// The output projection logits run on: the W8A8 head of [`Llama::quantize_lm_head`], else
-    /// `lm_head`, else the (tied) embedding.
     /// Copies every weight a decode step streams (the decoder linears and the LM head) out of
     /// the checkpoint's file mapping into process memory; returns the bytes copied.
     ///
@@ -644,6 +642,8 @@ impl Llama {
         bytes
     }
 
+    /// The output projection logits run on: the W8A8 head of [`Llama::quantize_lm_head`], else
+    /// `lm_head`, else the (tied) embedding.
     pub(crate) fn lm_head(&self) -> &Weight {
         self.int8_head.as_ref().or(self.lm_head.as_ref()).unwrap_or(&self.embed_tokens)
     }
@@ -705,27 +705,14 @@ impl Llama {
                 let kh = Strided { rows: seen, cols: hd, row_stride: kvd, col_stride: 1 };
                 let mut out = vec![0f32; rows * hd];
                 let cache = |data| HeadCache { data, stride: kvd, offset: g * hd, len: seen };
-                let block = causal::Block {
-                    q: &q[i0 * qd + head * hd..],
-                    q_stride: qd,
-                    rows,
-                    first: pos0 + i0,
-                    k: cache(kc),
-                    v: cache(vc),
-                    scale,
-                };
+                let qs = &q[i0 * qd + head * hd..];
+                let block =
+                    causal::Block { q: qs, q_stride: qd, rows, first: pos0 + i0, k: cache(kc), v: cache(vc), scale };
                 if hd == causal::HEAD_DIM && causal::causal_block(&block, &mut out)? {
                     return Ok(out);
                 }
                 let mut scores = vec![0f32; rows * seen];
-                gemm_strided(
-                    &q[i0 * qd + head * hd..],
-                    qh,
-                    &kc[g * hd..],
-                    kh.t(),
-                    &mut scores,
-                    Strided::row_major(rows, seen),
-                )?;
+                gemm_strided(qs, qh, &kc[g * hd..], kh.t(), &mut scores, Strided::row_major(rows, seen))?;
                 for (i, row) in scores.chunks_mut(seen).enumerate() {
                     let visible = pos0 + i0 + i + 1;
                     lacuna_kernels::activation::softmax_scaled(&mut row[..visible], scale);

@@ -73,8 +73,8 @@ fn check_scale_count(scales: &[f32], rows: usize) -> Result<()> {
     Ok(())
 }
 
-fn check_scales(scales: &[f32], rows: usize) -> Result<()> {
-    check_scale_count(scales, rows)?;
+/// Every scale finite: the check `new` adds to `with_checked_scales`.
+fn check_finite_scales(scales: &[f32]) -> Result<()> {
     if let Some(r) = scales.iter().position(|s| !s.is_finite()) {
         return Err(KernelError::Format {
             format: "int-quantized",
@@ -96,13 +96,9 @@ pub struct Int8Dense<'a> {
 impl<'a> Int8Dense<'a> {
     /// Checks the shapes (and that every scale is finite) and borrows the parts.
     pub fn new(codes: &'a [i8], scales: &'a [f32], rows: usize, cols: usize) -> Result<Self> {
-        check_cols(cols)?;
-        let total = rows.checked_mul(cols).ok_or_else(|| shape_err(format!("[{rows}, {cols}] overflows")))?;
-        if codes.len() != total {
-            return Err(shape_err(format!("INT8 weight [{rows}, {cols}] needs {total} codes, got {}", codes.len())));
-        }
-        check_scales(scales, rows)?;
-        Ok(Self { rows, cols, codes, scales })
+        let m = Self::with_checked_scales(codes, scales, rows, cols)?;
+        check_finite_scales(scales)?;
+        Ok(m)
     }
 
     /// As [`Int8Dense::new`] for scales the caller has already checked to be finite (a model
@@ -146,9 +142,9 @@ pub struct Int8Bitmask<'a> {
 impl<'a> Int8Bitmask<'a> {
     /// `codes` was validated when its view was built; this checks the scales and the width.
     pub fn new(codes: BitmaskView<'a, i8>, scales: &'a [f32]) -> Result<Self> {
-        check_cols(codes.cols())?;
-        check_scales(scales, codes.rows())?;
-        Ok(Self { codes, scales })
+        let m = Self::with_checked_scales(codes, scales)?;
+        check_finite_scales(scales)?;
+        Ok(m)
     }
 
     /// As [`Int8Bitmask::new`] for scales the caller has already checked to be finite (see
